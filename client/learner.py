@@ -1,0 +1,44 @@
+"""The Learner protocol: what the network loop needs from local training.
+
+:mod:`fedquic.client.app` drives any object with these methods, so users can plug in their own model,
+data and training step. :class:`fedquic.client.peft_learner.PeftLearner` is the built-in one
+(4-bit base, peft LoRA, FedALT mixer). Methods may block: the app calls them in a worker thread so
+the QUIC connection keeps being served while a round trains.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from ..common.adapter import AdapterSchema, TensorDict
+from ..common.messages import TrainSpec, Welcome
+
+
+@runtime_checkable
+class Learner(Protocol):
+    def base_fingerprint(self) -> str:
+        """A hash identifying the base model; all clients of a job must agree."""
+        ...
+
+    def num_samples(self) -> int: ...
+
+    def attach(self, job: Welcome) -> AdapterSchema:
+        """Build the adapters the job asks for (rank, targets, mixer, federation); return the schema.
+
+        The individual adapter must start from ``init_lora_state(schema, job.init_seed)``.
+        """
+        ...
+
+    def local_state(self) -> TensorDict:
+        """The individual LoRA (float32 numpy copies, peft's tensor names)."""
+        ...
+
+    def set_local_state(self, state: TensorDict) -> None: ...
+
+    def set_row_state(self, state: TensorDict) -> None:
+        """Install a new frozen Rest-of-World adapter."""
+        ...
+
+    def train(self, round_: int, spec: TrainSpec) -> dict[str, float]:
+        """Train locally for one round; return metrics (at least ``loss_before``, ``loss_after``)."""
+        ...

@@ -1,0 +1,128 @@
+"""Adapter schemas and the job-level deterministic LoRA initialisation.
+
+Every client and the server must agree on the starting adapter so that averaging LoRA factors is
+meaningful. The init is computed here, in numpy, from the job seed and the schema alone: the server
+(which has no torch) reconstructs every client's adapter from it, and a CPU client and a GPU client
+get bit-identical starting points (torch's RNG streams differ between devices).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import zlib
+from collections.abc import Mapping
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import SchemaMismatchError
+
+TensorDict = dict[str, np.ndarray]
+
+MAX_TENSOR_NAME = 512
+MAX_DIMS = 8
+
+
+class TensorSpec(BaseModel):
+    """Name, shape and dtype of one adapter tensor."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, max_length=MAX_TENSOR_NAME)
+    shape: tuple[int, ...] = Field(min_length=1, max_length=MAX_DIMS)
+    dtype: str = "float32"
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class AdapterSchema(BaseModel):
+    """The ordered list of tensors in an adapter; all clients of a job share one schema."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tensors: tuple[TensorSpec, ...]
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, np.ndarray]) -> AdapterSchema:
+        return cls(
+            tensors=tuple(
+                TensorSpec(name=k, shape=tuple(int(d) for d in v.shape), dtype=str(v.dtype))
+                for k, v in sorted(state.items())
+            )
+        )
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    def fingerprint(self) -> str:
+        """A short stable hash of names, shapes and dtypes (order-independent)."""
+        canon = json.dumps(
+            sorted((t.name, list(t.shape), t.dtype) for t in self.tensors), separators=(",", ":")
+        )
+        return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+    def by_name(self) -> dict[str, TensorSpec]:
+        return {t.name: t for t in self.tensors}
+
+    def check_state(self, state: Mapping[str, np.ndarray], *, what: str = "adapter") -> None:
+        """Raise :class:`SchemaMismatchError` unless ``state`` has exactly this schema."""
+        specs = self.by_name()
+        if set(state) != set(specs):
+            missing = sorted(set(specs) - set(state))[:3]
+            extra = sorted(set(state) - set(specs))[:3]
+            raise SchemaMismatchError(f"{what}: tensor names differ (missing {missing}, unexpected {extra})")
+        for name, arr in state.items():
+            spec = specs[name]
+            if tuple(arr.shape) != spec.shape:
+                raise SchemaMismatchError(f"{what}: {name} has shape {tuple(arr.shape)}, expected {spec.shape}")
+
+
+def _tensor_rng(seed: int, name: str) -> np.random.Generator:
+    # One stream per tensor, keyed by name: independent of tensor order and of the other tensors.
+    return np.random.default_rng([seed & 0xFFFFFFFF, zlib.crc32(name.encode())])
+
+
+def is_lora_a(name: str) -> bool:
+    return ".lora_A." in name or name.endswith("lora_A.weight")
+
+
+def is_lora_b(name: str) -> bool:
+    return ".lora_B." in name or name.endswith("lora_B.weight")
+
+
+def init_lora_state(schema: AdapterSchema, seed: int) -> TensorDict:
+    """The job's starting adapter: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0.
+
+    This is the distribution peft's default init draws from (kaiming-uniform with a=sqrt(5) gives a
+    bound of 1/sqrt(fan_in)), so B·A = 0 at the start and the model is unchanged.
+    """
+    state: TensorDict = {}
+    for spec in schema.tensors:
+        if is_lora_a(spec.name):
+            fan_in = spec.shape[-1]
+            bound = 1.0 / math.sqrt(fan_in)
+            arr = _tensor_rng(seed, spec.name).uniform(-bound, bound, size=spec.shape)
+            state[spec.name] = arr.astype(np.float32)
+        else:
+            state[spec.name] = np.zeros(spec.shape, dtype=np.float32)
+    return state
+
+
+def zeros_state(schema: AdapterSchema) -> TensorDict:
+    return {t.name: np.zeros(t.shape, dtype=np.float32) for t in schema.tensors}
+
+
+def state_hash(state: Mapping[str, np.ndarray]) -> str:
+    """Content hash of a tensor dict (names, shapes, bytes), for versioning and idempotency."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        arr = np.ascontiguousarray(state[name], dtype=np.float32)
+        h.update(name.encode())
+        h.update(repr(arr.shape).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()[:32]

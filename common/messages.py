@@ -1,0 +1,174 @@
+"""Typed protocol messages. Each message is a pydantic header (JSON on the wire) plus an optional body.
+
+The frame layout that carries them is in ``fedquic.transport.framing``; the byte-level spec is
+``docs/protocol.md``. Headers forbid unknown fields and bound every string, list and number, so a
+parsed header is safe to use.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .adapter import AdapterSchema
+from .codec import Compression, Encoding, Manifest
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+
+Id = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+Hash = Field(min_length=1, max_length=128, pattern=r"^[0-9a-f]+$")
+
+
+class MsgType(IntEnum):
+    HELLO = 1
+    WELCOME = 2
+    JOIN = 3
+    ROUND_START = 4
+    UPDATE = 5
+    AGGREGATE = 6
+    ACK = 7
+    ERROR = 8
+    HEARTBEAT = 9
+    METRICS = 10
+    BYE = 11
+
+
+class Header(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    msg_type: ClassVar[MsgType]
+    has_body: ClassVar[bool] = False
+
+
+class LoraJobSpec(BaseModel):
+    """Job-level adapter settings: every client must build the same shapes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rank: int = Field(default=8, ge=1, le=1024)
+    alpha: float = Field(default=16.0, gt=0, le=1e6)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] | None = Field(default=None, max_length=64)
+
+
+class TrainSpec(BaseModel):
+    """Per-round local training settings the server hands out."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    local_steps: int = Field(default=10, ge=0, le=1_000_000)
+    lr: float = Field(default=3e-3, gt=0, le=10)
+    batch_size: int = Field(default=8, ge=1, le=65_536)
+
+
+class Hello(Header):
+    """Client -> server, first message on the control stream."""
+
+    msg_type = MsgType.HELLO
+    versions: tuple[int, ...] = Field(min_length=1, max_length=16)
+    client_id: str = Id
+    base_fingerprint: str = Hash
+    num_samples: int = Field(ge=0, le=1 << 40)
+    encodings: tuple[Encoding, ...] = Field(default=(Encoding.FP32, Encoding.INT8), max_length=16)
+
+
+class Welcome(Header):
+    """Server -> client: the negotiated version and the job the client joins."""
+
+    msg_type = MsgType.WELCOME
+    version: int = Field(ge=1, le=255)
+    job_id: str = Id
+    rounds: int = Field(ge=1, le=1_000_000)
+    init_seed: int = Field(ge=0, le=2**63 - 1)
+    federation: Literal["fedalt", "fedavg", "local"] = "fedalt"
+    mixer: Literal["fixed", "learned"] = "fixed"
+    lora: LoraJobSpec = LoraJobSpec()
+
+
+class Join(Header):
+    """Client -> server: the adapter the client built for the job; checked against the others."""
+
+    msg_type = MsgType.JOIN
+    adapter: AdapterSchema
+
+
+class RoundStart(Header):
+    msg_type = MsgType.ROUND_START
+    round: int = Field(ge=1, le=1_000_000)
+    train: TrainSpec = TrainSpec()
+    uplink_encoding: Encoding = Encoding.INT8
+    compression: Compression = Compression.LZ4
+    deadline_s: float = Field(gt=0, le=7 * 24 * 3600)
+
+
+class Update(Header):
+    """Client -> server on its own stream: the delta of the individual LoRA since the last sync."""
+
+    msg_type = MsgType.UPDATE
+    has_body = True
+    round: int = Field(ge=1, le=1_000_000)
+    client_id: str = Id
+    num_samples: int = Field(ge=0, le=1 << 40)
+    base_hash: str = Hash  # hash of the server-side view this delta applies to
+    manifest: Manifest
+
+
+class Aggregate(Header):
+    """Server -> client on its own stream: the client's new Rest-of-World (or global) adapter."""
+
+    msg_type = MsgType.AGGREGATE
+    has_body = True
+    round: int = Field(ge=0, le=1_000_000)
+    kind: Literal["row", "global"] = "row"
+    contributors: int = Field(ge=0, le=1 << 20)
+    manifest: Manifest
+
+
+class Ack(Header):
+    msg_type = MsgType.ACK
+    ref: MsgType
+    round: int = Field(ge=0, le=1_000_000)
+    state_hash: str | None = Field(default=None, max_length=128)
+
+
+class Error(Header):
+    msg_type = MsgType.ERROR
+    code: int = Field(ge=0, le=65_535)
+    message: str = Field(max_length=4096)
+
+
+class Heartbeat(Header):
+    msg_type = MsgType.HEARTBEAT
+    seq: int = Field(ge=0, le=2**63 - 1)
+
+
+class Metrics(Header):
+    msg_type = MsgType.METRICS
+    round: int = Field(ge=0, le=1_000_000)
+    values: dict[str, float] = Field(default_factory=dict, max_length=256)
+
+
+class Bye(Header):
+    msg_type = MsgType.BYE
+    reason: str = Field(default="", max_length=1024)
+
+
+HEADER_TYPES: dict[MsgType, type[Header]] = {
+    cls.msg_type: cls
+    for cls in (Hello, Welcome, Join, RoundStart, Update, Aggregate, Ack, Error, Heartbeat, Metrics, Bye)
+}
+
+
+class Message(BaseModel):
+    """A decoded message: typed header plus body bytes (empty for control messages)."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    header: Header
+    body: bytes = b""
+
+    @property
+    def type(self) -> MsgType:
+        return self.header.msg_type

@@ -1,0 +1,276 @@
+"""Thin asyncio adapter over the sans-I/O core: sockets, timers and tasks live here only.
+
+Delivery is confirmed by the peer's application-level ACK, never by a write returning: aioquic's
+stream writer buffers without limit and never pushes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from aioquic.asyncio import QuicConnectionProtocol, connect, serve
+from aioquic.asyncio.server import QuicServer
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+
+from ..common.errors import ErrorCode, FedQuicError, TransportError
+from ..common.messages import Error, Header, Message
+from .connection import (
+    ConnectionReady,
+    FedQuicConnection,
+    MessageReceived,
+    PeerClosed,
+    ProtocolViolation,
+    StreamAborted,
+)
+from .settings import TlsFiles, TransportSettings
+
+log = logging.getLogger(__name__)
+
+_CLOSED = object()
+
+
+def _tune_socket(sock: socket.socket | None, size: int) -> tuple[int, int]:
+    """Ask for large UDP buffers (the ~208 kB default drops datagrams) and read back what was granted."""
+    if sock is None:
+        return (0, 0)
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, opt, size)
+    return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+
+
+class Peer(QuicConnectionProtocol):
+    """One fedquic connection: receive messages in order, send control or bulk messages."""
+
+    def __init__(self, quic: QuicConnection, stream_handler: Any = None, *,
+                 settings: TransportSettings, on_ready: Callable[[Peer], None] | None = None) -> None:
+        super().__init__(quic, stream_handler)
+        self.settings = settings
+        self.core = FedQuicConnection(quic, limits=settings.limits)
+        self._inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self._on_ready = on_ready
+        self.ready = asyncio.Event()
+        self.closed = asyncio.Event()
+        self.close_reason: str = ""
+        self.session_resumed = False
+        self._keepalive: asyncio.Task[None] | None = None
+        self.socket_buffers: tuple[int, int] = (0, 0)
+
+    # -- asyncio / aioquic hooks -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.socket_buffers = _tune_socket(transport.get_extra_info("socket"), self.settings.socket_buffer_bytes)
+
+    def quic_event_received(self, event: Any) -> None:
+        for ev in self.core.handle_event(event):
+            if isinstance(ev, MessageReceived):
+                self._inbox.put_nowait(ev)
+            elif isinstance(ev, ConnectionReady):
+                self.session_resumed = ev.session_resumed
+                self.ready.set()
+                self._keepalive = asyncio.ensure_future(self._keepalive_loop())
+                if self._on_ready is not None:
+                    self._on_ready(self)
+            elif isinstance(ev, ProtocolViolation):
+                log.warning("protocol violation from %s: %s", self.remote_address, ev.error)
+                self._refuse(ev.error)
+            elif isinstance(ev, StreamAborted):
+                log.info("stream %d reset by peer (code %d)", ev.stream_id, ev.error_code)
+            elif isinstance(ev, PeerClosed):
+                self._mark_closed(ev.reason or f"closed with code {ev.error_code}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._mark_closed(str(exc) if exc else "connection lost")
+
+    # -- public API --------------------------------------------------------------------------------
+
+    @property
+    def remote_address(self) -> Any:
+        return self._quic._network_paths[0].addr if self._quic._network_paths else None
+
+    async def recv(self, timeout: float | None = None) -> Message:
+        """Next message (control or bulk, in arrival order). Raises TransportError once closed."""
+        ev = await self.recv_event(timeout)
+        return ev.message
+
+    async def recv_event(self, timeout: float | None = None) -> MessageReceived:
+        if self.closed.is_set() and self._inbox.empty():
+            raise TransportError(f"connection closed: {self.close_reason}")
+        try:
+            item = await asyncio.wait_for(self._inbox.get(), timeout)
+        except asyncio.TimeoutError:
+            raise TransportError("timed out waiting for a message", code=ErrorCode.TIMEOUT) from None
+        if item is _CLOSED:
+            self._inbox.put_nowait(_CLOSED)  # keep later receivers from blocking forever
+            raise TransportError(f"connection closed: {self.close_reason}")
+        return item
+
+    def send(self, header: Header, body: bytes = b"") -> int:
+        """Send on the control stream; returns the frame's size in bytes."""
+        self._check_open()
+        n = self.core.send_control(header, body)
+        self.transmit()
+        return n
+
+    def send_bulk(self, header: Header, body: bytes) -> int:
+        """Send one message on a stream of its own; returns the frame's size in bytes."""
+        self._check_open()
+        _, n = self.core.send_bulk(header, body)
+        self.transmit()
+        return n
+
+    def send_error(self, exc: FedQuicError) -> None:
+        with contextlib.suppress(Exception):
+            self.send(Error(code=int(exc.code), message=str(exc)[:4000]))
+
+    async def aclose(self, code: int = 0, reason: str = "") -> None:
+        if not self.closed.is_set():
+            self._quic.close(error_code=code, reason_phrase=reason)
+            self.transmit()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.closed.wait(), 2.0)
+        self._mark_closed(reason or "closed locally")
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self.closed.is_set():
+            raise TransportError(f"connection closed: {self.close_reason}")
+
+    def _refuse(self, exc: FedQuicError) -> None:
+        if self.core.control_stream_id is not None:
+            self.send_error(exc)
+        # QUIC application error codes carry our numbered error code (0x100 + code).
+        self._quic.close(error_code=0x100 + int(exc.code), reason_phrase=str(exc)[:200])
+        self.transmit()
+
+    def _mark_closed(self, reason: str) -> None:
+        if not self.closed.is_set():
+            self.close_reason = reason
+            self.closed.set()
+            self._inbox.put_nowait(_CLOSED)
+            if self._keepalive is not None:
+                self._keepalive.cancel()
+
+    async def _keepalive_loop(self) -> None:
+        uid = 0
+        while not self.closed.is_set():
+            await asyncio.sleep(self.settings.keepalive_s)
+            uid += 1
+            self._quic.send_ping(uid)
+            self.transmit()
+
+
+def _quic_config(settings: TransportSettings, *, is_client: bool, tls: TlsFiles,
+                 server_name: str | None = None) -> QuicConfiguration:
+    cfg = QuicConfiguration(
+        is_client=is_client,
+        alpn_protocols=[settings.alpn],
+        max_datagram_size=settings.max_datagram_size,
+        idle_timeout=settings.idle_timeout_s,
+        max_data=settings.max_data,
+        max_stream_data=settings.max_stream_data,
+        congestion_control_algorithm=settings.congestion_control,
+        server_name=server_name,
+    )
+    try:
+        if is_client:
+            cfg.verify_mode = ssl.CERT_REQUIRED
+            cfg.load_verify_locations(cafile=str(tls.ca))
+            if tls.cert is not None and tls.key is not None:
+                cfg.load_cert_chain(str(tls.cert), str(tls.key))
+        else:
+            if tls.cert is None or tls.key is None:
+                raise TransportError("the server needs a certificate and a key")
+            cfg.load_cert_chain(str(tls.cert), str(tls.key))
+            cfg.load_verify_locations(cafile=str(tls.ca))
+    except (OSError, ValueError) as exc:
+        raise TransportError(f"cannot load TLS files: {exc}") from exc
+    return cfg
+
+
+class FedQuicServer:
+    """A listening QUIC endpoint that hands every connected :class:`Peer` to ``on_connect``."""
+
+    def __init__(self, settings: TransportSettings, tls: TlsFiles,
+                 on_connect: Callable[[Peer], Awaitable[None]]) -> None:
+        self.settings = settings
+        self.tls = tls
+        self._on_connect = on_connect
+        self._server: QuicServer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, host: str, port: int) -> int:
+        cfg = _quic_config(self.settings, is_client=False, tls=self.tls)
+
+        def create(*args: Any, **kw: Any) -> Peer:
+            return Peer(*args, settings=self.settings, on_ready=self._spawn, **kw)
+
+        self._server = await serve(host, port, configuration=cfg, create_protocol=create, retry=False)
+        sock = self._server._transport.get_extra_info("socket")
+        rcv, snd = _tune_socket(sock, self.settings.socket_buffer_bytes)
+        bound = sock.getsockname()[1]
+        log.info("listening on %s:%d (UDP buffers granted: rcv=%d snd=%d)", host, bound, rcv, snd)
+        return int(bound)
+
+    def _spawn(self, peer: Peer) -> None:
+        task = asyncio.ensure_future(self._run(peer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, peer: Peer) -> None:
+        try:
+            await self._on_connect(peer)
+        except TransportError as exc:
+            log.info("connection from %s ended: %s", peer.remote_address, exc)
+        except Exception:
+            log.exception("connection handler failed")
+            await peer.aclose(0x100 + int(ErrorCode.INTERNAL), "internal error")
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+
+@contextlib.asynccontextmanager
+async def connect_peer(host: str, port: int, settings: TransportSettings, tls: TlsFiles,
+                       server_name: str | None = None) -> AsyncIterator[Peer]:
+    """Connect, verify the server's certificate against ``tls.ca``, and yield the :class:`Peer`."""
+    cfg = _quic_config(settings, is_client=True, tls=tls, server_name=server_name or host)
+
+    def create(*args: Any, **kw: Any) -> Peer:
+        return Peer(*args, settings=settings, **kw)
+
+    try:
+        cm = connect(host, port, configuration=cfg, create_protocol=create, wait_connected=False)
+        async with cm as proto:
+            peer = proto
+            assert isinstance(peer, Peer)
+            peer.transmit()
+            waits = [asyncio.ensure_future(peer.ready.wait()), asyncio.ensure_future(peer.closed.wait())]
+            _, pending = await asyncio.wait(waits, timeout=settings.connect_timeout_s,
+                                            return_when=asyncio.FIRST_COMPLETED)
+            for w in pending:
+                w.cancel()
+            if not peer.ready.is_set():
+                reason = peer.close_reason or f"no answer within {settings.connect_timeout_s:.0f} s"
+                raise TransportError(f"QUIC handshake with {host}:{port} failed: {reason}",
+                                     code=ErrorCode.TIMEOUT if not peer.closed.is_set() else ErrorCode.INTERNAL)
+            peer.core.open_control()
+            yield peer
+    except ConnectionError as exc:
+        raise TransportError(f"cannot connect to {host}:{port}: {exc}") from exc

@@ -1,0 +1,184 @@
+"""Sans-I/O protocol core: turns aioquic's QUIC events into fedquic events.
+
+Modelled on aioquic's ``h3/connection.py``: it owns no sockets, clocks or tasks. The asyncio adapter
+(:mod:`fedquic.transport.aio`) feeds it QUIC events and flushes the QUIC connection afterwards.
+
+Stream layout: the client opens one bidirectional *control* stream and sends HELLO on it; control
+messages (small, latency-sensitive) travel only there. Every bulk transfer (UPDATE, AGGREGATE) goes on
+a fresh unidirectional stream that carries exactly one frame, so a heartbeat or ACK never queues
+behind megabytes of weights: QUIC schedules streams independently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aioquic.quic.connection import QuicConnection, stream_is_unidirectional
+from aioquic.quic.events import (
+    ConnectionTerminated,
+    HandshakeCompleted,
+    QuicEvent,
+    StreamDataReceived,
+    StreamReset,
+)
+
+from ..common.errors import ErrorCode, ProtocolError
+from ..common.limits import DEFAULT_LIMITS, WireLimits
+from ..common.messages import Header, Message
+from .framing import FrameDecoder, encode_frame
+
+
+@dataclass(frozen=True)
+class ConnectionReady:
+    alpn: str | None
+    session_resumed: bool
+    early_data_accepted: bool
+
+
+@dataclass(frozen=True)
+class MessageReceived:
+    stream_id: int
+    message: Message
+    wire_bytes: int
+    on_control: bool
+
+
+@dataclass(frozen=True)
+class StreamAborted:
+    stream_id: int
+    error_code: int
+
+
+@dataclass(frozen=True)
+class PeerClosed:
+    error_code: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class ProtocolViolation:
+    error: ProtocolError
+
+
+AppEvent = ConnectionReady | MessageReceived | StreamAborted | PeerClosed | ProtocolViolation
+
+
+@dataclass
+class _StreamState:
+    decoder: FrameDecoder
+    bulk: bool
+    frames: int = 0
+    bytes_received: int = 0
+
+
+@dataclass
+class Counters:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages_sent: int = 0
+    messages_received: int = 0
+    streams_opened: int = 0
+
+
+class FedQuicConnection:
+    """fedquic framing over one :class:`QuicConnection`."""
+
+    def __init__(self, quic: QuicConnection, *, limits: WireLimits = DEFAULT_LIMITS) -> None:
+        self._quic = quic
+        self._limits = limits
+        self._is_client = quic.configuration.is_client
+        self._streams: dict[int, _StreamState] = {}
+        self.control_stream_id: int | None = None
+        self.counters = Counters()
+        self._violated = False
+
+    @property
+    def quic(self) -> QuicConnection:
+        return self._quic
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def open_control(self) -> int:
+        if not self._is_client:
+            raise RuntimeError("only the client opens the control stream")
+        if self.control_stream_id is None:
+            self.control_stream_id = self._quic.get_next_available_stream_id(is_unidirectional=False)
+        return self.control_stream_id
+
+    def send_control(self, header: Header, body: bytes = b"") -> int:
+        if self.control_stream_id is None:
+            if self._is_client:
+                self.open_control()
+            else:
+                raise RuntimeError("the client has not opened a control stream yet")
+        data = encode_frame(header, body)
+        assert self.control_stream_id is not None
+        self._quic.send_stream_data(self.control_stream_id, data, end_stream=False)
+        self._count_sent(len(data))
+        return len(data)
+
+    def send_bulk(self, header: Header, body: bytes) -> tuple[int, int]:
+        """Put one frame on a new unidirectional stream; returns (stream id, bytes queued)."""
+        sid = self._quic.get_next_available_stream_id(is_unidirectional=True)
+        data = encode_frame(header, body)
+        self._quic.send_stream_data(sid, data, end_stream=True)
+        self.counters.streams_opened += 1
+        self._count_sent(len(data))
+        return sid, len(data)
+
+    def _count_sent(self, n: int) -> None:
+        self.counters.bytes_sent += n
+        self.counters.messages_sent += 1
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    def handle_event(self, event: QuicEvent) -> list[AppEvent]:
+        if self._violated:
+            return []
+        if isinstance(event, StreamDataReceived):
+            try:
+                return self._on_data(event)
+            except ProtocolError as exc:
+                self._violated = True
+                return [ProtocolViolation(exc)]
+        if isinstance(event, HandshakeCompleted):
+            return [ConnectionReady(event.alpn_protocol, event.session_resumed, event.early_data_accepted)]
+        if isinstance(event, StreamReset):
+            self._streams.pop(event.stream_id, None)
+            return [StreamAborted(event.stream_id, event.error_code)]
+        if isinstance(event, ConnectionTerminated):
+            self._streams.clear()
+            return [PeerClosed(event.error_code, event.reason_phrase)]
+        return []
+
+    def _on_data(self, event: StreamDataReceived) -> list[AppEvent]:
+        sid = event.stream_id
+        st = self._streams.get(sid)
+        if st is None:
+            bulk = stream_is_unidirectional(sid)
+            if not bulk:
+                if self._is_client and sid != self.control_stream_id:
+                    raise ProtocolError("server opened a bidirectional stream", code=ErrorCode.UNEXPECTED_MESSAGE)
+                if not self._is_client:
+                    if self.control_stream_id is not None and sid != self.control_stream_id:
+                        raise ProtocolError("a second control stream was opened",
+                                            code=ErrorCode.UNEXPECTED_MESSAGE)
+                    self.control_stream_id = sid
+            st = self._streams[sid] = _StreamState(FrameDecoder(self._limits), bulk=bulk)
+        st.bytes_received += len(event.data)
+        self.counters.bytes_received += len(event.data)
+        out: list[AppEvent] = []
+        before = st.bytes_received - len(event.data)
+        for msg in st.decoder.feed(event.data):
+            st.frames += 1
+            if st.bulk and st.frames > 1:
+                raise ProtocolError("a bulk stream carries exactly one frame", code=ErrorCode.MALFORMED_FRAME)
+            wire = st.bytes_received - before - st.decoder.buffered
+            before += wire
+            self.counters.messages_received += 1
+            out.append(MessageReceived(sid, msg, wire, on_control=not st.bulk))
+        if event.end_stream:
+            if not st.decoder.idle:
+                raise ProtocolError(f"stream {sid} ended inside a frame", code=ErrorCode.MALFORMED_FRAME)
+            del self._streams[sid]
+        return out

@@ -1,0 +1,39 @@
+"""Transport settings: one pydantic model for everything QUIC-related."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..common.limits import WireLimits
+
+ALPN = "fedquic/1"
+
+
+class TlsFiles(BaseModel):
+    """Paths of the PEM files a peer uses. The CA verifies the other side."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+
+class TransportSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    alpn: str = ALPN
+    # 1350 fits a 1400-byte path MTU (Docker's bridge here) with IP/UDP headers; raise it on loopback
+    # or jumbo-frame networks (aioquic breaks above ~16 kB).
+    max_datagram_size: int = Field(default=1350, ge=1200, le=16_000)
+    idle_timeout_s: float = Field(default=120.0, gt=0)
+    # QUIC PING cadence; below common NAT UDP timeouts (30 s) so a client training for an hour stays reachable.
+    keepalive_s: float = Field(default=15.0, gt=0, le=25.0)
+    max_data: int = Field(default=16 << 20, ge=1 << 16)
+    max_stream_data: int = Field(default=8 << 20, ge=1 << 16)
+    congestion_control: str = "reno"
+    socket_buffer_bytes: int = Field(default=4 << 20, ge=1 << 16)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    limits: WireLimits = WireLimits()
