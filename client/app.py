@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..common.adapter import TensorDict, init_lora_state, state_hash
 from ..common.codec import decode_tensors, encode_tensors, fp32_nbytes
-from ..common.errors import ErrorCode, ProtocolError, RemoteError, SchemaMismatchError
+from ..common.errors import ConfigError, ErrorCode, ProtocolError, RemoteError, SchemaMismatchError
 from ..common.logs import client_id_var, round_var
 from ..common.messages import (
     SUPPORTED_VERSIONS,
@@ -130,6 +130,10 @@ class FederatedClient:
         schema = await asyncio.to_thread(learner.attach, job)
         self.view = init_lora_state(schema, job.init_seed)
         self.view_hash = state_hash(self.view)
+        if state_hash(learner.local_state()) != self.view_hash:
+            # Averaging LoRA factors is only meaningful from a shared starting point.
+            raise ConfigError("the learner's adapter does not start from the job's initialisation "
+                              "(init_lora_state(schema, init_seed))")
         peer.send(Join(adapter=schema))
         ack = (await self._expect(peer, Ack)).header
         assert isinstance(ack, Ack)

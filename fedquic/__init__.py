@@ -1,1 +1,3 @@
-"""fedquic."""
+"""fedquic: federated LoRA fine-tuning of 4-bit transformers over QUIC."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,165 @@
+"""``fedquic demo``: a whole federated job on loopback, as separate processes.
+
+Builds a tiny Llama model and a tokenizer in code (no downloads), writes development certificates,
+starts ``fedquic server`` and one ``fedquic client`` process per synthetic task, shows each round as
+it closes, and prints the per-round table from the server's history.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+TASKS = ("copy", "reverse", "sort", "upper", "count")
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    workdir: Path = Path("demo-run")
+    clients: int = 3
+    rounds: int = 3
+    local_steps: int = 15
+    federation: str = "fedalt"
+    timeout_s: float = 600.0
+    log_level: str = "INFO"
+    max_len: int = 48
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.2f} MiB"
+
+
+def format_round(row: dict, tasks: dict[str, str]) -> list[str]:
+    """Table lines for one history row (one line per client)."""
+    lines = []
+    for cid, st in sorted(row["clients"].items()):
+        up, down = st.get("bytes_up", 0.0), st.get("bytes_down", 0.0)
+        ratio_up = st.get("fp32_up", 0.0) / up if up else 0.0
+        ratio_down = st.get("fp32_down", 0.0) / down if down else 0.0
+        lines.append(
+            f"{row['round']:>5}  {cid:<10} {tasks.get(cid, '?'):<8} {st.get('loss_before', float('nan')):>11.4f} "
+            f"{st.get('loss_after', float('nan')):>10.4f} {_fmt_bytes(up):>11} {_fmt_bytes(down):>11} "
+            f"{ratio_up:>7.2f}x {ratio_down:>8.2f}x"
+        )
+    return lines
+
+
+TABLE_HEADER = (f"{'round':>5}  {'client':<10} {'task':<8} {'loss before':>11} {'loss after':>10} "
+                f"{'bytes up':>11} {'bytes down':>11} {'fp32/up':>8} {'fp32/down':>9}")
+
+
+def _read_history(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rows.append(json.loads(line))
+    return rows
+
+
+def _wait_ready(path: Path, proc: subprocess.Popen, timeout_s: float) -> dict:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if path.exists():
+            return json.loads(path.read_text())
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode} before listening")
+        time.sleep(0.1)
+    raise RuntimeError("the server did not start listening in time")
+
+
+def run_demo(opts: DemoOptions, out: IO[str] = sys.stdout) -> int:
+    from .client.model import build_tiny_llama
+    from .transport.pki import init_dev_pki
+
+    t_start = time.monotonic()
+    if not 2 <= opts.clients <= len(TASKS):
+        print(f"fedquic demo: --clients must be between 2 and {len(TASKS)}", file=sys.stderr)
+        return 2
+    work = opts.workdir.resolve()
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    server_dir = work / "server"
+    for stale in (server_dir / "history.jsonl", work / "server.ready"):
+        stale.unlink(missing_ok=True)
+    print(f"fedquic demo: {opts.clients} clients, {opts.rounds} rounds, {opts.federation}; files in {work}", file=out)
+    model_dir = build_tiny_llama(work / "model")
+    pki = init_dev_pki(work / "certs")
+    print(f"  tiny Llama model: {model_dir}; certificates: {pki.root}", file=out, flush=True)
+
+    fedquic = [sys.executable, "-m", "fedquic"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    ready = work / "server.ready"
+    server_cmd = [*fedquic, "server", "--host", "127.0.0.1", "--port", "0", "--certs", str(pki.root),
+                  "--min-clients", str(opts.clients), "--rounds", str(opts.rounds),
+                  "--federation", opts.federation, "--local-steps", str(opts.local_steps),
+                  "--run-dir", str(server_dir), "--ready-file", str(ready), "--log-level", opts.log_level,
+                  "--round-timeout", str(opts.timeout_s), "--registration-timeout", str(opts.timeout_s)]
+    procs: list[tuple[str, subprocess.Popen]] = []
+    files: list[IO[bytes]] = []
+
+    def spawn(name: str, cmd: list[str]) -> subprocess.Popen:
+        f = (logs / f"{name}.log").open("wb")
+        files.append(f)
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        procs.append((name, p))
+        return p
+
+    tasks = {f"client-{i + 1}": TASKS[i] for i in range(opts.clients)}
+    try:
+        server = spawn("server", server_cmd)
+        port = _wait_ready(ready, server, 60.0)["port"]
+        print(f"  server listening on 127.0.0.1:{port} (UDP/QUIC); logs in {logs}", file=out, flush=True)
+        threads = max(1, (os.cpu_count() or 1) // opts.clients)
+        for cid, task in tasks.items():
+            spawn(cid, [*fedquic, "client", "--server", f"127.0.0.1:{port}", "--server-name", "localhost",
+                        "--ca", str(pki.ca_cert), "--client-id", cid, "--model", str(model_dir), "--task", task,
+                        "--run-dir", str(work / cid), "--threads", str(threads), "--max-len", str(opts.max_len),
+                        "--log-level", opts.log_level])
+        print(f"  started {opts.clients} clients: " + ", ".join(f"{c} ({t})" for c, t in tasks.items()), file=out)
+        print("\n" + TABLE_HEADER, file=out, flush=True)
+        shown = 0
+        deadline = time.monotonic() + opts.timeout_s
+        while True:
+            rows = _read_history(server_dir / "history.jsonl")
+            for row in rows[shown:]:
+                for line in format_round(row, tasks):
+                    print(line, file=out, flush=True)
+            shown = len(rows)
+            if all(p.poll() is not None for _, p in procs):
+                break
+            if server.poll() is not None and server.returncode != 0:
+                break
+            if time.monotonic() > deadline:
+                print(f"fedquic demo: timed out after {opts.timeout_s:.0f} s", file=out)
+                return 1
+            time.sleep(0.2)
+    finally:
+        for _, p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for _, p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for f in files:
+            f.close()
+    failed = [(n, p.returncode) for n, p in procs if p.returncode != 0]
+    rows = _read_history(server_dir / "history.jsonl")
+    total_up = sum(st.get("bytes_up", 0.0) for r in rows for st in r["clients"].values())
+    total_down = sum(st.get("bytes_down", 0.0) for r in rows for st in r["clients"].values())
+    print(f"\n{len(rows)} rounds in {time.monotonic() - t_start:.1f} s; {_fmt_bytes(total_up)} up, "
+          f"{_fmt_bytes(total_down)} down in total", file=out)
+    if failed or len(rows) != opts.rounds:
+        for name, code in failed:
+            print(f"fedquic demo: {name} exited with code {code}; see {logs / (name + '.log')}", file=out)
+        return 1
+    return 0

@@ -1,0 +1,71 @@
+"""A real server and three real clients (4-bit NF4 tiny Llama, peft) over loopback QUIC."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedquic.client.app import ClientConfig, FederatedClient
+from fedquic.common.messages import TrainSpec
+from fedquic.server.app import AggregationServer
+from fedquic.server.config import JobConfig, ServerConfig
+from fedquic.server.rounds import RoundPolicy
+from fedquic.transport.settings import TlsFiles
+
+pytest.importorskip("torch")
+pytest.importorskip("bitsandbytes")
+
+TASKS = ("copy", "reverse", "sort")
+
+
+async def test_one_round_row_is_the_mean_of_the_other_two(tiny_model_dir: Path, dev_pki, tmp_path: Path) -> None:
+    from fedquic.client.peft_learner import PeftLearner, PeftLearnerConfig
+
+    server = AggregationServer(ServerConfig(
+        host="127.0.0.1", port=0,
+        tls=TlsFiles(ca=dev_pki.ca_cert, cert=dev_pki.server_cert, key=dev_pki.server_key),
+        policy=RoundPolicy(rounds=1, min_clients=3, round_timeout_s=120),
+        job=JobConfig(init_seed=11, train=TrainSpec(local_steps=4, lr=2e-2, batch_size=4)),
+        run_dir=tmp_path / "server",
+    ))
+    port = await server.start()
+    learners = [
+        await asyncio.to_thread(PeftLearner, PeftLearnerConfig(model_path=tiny_model_dir, task=t, num_examples=32,
+                                                               data_seed=i, threads=1))
+        for i, t in enumerate(TASKS)
+    ]
+    clients = [
+        FederatedClient(ClientConfig(client_id=f"c{i}", port=port, server_name="localhost",
+                                     tls=TlsFiles(ca=dev_pki.ca_cert), run_dir=tmp_path / f"c{i}"), learner)
+        for i, learner in enumerate(learners)
+    ]
+    for c in clients:
+        c.keep_rows = True
+    result, *client_results = await asyncio.wait_for(
+        asyncio.gather(server.run(), *(c.run() for c in clients)), timeout=240)
+    assert result.ok and result.rounds_completed == 1
+    assert all(len(r.rounds) == 1 and r.rounds[0].bytes_up > 0 for r in client_results)
+
+    trained = [lr.local_state() for lr in learners]
+    checked_b = 0
+    for i, client in enumerate(clients):
+        row = client.rows_received[1]
+        installed = learners[i].fam.row_state()
+        for name in row:
+            np.testing.assert_array_equal(installed[name], row[name])  # what arrived is what is in the model
+        others = [trained[j] for j in range(3) if j != i]
+        for name in row:
+            expected = (others[0][name] + others[1][name]) / 2
+            err = np.abs(row[name] - expected).max()
+            # INT8 up and down: each within half a quantization step of the tensor's range
+            assert err <= np.abs(expected).max() / 127 + 1e-7, name
+            if ".lora_B." in name:  # B starts at zero: the LOO mean is far from the all-client mean
+                all_mean = sum(t[name] for t in trained) / 3
+                assert err < 0.1 * np.abs(expected - all_mean).max(), name
+                checked_b += 1
+    assert checked_b > 0
+    history = (tmp_path / "server" / "history.jsonl").read_text().splitlines()
+    assert len(history) == 1
