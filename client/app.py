@@ -102,8 +102,9 @@ class FederatedClient:
                     log.info("server said bye: %s", h.reason)
                     break
                 elif msg.type is not MsgType.HEARTBEAT:
-                    raise ProtocolError(f"unexpected {msg.type.name} from the server",
-                                        code=ErrorCode.UNEXPECTED_MESSAGE)
+                    raise ProtocolError(
+                        f"unexpected {msg.type.name} from the server", code=ErrorCode.UNEXPECTED_MESSAGE
+                    )
             self._save(result)
             await peer.aclose(0, "bye")
             return result
@@ -118,13 +119,21 @@ class FederatedClient:
     async def _expect(self, peer: Peer, kind: type[Header]) -> Message:
         msg = await self._recv(peer)
         if not isinstance(msg.header, kind):
-            raise ProtocolError(f"expected {kind.__name__}, got {msg.type.name}", code=ErrorCode.UNEXPECTED_MESSAGE)
+            raise ProtocolError(
+                f"expected {kind.__name__}, got {msg.type.name}", code=ErrorCode.UNEXPECTED_MESSAGE
+            )
         return msg
 
     async def _join(self, peer: Peer) -> Welcome:
         learner = self.learner
-        peer.send(Hello(versions=SUPPORTED_VERSIONS, client_id=self.cfg.client_id,
-                        base_fingerprint=learner.base_fingerprint(), num_samples=learner.num_samples()))
+        peer.send(
+            Hello(
+                versions=SUPPORTED_VERSIONS,
+                client_id=self.cfg.client_id,
+                base_fingerprint=learner.base_fingerprint(),
+                num_samples=learner.num_samples(),
+            )
+        )
         job = (await self._expect(peer, Welcome)).header
         assert isinstance(job, Welcome)
         schema = await asyncio.to_thread(learner.attach, job)
@@ -132,15 +141,22 @@ class FederatedClient:
         self.view_hash = state_hash(self.view)
         if state_hash(learner.local_state()) != self.view_hash:
             # Averaging LoRA factors is only meaningful from a shared starting point.
-            raise ConfigError("the learner's adapter does not start from the job's initialisation "
-                              "(init_lora_state(schema, init_seed))")
+            raise ConfigError(
+                "the learner's adapter does not start from the job's initialisation "
+                "(init_lora_state(schema, init_seed))"
+            )
         peer.send(Join(adapter=schema))
         ack = (await self._expect(peer, Ack)).header
         assert isinstance(ack, Ack)
         if ack.state_hash != self.view_hash:
             raise SchemaMismatchError("server and client disagree on the initial adapter")
-        log.info("joined job %s: %s, %d rounds, %d adapter parameters", job.job_id, job.federation, job.rounds,
-                 schema.numel)
+        log.info(
+            "joined job %s: %s, %d rounds, %d adapter parameters",
+            job.job_id,
+            job.federation,
+            job.rounds,
+            schema.numel,
+        )
         return job
 
     async def _round(self, peer: Peer, rs: RoundStart) -> RoundRecord:
@@ -154,17 +170,29 @@ class FederatedClient:
         new_view = {k: self.view[k] + sent[k] for k in self.view}
         metrics = {**metrics, "round_s": time.perf_counter() - t0}
         peer.send(Metrics(round=rs.round, values=metrics))
-        header = Update(round=rs.round, client_id=self.cfg.client_id, num_samples=self.learner.num_samples(),
-                        base_hash=self.view_hash, manifest=manifest)
+        header = Update(
+            round=rs.round,
+            client_id=self.cfg.client_id,
+            num_samples=self.learner.num_samples(),
+            base_hash=self.view_hash,
+            manifest=manifest,
+        )
         n = peer.send_bulk(header, body)
         ack = (await self._expect(peer, Ack)).header
         assert isinstance(ack, Ack)
         self.view, self.view_hash = new_view, state_hash(new_view)
         if ack.ref is not MsgType.UPDATE or ack.state_hash != self.view_hash:
-            raise ProtocolError("server acknowledged a different adapter state", code=ErrorCode.CONFLICTING_UPDATE)
-        log.info("round %d: loss %.4f -> %.4f, sent %d bytes (%.1fx smaller than fp32)", rs.round,
-                 metrics.get("loss_before", float("nan")), metrics.get("loss_after", float("nan")), n,
-                 fp32_nbytes(manifest) / max(n, 1))
+            raise ProtocolError(
+                "server acknowledged a different adapter state", code=ErrorCode.CONFLICTING_UPDATE
+            )
+        log.info(
+            "round %d: loss %.4f -> %.4f, sent %d bytes (%.1fx smaller than fp32)",
+            rs.round,
+            metrics.get("loss_before", float("nan")),
+            metrics.get("loss_after", float("nan")),
+            n,
+            fp32_nbytes(manifest) / max(n, 1),
+        )
         return RoundRecord(rs.round, metrics, bytes_up=n, fp32_up=fp32_nbytes(manifest))
 
     def _install(self, peer: Peer, h: Aggregate, body: bytes, result: ClientResult) -> None:

@@ -56,8 +56,12 @@ class PeftLearner:
         if not self.examples:
             raise ConfigError("the client has no training examples")
         self._fingerprint = base_model_fingerprint(cfg.model_path)
-        spec = LoadSpec(quantization=cfg.quantization, compute_dtype=cfg.compute_dtype,
-                        gradient_checkpointing=cfg.gradient_checkpointing, device=cfg.device)
+        spec = LoadSpec(
+            quantization=cfg.quantization,
+            compute_dtype=cfg.compute_dtype,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            device=cfg.device,
+        )
         self.base_model, self.tokenizer = load_base_model(cfg.model_path, spec)
         self.fam = None  # the FedALTModel, built once the job's LoRA settings are known
         log.info("loaded %s (%s), %d examples", cfg.model_path, cfg.quantization, len(self.examples))
@@ -73,10 +77,15 @@ class PeftLearner:
 
         if self.fam is not None:
             raise ConfigError("adapters are already attached to this learner")
-        lora = LoraSpec(rank=job.lora.rank, alpha=job.lora.alpha, dropout=job.lora.dropout,
-                        target_modules=list(job.lora.target_modules) if job.lora.target_modules else None)
-        self.fam = FedALTModel(self.base_model, lora, init_seed=job.init_seed, mixer=job.mixer,
-                               federation=job.federation)
+        lora = LoraSpec(
+            rank=job.lora.rank,
+            alpha=job.lora.alpha,
+            dropout=job.lora.dropout,
+            target_modules=list(job.lora.target_modules) if job.lora.target_modules else None,
+        )
+        self.fam = FedALTModel(
+            self.base_model, lora, init_seed=job.init_seed, mixer=job.mixer, federation=job.federation
+        )
         return self.fam.schema()
 
     def _model(self):  # type: ignore[no-untyped-def]
@@ -102,8 +111,13 @@ class PeftLearner:
             batches = tokenize_examples(self.tokenizer, self.examples[:32], self.cfg.max_len)
             loss = evaluate_loss(fam, batches)
             return {"loss_before": loss, "loss_after": loss, "train_s": 0.0, "steps": 0.0}
-        cfg = TrainConfig(steps=spec.local_steps, lr=spec.lr, batch_size=spec.batch_size, max_len=self.cfg.max_len,
-                          seed=self.cfg.data_seed * 100_003 + round_)
+        cfg = TrainConfig(
+            steps=spec.local_steps,
+            lr=spec.lr,
+            batch_size=spec.batch_size,
+            max_len=self.cfg.max_len,
+            seed=self.cfg.data_seed * 100_003 + round_,
+        )
         every = max(1, spec.local_steps // 4)
 
         def progress(step: int, total: int, loss: float) -> None:
@@ -111,5 +125,10 @@ class PeftLearner:
                 log.info("round %d: step %d/%d loss %.4f", round_, step, total, loss)
 
         res = train_local(fam, self.examples, self.tokenizer, cfg, progress=progress)
-        return {"loss_before": res.loss_before, "loss_after": res.loss_after, "train_s": res.seconds,
-                "steps": float(res.steps), "samples": float(res.samples)}
+        return {
+            "loss_before": res.loss_before,
+            "loss_after": res.loss_after,
+            "train_s": res.seconds,
+            "steps": float(res.steps),
+            "samples": float(res.samples),
+        }

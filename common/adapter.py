@@ -79,7 +79,9 @@ class AdapterSchema(BaseModel):
         for name, arr in state.items():
             spec = specs[name]
             if tuple(arr.shape) != spec.shape:
-                raise SchemaMismatchError(f"{what}: {name} has shape {tuple(arr.shape)}, expected {spec.shape}")
+                raise SchemaMismatchError(
+                    f"{what}: {name} has shape {tuple(arr.shape)}, expected {spec.shape}"
+                )
 
 
 def _tensor_rng(seed: int, name: str) -> np.random.Generator:

@@ -126,8 +126,9 @@ def encode_tensors(
             scales, q = _quantize_int8(x, axis)
             chunk = scales.tobytes() + q.tobytes()
         records.append(
-            TensorRecord(name=name, shape=shape, encoding=encoding, offset=offset, nbytes=len(chunk),
-                         scale_axis=axis)
+            TensorRecord(
+                name=name, shape=shape, encoding=encoding, offset=offset, nbytes=len(chunk), scale_axis=axis
+            )
         )
         parts.append(chunk)
         offset += len(chunk)
@@ -143,11 +144,15 @@ def encode_tensors(
 def check_manifest(manifest: Manifest, body_len: int, limits: WireLimits = DEFAULT_LIMITS) -> None:
     """Validate every declared count, shape and size against the limits and against each other."""
     if len(manifest.tensors) > limits.max_tensors:
-        raise CodecError(f"{len(manifest.tensors)} tensors exceeds the limit {limits.max_tensors}",
-                         code=ErrorCode.LIMIT_EXCEEDED)
+        raise CodecError(
+            f"{len(manifest.tensors)} tensors exceeds the limit {limits.max_tensors}",
+            code=ErrorCode.LIMIT_EXCEEDED,
+        )
     if manifest.raw_size > limits.max_body_bytes:
-        raise CodecError(f"declared size {manifest.raw_size} exceeds the limit {limits.max_body_bytes}",
-                         code=ErrorCode.LIMIT_EXCEEDED)
+        raise CodecError(
+            f"declared size {manifest.raw_size} exceeds the limit {limits.max_body_bytes}",
+            code=ErrorCode.LIMIT_EXCEEDED,
+        )
     if manifest.compression is Compression.NONE and body_len != manifest.raw_size:
         raise CodecError(f"body is {body_len} bytes, manifest declares {manifest.raw_size}")
     total = 0
@@ -182,8 +187,9 @@ def decode_tensors(
             # The declared size is a hard cap: lz4.block refuses to write past it.
             raw = lz4.block.decompress(body, uncompressed_size=manifest.raw_size)
         except (lz4.block.LZ4BlockError, ValueError) as exc:
-            raise CodecError(f"LZ4 body does not decompress to its declared size: {exc}",
-                             code=ErrorCode.DECOMPRESSION) from exc
+            raise CodecError(
+                f"LZ4 body does not decompress to its declared size: {exc}", code=ErrorCode.DECOMPRESSION
+            ) from exc
         if len(raw) != manifest.raw_size:
             raise CodecError("LZ4 body decompressed to the wrong size", code=ErrorCode.DECOMPRESSION)
     else:

@@ -37,74 +37,129 @@ def _run_loop(coro: object, loop_kind: str) -> object:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     p.add_argument("--log-file", type=Path, help="write logs to this file instead of stderr")
-    p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
-                   help="event loop (default asyncio; see docs on why uvloop is not the default)")
-    p.add_argument("--max-datagram-size", type=int, default=None,
-                   help="QUIC datagram size in bytes (default 1350; up to 16000 on loopback)")
+    p.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="event loop (default asyncio; see docs on why uvloop is not the default)",
+    )
+    p.add_argument(
+        "--max-datagram-size",
+        type=int,
+        default=None,
+        help="QUIC datagram size in bytes (default 1350; up to 16000 on loopback)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedquic", description="Federated LoRA fine-tuning of 4-bit transformers over QUIC.")
+    parser = argparse.ArgumentParser(
+        prog="fedquic", description="Federated LoRA fine-tuning of 4-bit transformers over QUIC."
+    )
     parser.add_argument("--version", action="version", version=f"fedquic {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("server", help="run the aggregation server daemon for one federated job",
-                       description="Run the aggregation server: wait for clients, run the rounds, exit.")
+    s = sub.add_parser(
+        "server",
+        help="run the aggregation server daemon for one federated job",
+        description="Run the aggregation server: wait for clients, run the rounds, exit.",
+    )
     s.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     s.add_argument("--port", type=int, default=4433, help="UDP port (default 4433; 0 picks a free one)")
-    s.add_argument("--certs", type=Path, default=Path("certs/dev"),
-                   help="directory with ca.pem, server.pem and server.key (default certs/dev)")
-    s.add_argument("--min-clients", type=int, default=2, help="clients to wait for before round 1 (default 2)")
+    s.add_argument(
+        "--certs",
+        type=Path,
+        default=Path("certs/dev"),
+        help="directory with ca.pem, server.pem and server.key (default certs/dev)",
+    )
+    s.add_argument(
+        "--min-clients", type=int, default=2, help="clients to wait for before round 1 (default 2)"
+    )
     s.add_argument("--rounds", type=int, default=3, help="number of rounds (default 3)")
     s.add_argument("--federation", choices=("fedalt", "fedavg", "local"), default="fedalt")
     s.add_argument("--mixer", choices=("fixed", "learned"), default="fixed")
     s.add_argument("--rank", type=int, default=8, help="LoRA rank (job-level, default 8)")
     s.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
-    s.add_argument("--target-modules", default=None,
-                   help="comma-separated module names (default: per-architecture, q_proj,v_proj for Llama)")
+    s.add_argument(
+        "--target-modules",
+        default=None,
+        help="comma-separated module names (default: per-architecture, q_proj,v_proj for Llama)",
+    )
     s.add_argument("--local-steps", type=int, default=10, help="local training steps per round (default 10)")
     s.add_argument("--lr", type=float, default=3e-3, help="client learning rate (default 3e-3)")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--init-seed", type=int, default=0, help="job seed for the shared adapter initialisation")
-    s.add_argument("--encoding", choices=("fp32", "fp16", "int8"), default="int8",
-                   help="tensor encoding, both directions (default int8)")
+    s.add_argument(
+        "--encoding",
+        choices=("fp32", "fp16", "int8"),
+        default="int8",
+        help="tensor encoding, both directions (default int8)",
+    )
     s.add_argument("--round-timeout", type=float, default=600.0, help="seconds per round (default 600)")
-    s.add_argument("--registration-timeout", type=float, default=600.0,
-                   help="seconds to wait for --min-clients (default 600)")
-    s.add_argument("--run-dir", type=Path, default=Path("runs/server"), help="history and state (default runs/server)")
+    s.add_argument(
+        "--registration-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for --min-clients (default 600)",
+    )
+    s.add_argument(
+        "--run-dir", type=Path, default=Path("runs/server"), help="history and state (default runs/server)"
+    )
     s.add_argument("--ready-file", type=Path, help="write {host, port, pid} as JSON here once listening")
     _add_common(s)
     s.set_defaults(func=cmd_server)
 
-    c = sub.add_parser("client", help="run one training client",
-                       description="Run one client: load a local model in 4-bit, join the job, train each round.")
-    c.add_argument("--server", type=_hostport, default=("127.0.0.1", 4433), metavar="HOST:PORT",
-                   help="server address (default 127.0.0.1:4433)")
+    c = sub.add_parser(
+        "client",
+        help="run one training client",
+        description="Run one client: load a local model in 4-bit, join the job, train each round.",
+    )
+    c.add_argument(
+        "--server",
+        type=_hostport,
+        default=("127.0.0.1", 4433),
+        metavar="HOST:PORT",
+        help="server address (default 127.0.0.1:4433)",
+    )
     c.add_argument("--server-name", default=None, help="name in the server certificate (default: the host)")
-    c.add_argument("--ca", type=Path, default=Path("certs/dev/ca.pem"), help="CA that signed the server certificate")
+    c.add_argument(
+        "--ca", type=Path, default=Path("certs/dev/ca.pem"), help="CA that signed the server certificate"
+    )
     c.add_argument("--client-id", required=True, help="this client's id (letters, digits, _ . -)")
     c.add_argument("--model", type=Path, required=True, help="local model directory (no hub downloads)")
     data = c.add_mutually_exclusive_group(required=True)
     data.add_argument("--task", help="synthetic task for demos: copy, reverse, sort, ...")
     data.add_argument("--data", type=Path, help="JSONL file of {prompt, response} or {text} records")
-    c.add_argument("--num-examples", type=int, default=256, help="synthetic examples to generate (default 256)")
+    c.add_argument(
+        "--num-examples", type=int, default=256, help="synthetic examples to generate (default 256)"
+    )
     c.add_argument("--data-seed", type=int, default=0)
-    c.add_argument("--quantization", choices=("nf4", "int8", "none"), default="nf4", help="base model quantization")
+    c.add_argument(
+        "--quantization", choices=("nf4", "int8", "none"), default="nf4", help="base model quantization"
+    )
     c.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32")
     c.add_argument("--no-gradient-checkpointing", action="store_true")
     c.add_argument("--max-len", type=int, default=48, help="max tokens per example (default 48)")
     c.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    c.add_argument("--run-dir", type=Path, default=None, help="client state and round log (default runs/CLIENT_ID)")
+    c.add_argument(
+        "--run-dir", type=Path, default=None, help="client state and round log (default runs/CLIENT_ID)"
+    )
     _add_common(c)
     c.set_defaults(func=cmd_client)
 
-    ce = sub.add_parser("certs", help="make development certificates",
-                        description="Development PKI: a CA, a server certificate and client certificates.")
+    ce = sub.add_parser(
+        "certs",
+        help="make development certificates",
+        description="Development PKI: a CA, a server certificate and client certificates.",
+    )
     ce_sub = ce.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
     ci = ce_sub.add_parser("init", help="create a CA and a server certificate")
     ci.add_argument("dir", type=Path, nargs="?", default=Path("certs/dev"))
-    ci.add_argument("--host", action="append", default=None,
-                    help="DNS name or IP for the server certificate (repeatable; default localhost, 127.0.0.1, ::1)")
+    ci.add_argument(
+        "--host",
+        action="append",
+        default=None,
+        help="DNS name or IP for the server certificate (repeatable; default localhost, 127.0.0.1, ::1)",
+    )
     ci.add_argument("--force", action="store_true", help="overwrite an existing CA")
     ci.set_defaults(func=cmd_certs_init)
     cs = ce_sub.add_parser("issue", help="issue a client certificate")
@@ -112,9 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--dir", type=Path, default=Path("certs/dev"))
     cs.set_defaults(func=cmd_certs_issue)
 
-    d = sub.add_parser("demo", help="run a local federated job: server + clients on loopback",
-                       description="Build a tiny Llama model, start a server and clients on loopback, run rounds, "
-                                   "print a per-round table.")
+    d = sub.add_parser(
+        "demo",
+        help="run a local federated job: server + clients on loopback",
+        description="Build a tiny Llama model, start a server and clients on loopback, run rounds, "
+        "print a per-round table.",
+    )
     d.add_argument("--workdir", type=Path, default=Path("demo-run"), help="where everything is written")
     d.add_argument("--clients", type=int, default=3)
     d.add_argument("--rounds", type=int, default=3)
@@ -152,20 +210,36 @@ def cmd_server(args: argparse.Namespace) -> int:
     certs: Path = args.certs
     for f in ("ca.pem", "server.pem", "server.key"):
         if not (certs / f).is_file():
-            raise SystemExit(f"fedquic server: {certs / f} not found (create dev certificates with "
-                             f"`fedquic certs init {certs}`)")
-    targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip()) if args.target_modules else None
+            raise SystemExit(
+                f"fedquic server: {certs / f} not found (create dev certificates with "
+                f"`fedquic certs init {certs}`)"
+            )
+    targets = (
+        tuple(t.strip() for t in args.target_modules.split(",") if t.strip()) if args.target_modules else None
+    )
     enc = Encoding(args.encoding)
     cfg = ServerConfig(
-        host=args.host, port=args.port, transport=_transport(args),
+        host=args.host,
+        port=args.port,
+        transport=_transport(args),
         tls=TlsFiles(ca=certs / "ca.pem", cert=certs / "server.pem", key=certs / "server.key"),
-        policy=RoundPolicy(rounds=args.rounds, min_clients=args.min_clients, round_timeout_s=args.round_timeout,
-                           registration_timeout_s=args.registration_timeout),
-        job=JobConfig(init_seed=args.init_seed, federation=args.federation, mixer=args.mixer,
-                      lora=LoraJobSpec(rank=args.rank, alpha=args.alpha, target_modules=targets),
-                      train=TrainSpec(local_steps=args.local_steps, lr=args.lr, batch_size=args.batch_size),
-                      uplink_encoding=enc, downlink_encoding=enc),
-        run_dir=args.run_dir, ready_file=args.ready_file,
+        policy=RoundPolicy(
+            rounds=args.rounds,
+            min_clients=args.min_clients,
+            round_timeout_s=args.round_timeout,
+            registration_timeout_s=args.registration_timeout,
+        ),
+        job=JobConfig(
+            init_seed=args.init_seed,
+            federation=args.federation,
+            mixer=args.mixer,
+            lora=LoraJobSpec(rank=args.rank, alpha=args.alpha, target_modules=targets),
+            train=TrainSpec(local_steps=args.local_steps, lr=args.lr, batch_size=args.batch_size),
+            uplink_encoding=enc,
+            downlink_encoding=enc,
+        ),
+        run_dir=args.run_dir,
+        ready_file=args.ready_file,
     )
 
     async def main() -> int:
@@ -194,13 +268,29 @@ def cmd_client(args: argparse.Namespace) -> int:
     host, port = args.server
     run_dir = args.run_dir or Path("runs") / args.client_id
     try:
-        learner = PeftLearner(PeftLearnerConfig(
-            model_path=args.model, task=args.task, data_path=args.data, num_examples=args.num_examples,
-            data_seed=args.data_seed, quantization=args.quantization, compute_dtype=args.compute_dtype,
-            gradient_checkpointing=not args.no_gradient_checkpointing, max_len=args.max_len, threads=args.threads,
-        ))
-        cfg = ClientConfig(client_id=args.client_id, host=host, port=port, server_name=args.server_name,
-                           tls=TlsFiles(ca=args.ca), transport=_transport(args), run_dir=run_dir)
+        learner = PeftLearner(
+            PeftLearnerConfig(
+                model_path=args.model,
+                task=args.task,
+                data_path=args.data,
+                num_examples=args.num_examples,
+                data_seed=args.data_seed,
+                quantization=args.quantization,
+                compute_dtype=args.compute_dtype,
+                gradient_checkpointing=not args.no_gradient_checkpointing,
+                max_len=args.max_len,
+                threads=args.threads,
+            )
+        )
+        cfg = ClientConfig(
+            client_id=args.client_id,
+            host=host,
+            port=port,
+            server_name=args.server_name,
+            tls=TlsFiles(ca=args.ca),
+            transport=_transport(args),
+            run_dir=run_dir,
+        )
         result = _run_loop(run_client(cfg, learner), args.loop)
     except FedQuicError as exc:
         log.error("%s", exc)
@@ -232,9 +322,17 @@ def cmd_certs_issue(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoOptions, run_demo
 
-    return run_demo(DemoOptions(workdir=args.workdir, clients=args.clients, rounds=args.rounds,
-                                local_steps=args.local_steps, federation=args.federation, timeout_s=args.timeout,
-                                log_level=args.log_level))
+    return run_demo(
+        DemoOptions(
+            workdir=args.workdir,
+            clients=args.clients,
+            rounds=args.rounds,
+            local_steps=args.local_steps,
+            federation=args.federation,
+            timeout_s=args.timeout,
+            log_level=args.log_level,
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,16 +42,19 @@ def format_round(row: dict, tasks: dict[str, str]) -> list[str]:
         up, down = st.get("bytes_up", 0.0), st.get("bytes_down", 0.0)
         ratio_up = st.get("fp32_up", 0.0) / up if up else 0.0
         ratio_down = st.get("fp32_down", 0.0) / down if down else 0.0
+        before, after = st.get("loss_before", float("nan")), st.get("loss_after", float("nan"))
         lines.append(
-            f"{row['round']:>5}  {cid:<10} {tasks.get(cid, '?'):<8} {st.get('loss_before', float('nan')):>11.4f} "
-            f"{st.get('loss_after', float('nan')):>10.4f} {_fmt_bytes(up):>11} {_fmt_bytes(down):>11} "
+            f"{row['round']:>5}  {cid:<10} {tasks.get(cid, '?'):<8} {before:>11.4f} "
+            f"{after:>10.4f} {_fmt_bytes(up):>11} {_fmt_bytes(down):>11} "
             f"{ratio_up:>7.2f}x {ratio_down:>8.2f}x"
         )
     return lines
 
 
-TABLE_HEADER = (f"{'round':>5}  {'client':<10} {'task':<8} {'loss before':>11} {'loss after':>10} "
-                f"{'bytes up':>11} {'bytes down':>11} {'fp32/up':>8} {'fp32/down':>9}")
+TABLE_HEADER = (
+    f"{'round':>5}  {'client':<10} {'task':<8} {'loss before':>11} {'loss after':>10} "
+    f"{'bytes up':>11} {'bytes down':>11} {'fp32/up':>8} {'fp32/down':>9}"
+)
 
 
 def _read_history(path: Path) -> list[dict]:
@@ -89,7 +92,10 @@ def run_demo(opts: DemoOptions, out: IO[str] = sys.stdout) -> int:
     server_dir = work / "server"
     for stale in (server_dir / "history.jsonl", work / "server.ready"):
         stale.unlink(missing_ok=True)
-    print(f"fedquic demo: {opts.clients} clients, {opts.rounds} rounds, {opts.federation}; files in {work}", file=out)
+    print(
+        f"fedquic demo: {opts.clients} clients, {opts.rounds} rounds, {opts.federation}; files in {work}",
+        file=out,
+    )
     model_dir = build_tiny_llama(work / "model")
     pki = init_dev_pki(work / "certs")
     print(f"  tiny Llama model: {model_dir}; certificates: {pki.root}", file=out, flush=True)
@@ -97,11 +103,34 @@ def run_demo(opts: DemoOptions, out: IO[str] = sys.stdout) -> int:
     fedquic = [sys.executable, "-m", "fedquic"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     ready = work / "server.ready"
-    server_cmd = [*fedquic, "server", "--host", "127.0.0.1", "--port", "0", "--certs", str(pki.root),
-                  "--min-clients", str(opts.clients), "--rounds", str(opts.rounds),
-                  "--federation", opts.federation, "--local-steps", str(opts.local_steps),
-                  "--run-dir", str(server_dir), "--ready-file", str(ready), "--log-level", opts.log_level,
-                  "--round-timeout", str(opts.timeout_s), "--registration-timeout", str(opts.timeout_s)]
+    server_cmd = [
+        *fedquic,
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--certs",
+        str(pki.root),
+        "--min-clients",
+        str(opts.clients),
+        "--rounds",
+        str(opts.rounds),
+        "--federation",
+        opts.federation,
+        "--local-steps",
+        str(opts.local_steps),
+        "--run-dir",
+        str(server_dir),
+        "--ready-file",
+        str(ready),
+        "--log-level",
+        opts.log_level,
+        "--round-timeout",
+        str(opts.timeout_s),
+        "--registration-timeout",
+        str(opts.timeout_s),
+    ]
     procs: list[tuple[str, subprocess.Popen]] = []
     files: list[IO[bytes]] = []
 
@@ -119,11 +148,37 @@ def run_demo(opts: DemoOptions, out: IO[str] = sys.stdout) -> int:
         print(f"  server listening on 127.0.0.1:{port} (UDP/QUIC); logs in {logs}", file=out, flush=True)
         threads = max(1, (os.cpu_count() or 1) // opts.clients)
         for cid, task in tasks.items():
-            spawn(cid, [*fedquic, "client", "--server", f"127.0.0.1:{port}", "--server-name", "localhost",
-                        "--ca", str(pki.ca_cert), "--client-id", cid, "--model", str(model_dir), "--task", task,
-                        "--run-dir", str(work / cid), "--threads", str(threads), "--max-len", str(opts.max_len),
-                        "--log-level", opts.log_level])
-        print(f"  started {opts.clients} clients: " + ", ".join(f"{c} ({t})" for c, t in tasks.items()), file=out)
+            spawn(
+                cid,
+                [
+                    *fedquic,
+                    "client",
+                    "--server",
+                    f"127.0.0.1:{port}",
+                    "--server-name",
+                    "localhost",
+                    "--ca",
+                    str(pki.ca_cert),
+                    "--client-id",
+                    cid,
+                    "--model",
+                    str(model_dir),
+                    "--task",
+                    task,
+                    "--run-dir",
+                    str(work / cid),
+                    "--threads",
+                    str(threads),
+                    "--max-len",
+                    str(opts.max_len),
+                    "--log-level",
+                    opts.log_level,
+                ],
+            )
+        print(
+            f"  started {opts.clients} clients: " + ", ".join(f"{c} ({t})" for c, t in tasks.items()),
+            file=out,
+        )
         print("\n" + TABLE_HEADER, file=out, flush=True)
         shown = 0
         deadline = time.monotonic() + opts.timeout_s
@@ -156,8 +211,11 @@ def run_demo(opts: DemoOptions, out: IO[str] = sys.stdout) -> int:
     rows = _read_history(server_dir / "history.jsonl")
     total_up = sum(st.get("bytes_up", 0.0) for r in rows for st in r["clients"].values())
     total_down = sum(st.get("bytes_down", 0.0) for r in rows for st in r["clients"].values())
-    print(f"\n{len(rows)} rounds in {time.monotonic() - t_start:.1f} s; {_fmt_bytes(total_up)} up, "
-          f"{_fmt_bytes(total_down)} down in total", file=out)
+    print(
+        f"\n{len(rows)} rounds in {time.monotonic() - t_start:.1f} s; {_fmt_bytes(total_up)} up, "
+        f"{_fmt_bytes(total_down)} down in total",
+        file=out,
+    )
     if failed or len(rows) != opts.rounds:
         for name, code in failed:
             print(f"fedquic demo: {name} exited with code {code}; see {logs / (name + '.log')}", file=out)

@@ -19,7 +19,14 @@ from pathlib import Path
 
 from ..common.adapter import AdapterSchema, TensorDict, init_lora_state, state_hash
 from ..common.codec import decode_tensors, encode_tensors, fp32_nbytes
-from ..common.errors import ErrorCode, FedQuicError, JobError, ProtocolError, SchemaMismatchError, TransportError
+from ..common.errors import (
+    ErrorCode,
+    FedQuicError,
+    JobError,
+    ProtocolError,
+    SchemaMismatchError,
+    TransportError,
+)
 from ..common.logs import client_id_var, round_var
 from ..common.messages import (
     SUPPORTED_VERSIONS,
@@ -88,11 +95,18 @@ class AggregationServer:
         self._done = asyncio.get_running_loop().create_future()
         self.port = await self._transport.start(self.cfg.host, self.cfg.port)
         if self.cfg.ready_file is not None:
-            _atomic_write(self.cfg.ready_file,
-                          json.dumps({"host": self.cfg.host, "port": self.port, "pid": os.getpid()}))
+            _atomic_write(
+                self.cfg.ready_file,
+                json.dumps({"host": self.cfg.host, "port": self.port, "pid": os.getpid()}),
+            )
         self._spawn(self._ticker())
-        log.info("job %s: waiting for %d clients, %d rounds, federation=%s", self.cfg.job.job_id,
-                 self.cfg.policy.min_clients, self.cfg.policy.rounds, self.cfg.job.federation)
+        log.info(
+            "job %s: waiting for %d clients, %d rounds, federation=%s",
+            self.cfg.job.job_id,
+            self.cfg.policy.min_clients,
+            self.cfg.policy.rounds,
+            self.cfg.job.federation,
+        )
         return self.port
 
     async def run(self) -> JobResult:
@@ -176,19 +190,32 @@ class AggregationServer:
             raise ProtocolError(f"expected HELLO, got {msg.type.name}", code=ErrorCode.UNEXPECTED_MESSAGE)
         common = set(hello.versions) & set(SUPPORTED_VERSIONS)
         if not common:
-            raise ProtocolError(f"no common protocol version (client {hello.versions}, server "
-                                f"{SUPPORTED_VERSIONS})", code=ErrorCode.UNSUPPORTED_VERSION)
+            raise ProtocolError(
+                f"no common protocol version (client {hello.versions}, server {SUPPORTED_VERSIONS})",
+                code=ErrorCode.UNSUPPORTED_VERSION,
+            )
         cid = hello.client_id
         if cid in self.clients:
             raise ProtocolError(f"client id {cid!r} is already connected", code=ErrorCode.IDENTITY_MISMATCH)
         if self.base_fingerprint is None:
             self.base_fingerprint = hello.base_fingerprint
         elif hello.base_fingerprint != self.base_fingerprint:
-            raise SchemaMismatchError(f"{cid}: base model fingerprint {hello.base_fingerprint} differs from "
-                                      f"the job's {self.base_fingerprint}")
+            raise SchemaMismatchError(
+                f"{cid}: base model fingerprint {hello.base_fingerprint} differs from "
+                f"the job's {self.base_fingerprint}"
+            )
         job = self.cfg.job
-        peer.send(Welcome(version=max(common), job_id=job.job_id, rounds=self.cfg.policy.rounds,
-                          init_seed=job.init_seed, federation=job.federation, mixer=job.mixer, lora=job.lora))
+        peer.send(
+            Welcome(
+                version=max(common),
+                job_id=job.job_id,
+                rounds=self.cfg.policy.rounds,
+                init_seed=job.init_seed,
+                federation=job.federation,
+                mixer=job.mixer,
+                lora=job.lora,
+            )
+        )
         msg = await peer.recv(timeout=HANDSHAKE_TIMEOUT_S * 10)  # the client builds its adapters first
         join = msg.header
         if not isinstance(join, Join):
@@ -196,11 +223,17 @@ class AggregationServer:
         if self.schema is None:
             self.schema = join.adapter
             self._init_state = init_lora_state(self.schema, job.init_seed)
-            log.info("adapter schema %s: %d tensors, %d parameters", self.schema.fingerprint(),
-                     len(self.schema.tensors), self.schema.numel)
+            log.info(
+                "adapter schema %s: %d tensors, %d parameters",
+                self.schema.fingerprint(),
+                len(self.schema.tensors),
+                self.schema.numel,
+            )
         elif join.adapter.fingerprint() != self.schema.fingerprint():
-            raise SchemaMismatchError(f"{cid}: adapter schema {join.adapter.fingerprint()} differs from the "
-                                      f"job's {self.schema.fingerprint()} (rank and target modules are job-level)")
+            raise SchemaMismatchError(
+                f"{cid}: adapter schema {join.adapter.fingerprint()} differs from the "
+                f"job's {self.schema.fingerprint()} (rank and target modules are job-level)"
+            )
         assert self._init_state is not None
         view = {k: v.copy() for k, v in self._init_state.items()}
         rec = ClientRecord(cid, peer, hello.num_samples, view, state_hash(view))
@@ -227,24 +260,32 @@ class AggregationServer:
         elif isinstance(h, Error):
             log.warning("client reported error %d: %s", h.code, h.message)
         elif msg.type is not MsgType.HEARTBEAT:
-            raise ProtocolError(f"unexpected {msg.type.name} from a client", code=ErrorCode.UNEXPECTED_MESSAGE)
+            raise ProtocolError(
+                f"unexpected {msg.type.name} from a client", code=ErrorCode.UNEXPECTED_MESSAGE
+            )
 
     def _on_update(self, rec: ClientRecord, h: Update, body: bytes) -> None:
         round_var.set(h.round)
         if h.client_id != rec.client_id:
-            raise ProtocolError(f"UPDATE names client {h.client_id!r} on {rec.client_id!r}'s connection",
-                                code=ErrorCode.IDENTITY_MISMATCH)
+            raise ProtocolError(
+                f"UPDATE names client {h.client_id!r} on {rec.client_id!r}'s connection",
+                code=ErrorCode.IDENTITY_MISMATCH,
+            )
         digest = hashlib.sha256(body).hexdigest()[:32]
         prior = rec.updates.get(h.round)
         if prior is not None:
             if prior != digest:
-                raise ProtocolError(f"a different update for round {h.round} was already accepted",
-                                    code=ErrorCode.CONFLICTING_UPDATE)
+                raise ProtocolError(
+                    f"a different update for round {h.round} was already accepted",
+                    code=ErrorCode.CONFLICTING_UPDATE,
+                )
             rec.peer.send(Ack(ref=MsgType.UPDATE, round=h.round, state_hash=rec.view_hash))  # lost-ACK resend
             return
         if h.base_hash != rec.view_hash:
-            raise ProtocolError(f"update applies to state {h.base_hash}, server holds {rec.view_hash}",
-                                code=ErrorCode.CONFLICTING_UPDATE)
+            raise ProtocolError(
+                f"update applies to state {h.base_hash}, server holds {rec.view_hash}",
+                code=ErrorCode.CONFLICTING_UPDATE,
+            )
         self.machine.check_update(rec.client_id, h.round)
         delta = decode_tensors(h.manifest, body, self.cfg.transport.limits)
         assert self.schema is not None
@@ -258,8 +299,11 @@ class AggregationServer:
         st["bytes_up"] = float(frame_size(h, len(body)))
         st["fp32_up"] = float(fp32_nbytes(h.manifest))
         rec.peer.send(Ack(ref=MsgType.UPDATE, round=h.round, state_hash=rec.view_hash))
-        log.info("update accepted: %d bytes on the wire (%.1fx smaller than fp32)", st["bytes_up"],
-                 st["fp32_up"] / max(st["bytes_up"], 1.0))
+        log.info(
+            "update accepted: %d bytes on the wire (%.1fx smaller than fp32)",
+            st["bytes_up"],
+            st["fp32_up"] / max(st["bytes_up"], 1.0),
+        )
         self._apply(self.machine.on_update(rec.client_id, h.round, self.clock()))
 
     # -- actions -----------------------------------------------------------------------------------
@@ -287,8 +331,15 @@ class AggregationServer:
             if rec is None:
                 continue
             with contextlib.suppress(TransportError):
-                rec.peer.send(RoundStart(round=act.round, train=job.train, uplink_encoding=job.uplink_encoding,
-                                         compression=job.compression, deadline_s=deadline_s))
+                rec.peer.send(
+                    RoundStart(
+                        round=act.round,
+                        train=job.train,
+                        uplink_encoding=job.uplink_encoding,
+                        compression=job.compression,
+                        deadline_s=deadline_s,
+                    )
+                )
         log.info("round %d started with %d clients", act.round, len(act.participants))
 
     async def _close_round(self, act: CloseRound) -> None:

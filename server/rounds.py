@@ -100,11 +100,14 @@ class RoundMachine:
     def check_update(self, client_id: str, round_: int) -> None:
         """Raise unless an update from ``client_id`` for ``round_`` would be accepted now."""
         if self.phase is not Phase.TRAINING or round_ != self.round:
-            raise ProtocolError(f"round {round_} is not open (phase {self.phase.value}, round {self.round})",
-                                code=ErrorCode.ROUND_NOT_OPEN)
+            raise ProtocolError(
+                f"round {round_} is not open (phase {self.phase.value}, round {self.round})",
+                code=ErrorCode.ROUND_NOT_OPEN,
+            )
         if client_id not in self.participants:
-            raise ProtocolError(f"{client_id} is not a participant of round {self.round}",
-                                code=ErrorCode.ROUND_NOT_OPEN)
+            raise ProtocolError(
+                f"{client_id} is not a participant of round {self.round}", code=ErrorCode.ROUND_NOT_OPEN
+            )
 
     def on_update(self, client_id: str, round_: int, now: float) -> list[Action]:
         self.check_update(client_id, round_)
@@ -113,13 +116,18 @@ class RoundMachine:
 
     def on_tick(self, now: float) -> list[Action]:
         if self.phase is Phase.WAITING and now - self.started_at > self.policy.registration_timeout_s:
-            return [self._fail(f"only {len(self.joined)} of {self.policy.min_clients} clients joined in time")]
+            return [
+                self._fail(f"only {len(self.joined)} of {self.policy.min_clients} clients joined in time")
+            ]
         if self.phase is Phase.TRAINING and now >= self.deadline:
             need = math.ceil(self.policy.quorum * len(self.participants))
             if len(self.received) >= max(need, 1):
                 return [self._close()]
-            return [self._fail(f"round {self.round}: {len(self.received)} updates by the deadline, "
-                               f"quorum is {need}")]
+            return [
+                self._fail(
+                    f"round {self.round}: {len(self.received)} updates by the deadline, quorum is {need}"
+                )
+            ]
         return []
 
     def on_aggregated(self, round_: int, now: float) -> list[Action]:
@@ -146,7 +154,11 @@ class RoundMachine:
         if self.participants and set(self.received) >= self.participants:
             return [self._close()]
         if not self.participants:
-            return [self._close()] if self.received else [self._fail(f"round {self.round}: every participant left")]
+            return (
+                [self._close()]
+                if self.received
+                else [self._fail(f"round {self.round}: every participant left")]
+            )
         return []
 
     def _close(self) -> CloseRound:

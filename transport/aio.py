@@ -43,15 +43,23 @@ def _tune_socket(sock: socket.socket | None, size: int) -> tuple[int, int]:
     for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, opt, size)
-    return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
-            sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+    return (
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+    )
 
 
 class Peer(QuicConnectionProtocol):
     """One fedquic connection: receive messages in order, send control or bulk messages."""
 
-    def __init__(self, quic: QuicConnection, stream_handler: Any = None, *,
-                 settings: TransportSettings, on_ready: Callable[[Peer], None] | None = None) -> None:
+    def __init__(
+        self,
+        quic: QuicConnection,
+        stream_handler: Any = None,
+        *,
+        settings: TransportSettings,
+        on_ready: Callable[[Peer], None] | None = None,
+    ) -> None:
         super().__init__(quic, stream_handler)
         self.settings = settings
         self.core = FedQuicConnection(quic, limits=settings.limits)
@@ -68,7 +76,9 @@ class Peer(QuicConnectionProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.socket_buffers = _tune_socket(transport.get_extra_info("socket"), self.settings.socket_buffer_bytes)
+        self.socket_buffers = _tune_socket(
+            transport.get_extra_info("socket"), self.settings.socket_buffer_bytes
+        )
 
     def quic_event_received(self, event: Any) -> None:
         for ev in self.core.handle_event(event):
@@ -171,8 +181,9 @@ class Peer(QuicConnectionProtocol):
             self.transmit()
 
 
-def _quic_config(settings: TransportSettings, *, is_client: bool, tls: TlsFiles,
-                 server_name: str | None = None) -> QuicConfiguration:
+def _quic_config(
+    settings: TransportSettings, *, is_client: bool, tls: TlsFiles, server_name: str | None = None
+) -> QuicConfiguration:
     cfg = QuicConfiguration(
         is_client=is_client,
         alpn_protocols=[settings.alpn],
@@ -202,8 +213,9 @@ def _quic_config(settings: TransportSettings, *, is_client: bool, tls: TlsFiles,
 class FedQuicServer:
     """A listening QUIC endpoint that hands every connected :class:`Peer` to ``on_connect``."""
 
-    def __init__(self, settings: TransportSettings, tls: TlsFiles,
-                 on_connect: Callable[[Peer], Awaitable[None]]) -> None:
+    def __init__(
+        self, settings: TransportSettings, tls: TlsFiles, on_connect: Callable[[Peer], Awaitable[None]]
+    ) -> None:
         self.settings = settings
         self.tls = tls
         self._on_connect = on_connect
@@ -247,8 +259,9 @@ class FedQuicServer:
 
 
 @contextlib.asynccontextmanager
-async def connect_peer(host: str, port: int, settings: TransportSettings, tls: TlsFiles,
-                       server_name: str | None = None) -> AsyncIterator[Peer]:
+async def connect_peer(
+    host: str, port: int, settings: TransportSettings, tls: TlsFiles, server_name: str | None = None
+) -> AsyncIterator[Peer]:
     """Connect, verify the server's certificate against ``tls.ca``, and yield the :class:`Peer`."""
     cfg = _quic_config(settings, is_client=True, tls=tls, server_name=server_name or host)
 
@@ -262,14 +275,17 @@ async def connect_peer(host: str, port: int, settings: TransportSettings, tls: T
             assert isinstance(peer, Peer)
             peer.transmit()
             waits = [asyncio.ensure_future(peer.ready.wait()), asyncio.ensure_future(peer.closed.wait())]
-            _, pending = await asyncio.wait(waits, timeout=settings.connect_timeout_s,
-                                            return_when=asyncio.FIRST_COMPLETED)
+            _, pending = await asyncio.wait(
+                waits, timeout=settings.connect_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
             for w in pending:
                 w.cancel()
             if not peer.ready.is_set():
                 reason = peer.close_reason or f"no answer within {settings.connect_timeout_s:.0f} s"
-                raise TransportError(f"QUIC handshake with {host}:{port} failed: {reason}",
-                                     code=ErrorCode.TIMEOUT if not peer.closed.is_set() else ErrorCode.INTERNAL)
+                raise TransportError(
+                    f"QUIC handshake with {host}:{port} failed: {reason}",
+                    code=ErrorCode.TIMEOUT if not peer.closed.is_set() else ErrorCode.INTERNAL,
+                )
             peer.core.open_control()
             yield peer
     except ConnectionError as exc:

@@ -11,7 +11,7 @@ behind megabytes of weights: QUIC schedules streams independently.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aioquic.quic.connection import QuicConnection, stream_is_unidirectional
 from aioquic.quic.events import (
@@ -158,11 +158,14 @@ class FedQuicConnection:
             bulk = stream_is_unidirectional(sid)
             if not bulk:
                 if self._is_client and sid != self.control_stream_id:
-                    raise ProtocolError("server opened a bidirectional stream", code=ErrorCode.UNEXPECTED_MESSAGE)
+                    raise ProtocolError(
+                        "server opened a bidirectional stream", code=ErrorCode.UNEXPECTED_MESSAGE
+                    )
                 if not self._is_client:
                     if self.control_stream_id is not None and sid != self.control_stream_id:
-                        raise ProtocolError("a second control stream was opened",
-                                            code=ErrorCode.UNEXPECTED_MESSAGE)
+                        raise ProtocolError(
+                            "a second control stream was opened", code=ErrorCode.UNEXPECTED_MESSAGE
+                        )
                     self.control_stream_id = sid
             st = self._streams[sid] = _StreamState(FrameDecoder(self._limits), bulk=bulk)
         st.bytes_received += len(event.data)

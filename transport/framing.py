@@ -55,8 +55,9 @@ def parse_header(msg_type: int, raw: bytes) -> Header:
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first.get("loc", ()))
-        raise ProtocolError(f"{mtype.name} header invalid at {loc!r}: {first.get('msg')}",
-                            code=ErrorCode.BAD_HEADER) from None
+        raise ProtocolError(
+            f"{mtype.name} header invalid at {loc!r}: {first.get('msg')}", code=ErrorCode.BAD_HEADER
+        ) from None
 
 
 @dataclass
@@ -111,7 +112,7 @@ class FrameDecoder:
             take = view[:need]
             self._body[self._body_filled : self._body_filled + len(take)] = take
             self._body_filled += len(take)
-            view = view[len(take):]
+            view = view[len(take) :]
             if self._body_filled < p.body_len:
                 break
             header = parse_header(p.msg_type, bytes(self._buf))
@@ -130,11 +131,13 @@ class FrameDecoder:
             raise ProtocolError(f"bad frame magic {magic!r}", code=ErrorCode.MALFORMED_FRAME)
         if version not in SUPPORTED_VERSIONS:
             raise ProtocolError(f"unsupported protocol version {version}", code=ErrorCode.UNSUPPORTED_VERSION)
-        if msg_type not in HEADER_TYPES.keys():
+        if msg_type not in HEADER_TYPES:
             raise ProtocolError(f"unknown message type {msg_type}", code=ErrorCode.UNKNOWN_MESSAGE_TYPE)
         if hlen == 0 or hlen > self._limits.max_header_bytes:
             raise ProtocolError(f"header length {hlen} out of bounds", code=ErrorCode.LIMIT_EXCEEDED)
         if blen > self._limits.max_body_bytes:
-            raise ProtocolError(f"body length {blen} exceeds the limit {self._limits.max_body_bytes}",
-                                code=ErrorCode.LIMIT_EXCEEDED)
+            raise ProtocolError(
+                f"body length {blen} exceeds the limit {self._limits.max_body_bytes}",
+                code=ErrorCode.LIMIT_EXCEEDED,
+            )
         return _Pending(msg_type, hlen, blen)

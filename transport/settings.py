@@ -29,7 +29,7 @@ class TransportSettings(BaseModel):
     # or jumbo-frame networks (aioquic breaks above ~16 kB).
     max_datagram_size: int = Field(default=1350, ge=1200, le=16_000)
     idle_timeout_s: float = Field(default=120.0, gt=0)
-    # QUIC PING cadence; below common NAT UDP timeouts (30 s) so a client training for an hour stays reachable.
+    # QUIC PING cadence, below common NAT UDP timeouts (30 s): a client training for an hour stays reachable.
     keepalive_s: float = Field(default=15.0, gt=0, le=25.0)
     max_data: int = Field(default=16 << 20, ge=1 << 16)
     max_stream_data: int = Field(default=8 << 20, ge=1 << 16)

@@ -17,21 +17,30 @@ def test_help(cmd: list[str]) -> None:
 
 
 def test_server_code_imports_without_torch() -> None:
-    code = BLOCK_TORCH + ("import fedquic.server.app, fedquic.cli; "
-                          "from fedquic.cli import main; main(['server', '--help'])")
+    code = BLOCK_TORCH + (
+        "import fedquic.server.app, fedquic.cli; from fedquic.cli import main; main(['server', '--help'])"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
 
 def test_server_refuses_missing_certificates_clearly(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    proc = subprocess.run([sys.executable, "-m", "fedquic", "server", "--certs", str(tmp_path / "none")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedquic", "server", "--certs", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and "fedquic certs init" in proc.stderr
 
 
 def test_certs_init_and_issue(tmp_path) -> None:  # type: ignore[no-untyped-def]
     d = tmp_path / "pki"
     assert subprocess.run([sys.executable, "-m", "fedquic", "certs", "init", str(d)]).returncode == 0
-    assert subprocess.run([sys.executable, "-m", "fedquic", "certs", "issue", "edge-1", "--dir", str(d)]).returncode == 0
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "fedquic", "certs", "issue", "edge-1", "--dir", str(d)]
+        ).returncode
+        == 0
+    )
     assert (d / "ca.pem").is_file() and (d / "clients" / "edge-1.pem").is_file()
     assert (d / "server.key").stat().st_mode & 0o077 == 0  # private keys are not world-readable

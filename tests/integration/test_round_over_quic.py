@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fedquic.client.app import ClientConfig, FederatedClient
 from fedquic.common.messages import TrainSpec
 from fedquic.server.app import AggregationServer
@@ -21,31 +20,47 @@ pytest.importorskip("bitsandbytes")
 TASKS = ("copy", "reverse", "sort")
 
 
-async def test_one_round_row_is_the_mean_of_the_other_two(tiny_model_dir: Path, dev_pki, tmp_path: Path) -> None:
+async def test_one_round_row_is_the_mean_of_the_other_two(
+    tiny_model_dir: Path, dev_pki, tmp_path: Path
+) -> None:
     from fedquic.client.peft_learner import PeftLearner, PeftLearnerConfig
 
-    server = AggregationServer(ServerConfig(
-        host="127.0.0.1", port=0,
-        tls=TlsFiles(ca=dev_pki.ca_cert, cert=dev_pki.server_cert, key=dev_pki.server_key),
-        policy=RoundPolicy(rounds=1, min_clients=3, round_timeout_s=120),
-        job=JobConfig(init_seed=11, train=TrainSpec(local_steps=4, lr=2e-2, batch_size=4)),
-        run_dir=tmp_path / "server",
-    ))
+    server = AggregationServer(
+        ServerConfig(
+            host="127.0.0.1",
+            port=0,
+            tls=TlsFiles(ca=dev_pki.ca_cert, cert=dev_pki.server_cert, key=dev_pki.server_key),
+            policy=RoundPolicy(rounds=1, min_clients=3, round_timeout_s=120),
+            job=JobConfig(init_seed=11, train=TrainSpec(local_steps=4, lr=2e-2, batch_size=4)),
+            run_dir=tmp_path / "server",
+        )
+    )
     port = await server.start()
     learners = [
-        await asyncio.to_thread(PeftLearner, PeftLearnerConfig(model_path=tiny_model_dir, task=t, num_examples=32,
-                                                               data_seed=i, threads=1))
+        await asyncio.to_thread(
+            PeftLearner,
+            PeftLearnerConfig(model_path=tiny_model_dir, task=t, num_examples=32, data_seed=i, threads=1),
+        )
         for i, t in enumerate(TASKS)
     ]
     clients = [
-        FederatedClient(ClientConfig(client_id=f"c{i}", port=port, server_name="localhost",
-                                     tls=TlsFiles(ca=dev_pki.ca_cert), run_dir=tmp_path / f"c{i}"), learner)
+        FederatedClient(
+            ClientConfig(
+                client_id=f"c{i}",
+                port=port,
+                server_name="localhost",
+                tls=TlsFiles(ca=dev_pki.ca_cert),
+                run_dir=tmp_path / f"c{i}",
+            ),
+            learner,
+        )
         for i, learner in enumerate(learners)
     ]
     for c in clients:
         c.keep_rows = True
     result, *client_results = await asyncio.wait_for(
-        asyncio.gather(server.run(), *(c.run() for c in clients)), timeout=240)
+        asyncio.gather(server.run(), *(c.run() for c in clients)), timeout=240
+    )
     assert result.ok and result.rounds_completed == 1
     assert all(len(r.rounds) == 1 and r.rounds[0].bytes_up > 0 for r in client_results)
 

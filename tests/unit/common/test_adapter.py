@@ -1,13 +1,14 @@
 import numpy as np
 import pytest
-
 from fedquic.common.adapter import AdapterSchema, TensorSpec, init_lora_state, state_hash
 from fedquic.common.errors import SchemaMismatchError
 
-SCHEMA = AdapterSchema(tensors=(
-    TensorSpec(name="l0.q_proj.lora_A.weight", shape=(4, 64)),
-    TensorSpec(name="l0.q_proj.lora_B.weight", shape=(32, 4)),
-))
+SCHEMA = AdapterSchema(
+    tensors=(
+        TensorSpec(name="l0.q_proj.lora_A.weight", shape=(4, 64)),
+        TensorSpec(name="l0.q_proj.lora_B.weight", shape=(32, 4)),
+    )
+)
 
 
 def test_init_is_deterministic_and_seed_dependent() -> None:

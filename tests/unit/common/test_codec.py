@@ -1,7 +1,6 @@
 import lz4.block
 import numpy as np
 import pytest
-
 from fedquic.common.codec import (
     Compression,
     Encoding,
@@ -79,8 +78,9 @@ def test_non_finite_values_are_refused_both_ways() -> None:
         encode_tensors({"x": np.array([1.0, np.nan], np.float32)}, Encoding.FP32)
     assert ei.value.code is ErrorCode.NON_FINITE
     raw = np.array([1.0, np.inf], np.float32).tobytes()
-    m = Manifest(tensors=(TensorRecord(name="x", shape=(2,), encoding=Encoding.FP32, offset=0, nbytes=8),),
-                 raw_size=8)
+    m = Manifest(
+        tensors=(TensorRecord(name="x", shape=(2,), encoding=Encoding.FP32, offset=0, nbytes=8),), raw_size=8
+    )
     with pytest.raises(CodecError) as ei:
         decode_tensors(m, raw)
     assert ei.value.code is ErrorCode.NON_FINITE
@@ -88,9 +88,11 @@ def test_non_finite_values_are_refused_both_ways() -> None:
 
 def test_decompression_bomb_is_refused_before_allocation() -> None:
     bomb = lz4.block.compress(bytes(1 << 20), store_size=False)
-    m = Manifest(tensors=(TensorRecord(name="x", shape=(1 << 38,), encoding=Encoding.FP32, offset=0,
-                                       nbytes=4 << 38),),
-                 compression=Compression.LZ4, raw_size=4 << 38)
+    m = Manifest(
+        tensors=(TensorRecord(name="x", shape=(1 << 38,), encoding=Encoding.FP32, offset=0, nbytes=4 << 38),),
+        compression=Compression.LZ4,
+        raw_size=4 << 38,
+    )
     with pytest.raises(CodecError) as ei:
         decode_tensors(m, bomb, WireLimits(max_body_bytes=1 << 24))
     assert ei.value.code is ErrorCode.LIMIT_EXCEEDED
@@ -98,8 +100,11 @@ def test_decompression_bomb_is_refused_before_allocation() -> None:
 
 def test_lz4_body_that_lies_about_its_size_is_refused() -> None:
     body = lz4.block.compress(bytes(4096), store_size=False)
-    m = Manifest(tensors=(TensorRecord(name="x", shape=(16,), encoding=Encoding.FP32, offset=0, nbytes=64),),
-                 compression=Compression.LZ4, raw_size=64)
+    m = Manifest(
+        tensors=(TensorRecord(name="x", shape=(16,), encoding=Encoding.FP32, offset=0, nbytes=64),),
+        compression=Compression.LZ4,
+        raw_size=64,
+    )
     with pytest.raises(CodecError) as ei:
         decode_tensors(m, body)
     assert ei.value.code is ErrorCode.DECOMPRESSION
@@ -120,8 +125,10 @@ def test_inconsistent_manifests_raise_codec_errors(record: TensorRecord) -> None
 
 
 def test_too_many_tensors_is_a_limit_error() -> None:
-    recs = tuple(TensorRecord(name=f"t{i}", shape=(1,), encoding=Encoding.FP32, offset=4 * i, nbytes=4)
-                 for i in range(5))
+    recs = tuple(
+        TensorRecord(name=f"t{i}", shape=(1,), encoding=Encoding.FP32, offset=4 * i, nbytes=4)
+        for i in range(5)
+    )
     with pytest.raises(CodecError) as ei:
         decode_tensors(Manifest(tensors=recs, raw_size=20), bytes(20), WireLimits(max_tensors=4))
     assert ei.value.code is ErrorCode.LIMIT_EXCEEDED

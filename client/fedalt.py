@@ -1,0 +1,295 @@
+"""The FedALT layer, built on two peft LoRA adapters and a per-token softmax gate.
+
+Per target linear layer::
+
+    y = W x + a_loc(x) · B_loc A_loc x · s + a_row(x) · B_row A_row x · s,   s = alpha / r
+    (a_loc, a_row) = softmax(router(x)),   router = Linear(in_features, 2, bias=False)
+
+"local" is the trainable individual LoRA, "row" the frozen Rest-of-World LoRA replaced every round. peft sums
+the outputs of active adapters, so both stay ordinary peft adapters (standard parameter names, standard
+``get_peft_model_state_dict``). The gate is a scalar per token, hence g·B(Ax) = B(g·Ax): we compute it once
+per layer call in a forward pre-hook on the ``LoraLayer`` and scale each adapter's rank-r code in a forward
+hook on its ``lora_A[name]``. peft does not let outside code register tuner types; hooks keep us on stock
+peft.
+
+``federation="fedavg"`` and ``"local"`` use the same code with the "local" adapter only (no RoW, no gate).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from fedquic.common.adapter import AdapterSchema, TensorDict, init_lora_state, zeros_state
+from fedquic.common.errors import CodecError, ConfigError, ErrorCode
+from torch import nn
+
+from .model import default_target_modules, keep_4bit_differentiable
+
+log = logging.getLogger(__name__)
+
+Mixer = Literal["learned", "fixed"]
+Federation = Literal["fedalt", "fedavg", "local"]
+
+LOCAL = "local"
+ROW = "row"
+ROUTERS_ATTR = "fedalt_routers"  # on the outer PeftModel, outside every tuner layer
+_MIXERS = ("learned", "fixed")
+_FEDERATIONS = ("fedalt", "fedavg", "local")
+_FIXED_GATE = 0.5
+
+
+@dataclass
+class LoraSpec:
+    """LoRA hyper-parameters shared by every client of a job (they define the adapter schema)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.rank <= 0:
+            raise ConfigError(f"LoRA rank must be positive, got {self.rank}")
+        if self.alpha <= 0:
+            raise ConfigError(f"LoRA alpha must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if self.target_modules is not None and not self.target_modules:
+            raise ConfigError("target_modules must be None (auto) or a non-empty list")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class _Gate:
+    """One LoRA layer's gate: computed once per layer call, applied to each adapter's rank-r code.
+
+    Holds the per-call value itself, not on the module: peft 0.21 treats everything attached to a tuner layer
+    (except ``base_layer``) as adapter state, so nothing of ours may live there. One forward at a time per
+    model (as for any torch training loop).
+    """
+
+    def __init__(self, router: nn.Linear | None) -> None:
+        self.router = router  # None: fixed 0.5/0.5 mixer
+        self.value: torch.Tensor | None = None
+
+    def compute(self, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # From the layer input itself (before LoRA dropout), in the router's fp32.
+        assert self.router is not None
+        x = args[0] if args else kwargs["x"]
+        self.value = torch.softmax(self.router(x.to(self.router.weight.dtype)), dim=-1)
+
+    def clear(self, layer: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self.value = None  # do not keep activations alive between calls
+
+    def scaler(self, column: int) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], torch.Tensor]:
+        def scale(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+            if self.router is None:
+                return output * _FIXED_GATE
+            if self.value is None:
+                raise RuntimeError("FedALT gate missing: lora_A was called outside its LoraLayer's forward")
+            return output * self.value[..., column : column + 1].to(output.dtype)
+
+        return scale
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    # clone() so the array never aliases a live parameter.
+    return t.detach().to("cpu", torch.float32).clone().numpy()
+
+
+class FedALTModel:
+    """A base model wrapped with the "local" (+ "row" + gate, for FedALT) LoRA adapters."""
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        lora: LoraSpec,
+        *,
+        init_seed: int,
+        mixer: Mixer = "fixed",
+        federation: Federation = "fedalt",
+    ) -> None:
+        from peft import LoraConfig, get_peft_model
+        from peft.tuners.lora import LoraLayer
+
+        if mixer not in _MIXERS:
+            raise ConfigError(f"mixer must be one of {list(_MIXERS)}, got {mixer!r}")
+        if federation not in _FEDERATIONS:
+            raise ConfigError(f"federation must be one of {list(_FEDERATIONS)}, got {federation!r}")
+        if hasattr(base_model, "peft_config"):
+            raise ConfigError(
+                "base model already carries peft adapters; load a fresh base model per FedALTModel"
+            )
+        if federation != "fedalt" and mixer == "learned":
+            log.info("mixer=%r ignored: federation=%r has a single adapter", mixer, federation)
+        keep_4bit_differentiable(base_model)  # in case the caller loaded the model without load_base_model
+        self.lora = lora
+        self.federation: Federation = federation
+        self.mixer: Mixer = mixer
+        self.init_seed = init_seed
+
+        targets = list(lora.target_modules) if lora.target_modules else default_target_modules(base_model)
+        config = LoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=targets,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        try:
+            self.model: nn.Module = get_peft_model(base_model, config, adapter_name=LOCAL)
+        except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
+            raise ConfigError(f"cannot put LoRA on {targets}: {exc}") from exc
+        self._layers: dict[str, nn.Module] = {
+            name: m for name, m in self.model.named_modules() if isinstance(m, LoraLayer)
+        }
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._routers: dict[str, nn.Linear] = {}
+
+        adapters = [LOCAL]
+        if federation == "fedalt":
+            self.model.add_adapter(ROW, config)
+            adapters.append(ROW)
+            # peft's set_adapter marks every active adapter trainable, RoW included: we re-freeze below.
+            self.model.base_model.set_adapter(adapters)
+            self._install_gate()
+
+        # LoRA maths in fp32 whatever the compute dtype (peft casts x to lora_A's dtype and back).
+        for layer in self._layers.values():
+            for adapter in adapters:
+                layer.lora_A[adapter].to(torch.float32)
+                layer.lora_B[adapter].to(torch.float32)
+
+        self._params: dict[str, dict[str, nn.Parameter]] = {a: self._adapter_params(a) for a in adapters}
+        self._schema = AdapterSchema.from_state({k: _to_numpy(p) for k, p in self._params[LOCAL].items()})
+        self._check_names_match_peft()
+        self._freeze()
+
+        self.set_local_state(init_lora_state(self._schema, init_seed))
+        if federation == "fedalt":
+            self.set_row_state(zeros_state(self._schema))  # round 1: RoW contributes nothing
+        log.info(
+            "FedALT model: federation=%s mixer=%s targets=%s rank=%d, %d adapter values, %d router values",
+            federation,
+            mixer if federation == "fedalt" else "-",
+            targets,
+            lora.rank,
+            self._schema.numel,
+            sum(r.weight.numel() for r in self._routers.values()),
+        )
+
+    # -- construction helpers --------------------------------------------------------------------------
+
+    def _install_gate(self) -> None:
+        routers = nn.ModuleDict()
+        for name, layer in self._layers.items():
+            router: nn.Linear | None = None
+            if self.mixer == "learned":
+                device = layer.lora_A[LOCAL].weight.device
+                router = nn.Linear(layer.in_features, 2, bias=False, device=device, dtype=torch.float32)
+                nn.init.zeros_(router.weight)  # softmax(0, 0) = 0.5/0.5: starts as the fixed mixer
+                routers[name.replace(".", "__")] = router  # ModuleDict keys may not contain dots
+                self._routers[f"{name}.router.weight"] = router
+            gate = _Gate(router)
+            if router is not None:
+                self._hooks.append(layer.register_forward_pre_hook(gate.compute, with_kwargs=True))
+                self._hooks.append(layer.register_forward_hook(gate.clear))
+            for column, adapter in enumerate((LOCAL, ROW)):
+                self._hooks.append(layer.lora_A[adapter].register_forward_hook(gate.scaler(column)))
+        if self._routers:
+            # Registered on the model so .to()/.parameters() see them; outside the tuner layers so peft's
+            # adapter state dicts do not.
+            self.model.add_module(ROUTERS_ATTR, routers)
+
+    def _adapter_params(self, adapter: str) -> dict[str, nn.Parameter]:
+        """Our key (peft's state-dict key, adapter name removed) -> the live parameter."""
+        out: dict[str, nn.Parameter] = {}
+        for name, layer in self._layers.items():
+            for kind in ("lora_A", "lora_B"):
+                out[f"{name}.{kind}.weight"] = getattr(layer, kind)[adapter].weight
+        return out
+
+    def _check_names_match_peft(self) -> None:
+        # Guards the key convention promised to the network code against peft changing its naming.
+        from peft import get_peft_model_state_dict
+
+        ref = get_peft_model_state_dict(self.model, adapter_name=LOCAL, save_embedding_layers=False)
+        if set(ref) != set(self._params[LOCAL]):
+            raise RuntimeError(
+                f"peft adapter keys differ from ours: e.g. {sorted(set(ref) ^ set(self._params[LOCAL]))[:3]}"
+            )
+
+    def _freeze(self) -> None:
+        """Only the local LoRA and the routers train; base, RoW and everything else stay frozen."""
+        trainable = {id(p) for p in self.trainable_parameters()}
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in trainable)
+
+    # -- public API ------------------------------------------------------------------------------------
+
+    def schema(self) -> AdapterSchema:
+        """Schema of the local adapter (identical for RoW); the unit of aggregation."""
+        return self._schema
+
+    def local_state(self) -> TensorDict:
+        return {k: _to_numpy(p) for k, p in self._params[LOCAL].items()}
+
+    def set_local_state(self, state: Mapping[str, np.ndarray]) -> None:
+        self._load(LOCAL, state, what="local adapter")
+
+    def row_state(self) -> TensorDict:
+        self._require_row()
+        return {k: _to_numpy(p) for k, p in self._params[ROW].items()}
+
+    def set_row_state(self, state: Mapping[str, np.ndarray]) -> None:
+        self._require_row()
+        self._load(ROW, state, what="RoW adapter")
+
+    def mixer_state(self) -> TensorDict:
+        """Router weights (personal: kept by the client, never aggregated); empty without a learned mixer."""
+        return {k: _to_numpy(r.weight) for k, r in self._routers.items()}
+
+    def set_mixer_state(self, state: Mapping[str, np.ndarray]) -> None:
+        if not self._routers:
+            if state:
+                raise ConfigError("this model has no learned mixer to load router weights into")
+            return
+        AdapterSchema.from_state(self.mixer_state()).check_state(state, what="mixer")
+        self._copy_into({k: r.weight for k, r in self._routers.items()}, state, what="mixer")
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [*self._params[LOCAL].values(), *(r.weight for r in self._routers.values())]
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    def _require_row(self) -> None:
+        if self.federation != "fedalt":
+            raise ConfigError(f"federation={self.federation!r} has no RoW adapter")
+
+    def _load(self, adapter: str, state: Mapping[str, np.ndarray], *, what: str) -> None:
+        self._schema.check_state(state, what=what)
+        self._copy_into(self._params[adapter], state, what=what)
+
+    @staticmethod
+    def _copy_into(params: Mapping[str, nn.Parameter], state: Mapping[str, np.ndarray], *, what: str) -> None:
+        # Validate everything first so a bad tensor never leaves the model half-updated.
+        arrays: dict[str, np.ndarray] = {}
+        for key, value in state.items():
+            arr = np.asarray(value)
+            if not np.issubdtype(arr.dtype, np.floating):
+                raise CodecError(f"{what}: {key} has non-float dtype {arr.dtype}")
+            if not np.isfinite(arr).all():
+                raise CodecError(f"{what}: {key} holds NaN/inf", code=ErrorCode.NON_FINITE)
+            arrays[key] = arr
+        with torch.no_grad():
+            for key, arr in arrays.items():
+                p = params[key]
+                p.copy_(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(p.device, p.dtype))

@@ -1,0 +1,323 @@
+"""Base-model loading: a tiny Llama built from code for tests/demos, 4-bit (NF4) loading, fingerprints.
+
+Everything here works from a local directory only; nothing ever reaches a model hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from fedquic.common.errors import ConfigError
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+Quantization = Literal["nf4", "int8", "none"]
+ComputeDtype = Literal["float32", "bfloat16"]
+
+_QUANTIZATIONS: tuple[str, ...] = ("nf4", "int8", "none")
+_COMPUTE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+# Files whose presence makes a directory a complete tiny model (weights, config, tokenizer).
+_REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+# Special tokens of the code-built tokenizer, in id order (pad=0 so zero-padding is harmless).
+_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+# Config keys that differ between transformers versions / load settings but not between base models.
+_VOLATILE_CONFIG_KEYS = frozenset(
+    {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "quantization_config", "use_cache"}
+)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_WEIGHT_INDEX_SUFFIX = ".index.json"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiny model built from code
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _char_tokenizer() -> Any:
+    """A character-level fast tokenizer over printable ASCII + bos/eos/pad/unk, made without any download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(i) for i in range(32, 127)]  # printable ASCII, space included
+    vocab = {tok: i for i, tok in enumerate([*_SPECIAL_TOKENS, *chars])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    # An empty-pattern split isolates every character, so each char is one token (spaces included).
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def _is_complete(out_dir: Path) -> bool:
+    return all((out_dir / name).is_file() for name in _REQUIRED_FILES)
+
+
+def build_tiny_llama(
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 128,
+    max_position: int = 256,
+) -> Path:
+    """Build a randomly initialised (seeded) LlamaForCausalLM and a char tokenizer into ``out_dir``.
+
+    Idempotent: a directory that already holds a complete model is left as it is. The model is written to a
+    sibling temp directory and renamed into place, so a concurrent builder never sees half a model.
+    """
+    out_dir = Path(out_dir)
+    if _is_complete(out_dir):
+        log.debug("tiny model already present in %s", out_dir)
+        return out_dir
+    # bitsandbytes quantizes in blocks of 64 values; keep every Linear's dimensions block-aligned.
+    for name, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size)):
+        if value <= 0 or value % 64:
+            raise ConfigError(f"{name} must be a positive multiple of 64 (4-bit blocks), got {value}")
+    if num_heads <= 0 or hidden_size % num_heads:
+        raise ConfigError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+    if num_layers <= 0 or max_position <= 0:
+        raise ConfigError("num_layers and max_position must be positive")
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _char_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    # HF init draws from torch's global RNG: fork it so the seed applies here and the caller's RNG survives.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            if _is_complete(out_dir):  # another builder won the race
+                return out_dir
+            if any(out_dir.iterdir()):
+                raise ConfigError(
+                    f"{out_dir} exists, is not empty and holds no complete model; refusing to overwrite"
+                )
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("built tiny llama (hidden %d, %d layers) in %s", hidden_size, num_layers, out_dir)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """How to load the frozen base model."""
+
+    quantization: Quantization = "nf4"
+    compute_dtype: ComputeDtype = "float32"
+    double_quant: bool = True
+    gradient_checkpointing: bool = True
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.quantization not in _QUANTIZATIONS:
+            raise ConfigError(
+                f"quantization must be one of {list(_QUANTIZATIONS)}, got {self.quantization!r}"
+            )
+        if self.compute_dtype not in _COMPUTE_DTYPES:
+            raise ConfigError(
+                f"compute_dtype must be one of {list(_COMPUTE_DTYPES)}, got {self.compute_dtype!r}"
+            )
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigError(f"invalid device {self.device!r}: {exc}") from None
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _COMPUTE_DTYPES[self.compute_dtype]
+
+
+def _check_model_dir(path: Path) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ConfigError(
+            f"base model directory {path} does not exist (only local model directories are supported)"
+        )
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{path} holds no config.json; is it a saved transformers model directory?")
+    return path
+
+
+def _quantization_config(spec: LoadSpec) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if spec.quantization == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=spec.double_quant,
+            bnb_4bit_compute_dtype=spec.torch_dtype,
+        )
+    if spec.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_base_model(path: Path, spec: LoadSpec | None = None) -> tuple[Any, Any]:
+    """Load a frozen (optionally 4-bit NF4) causal LM and its tokenizer from a local directory.
+
+    We do the useful part of peft's ``prepare_model_for_kbit_training`` ourselves: freeze everything and
+    turn on non-reentrant gradient checkpointing. We skip its upcast of every non-quantized parameter to
+    fp32, which costs gigabytes of RAM for large vocabularies and is unneeded for fp32/bf16 compute; with
+    ``use_reentrant=False`` the inputs also need no ``requires_grad`` hook.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = spec or LoadSpec()
+    path = _check_model_dir(path)
+    device = torch.device(spec.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {spec.device!r} requested but CUDA is not available")
+
+    kwargs: dict[str, Any] = {
+        "dtype": spec.torch_dtype,
+        "local_files_only": True,
+        "device_map": {"": str(device)},
+    }
+    qcfg = _quantization_config(spec)
+    if qcfg is not None:
+        kwargs["quantization_config"] = qcfg
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"cannot load base model from {path}: {exc}") from exc
+
+    keep_4bit_differentiable(model)
+    if tokenizer.pad_token_id is None:  # many causal LMs ship without a pad token
+        tokenizer.pad_token = tokenizer.eos_token
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if spec.gradient_checkpointing:
+        model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.eval()
+    log.info(
+        "loaded base model %s (%s, compute %s, checkpointing=%s) on %s",
+        path.name,
+        spec.quantization,
+        spec.compute_dtype,
+        spec.gradient_checkpointing,
+        device,
+    )
+    return model, tokenizer
+
+
+def keep_4bit_differentiable(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout; undo it where done.
+
+    bitsandbytes 0.50 on CPUs with AVX512-BF16: the first eval-mode, no-grad forward of a ``Linear4bit``
+    repacks its weight for a fast kernel (``gemv_4bit``) and keeps it so. That op has no autograd, so every
+    later *training* forward back-propagates nothing through the base layers: LoRA gradients come out
+    silently zero (torch only warns "an autograd kernel was not registered"). Evaluate-then-train is exactly
+    our round loop. Returns the number of layers that had to be unpacked.
+    """
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:  # not imported: no Linear4bit can exist
+        return 0
+    try:
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse as unpack
+    except ImportError:  # a bitsandbytes without the CPU packing path
+        unpack = None
+    unpacked = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        state = getattr(module.weight, "quant_state", None)
+        if unpack is not None and state is not None and getattr(state, "packing_format_for_cpu", False):
+            module.weight.data, module.weight.quant_state = unpack(module.weight.data, state)
+            unpacked += 1
+    return unpacked
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Targets and fingerprint
+# ---------------------------------------------------------------------------------------------------------
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """LoRA targets: q_proj/v_proj where they exist (Llama, Mistral, Qwen...), else every Linear but lm_head.
+
+    Detected from the module tree rather than ``config.model_type`` so unknown llama-likes work too.
+    bitsandbytes' Linear4bit/Linear8bitLt subclass ``nn.Linear``, so quantized models are covered.
+    """
+    leaf_names: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not any(True for _ in module.children()):
+            leaf_names.add(name.rsplit(".", 1)[-1])
+    if {"q_proj", "v_proj"} <= leaf_names:
+        return ["q_proj", "v_proj"]
+    targets = sorted(leaf_names - {"lm_head"})
+    if not targets:
+        raise ConfigError("the model has no nn.Linear layers to put LoRA on; give target_modules explicitly")
+    return targets
+
+
+def base_model_fingerprint(path: Path) -> str:
+    """A short hash identifying a base model: canonical config.json + names and sizes of the weight files.
+
+    Cheap by design (never reads weights). Version-dependent config keys are dropped so that clients on
+    different transformers releases still agree.
+    """
+    path = _check_model_dir(path)
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read {path / 'config.json'}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path / 'config.json'} is not a JSON object")
+    config = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
+    weights = sorted(
+        (p.name, p.stat().st_size)
+        for p in path.iterdir()
+        if p.is_file() and (p.name.endswith(_WEIGHT_SUFFIXES) or p.name.endswith(_WEIGHT_INDEX_SUFFIX))
+    )
+    if not weights:
+        raise ConfigError(f"{path} holds no weight files")
+    canon = json.dumps({"config": config, "weights": weights}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()[:16]

@@ -1,0 +1,172 @@
+"""Local training of a :class:`FedALTModel` for one round.
+
+Stateless between calls (the optimizer is re-created each round) and free of global state besides torch's own,
+so it can run in a worker thread via ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from fedquic.common.errors import ConfigError
+
+from .data import IGNORE_INDEX, Batch, Example, collate, encode_example, pad_id, tokenize_examples
+from .fedalt import FedALTModel
+from .model import keep_4bit_differentiable
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, float], None]
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10
+    lr: float = 3e-3
+    batch_size: int = 8
+    max_len: int = 48
+    weight_decay: float = 0.0
+    grad_accum: int = 1
+    seed: int = 0
+    eval_samples: int = 32  # size of the fixed subset behind loss_before/loss_after
+    max_grad_norm: float = 1.0  # 0 disables clipping
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "eval_samples"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_len < 2:
+            raise ConfigError(f"max_len must be >= 2, got {self.max_len}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ConfigError("weight_decay and max_grad_norm must be >= 0")
+
+
+@dataclass
+class TrainResult:
+    loss_before: float
+    loss_after: float
+    steps: int
+    seconds: float  # wall time of the optimisation steps (the two evaluations excluded)
+    samples: int  # examples consumed by the steps (with repetition)
+
+
+def _device(fam: FedALTModel) -> torch.device:
+    return fam.trainable_parameters()[0].device
+
+
+def _loss_sum(fam: FedALTModel, batch: Batch) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the labelled positions, and their count."""
+    logits = fam.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    targets = batch.labels[:, 1:]
+    n = int((targets != IGNORE_INDEX).sum())
+    loss = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss, n
+
+
+def evaluate_loss(fam: FedALTModel, batches: Sequence[Batch]) -> float:
+    """Token-weighted mean loss over ``batches`` (no grad, eval mode)."""
+    was_training = fam.model.training
+    fam.model.eval()
+    device = _device(fam)
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                loss, n = _loss_sum(fam, batch.to(device))
+                total += float(loss)
+                count += n
+    finally:
+        fam.model.train(was_training)
+    return total / count if count else float("nan")
+
+
+def _eval_subset(examples: Sequence[Example], k: int) -> list[Example]:
+    # Evenly spaced and seed-independent, so the same examples are scored every round.
+    stride = max(1, len(examples) // k)
+    return list(examples[::stride][:k])
+
+
+def train_local(
+    fam: FedALTModel,
+    examples: Sequence[Example],
+    tokenizer: Any,
+    cfg: TrainConfig,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Run ``cfg.steps`` AdamW steps on the trainable parameters (local LoRA + routers) of ``fam``."""
+    if not examples:
+        raise ConfigError("no training examples")
+    if keep_4bit_differentiable(fam.model):
+        log.warning("4-bit weights had been repacked for CPU inference; unpacked them so gradients flow")
+    params = fam.trainable_parameters()
+    device = _device(fam)
+    pad = pad_id(tokenizer)
+    encoded = [encode_example(tokenizer, ex, cfg.max_len) for ex in examples]
+    eval_batches = tokenize_examples(
+        tokenizer, _eval_subset(examples, cfg.eval_samples), cfg.max_len, batch_size=cfg.batch_size
+    )
+    loss_before = evaluate_loss(fam, eval_batches)
+
+    rng = np.random.default_rng(cfg.seed)  # local generator: no shared RNG state between threads
+    order: list[int] = []
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    fam.model.train()
+    start = time.perf_counter()
+    try:
+        for step in range(1, cfg.steps + 1):
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            micro = []
+            for _ in range(cfg.grad_accum):
+                idx = []
+                while len(idx) < cfg.batch_size:  # epochs of shuffled indices, no example twice per epoch
+                    if not order:
+                        order = rng.permutation(len(encoded)).tolist()
+                    idx.append(order.pop())
+                micro.append(collate([encoded[i] for i in idx], pad).to(device))
+            # Normalise by the tokens of the whole accumulated step, so grad_accum=k equals a k-times batch.
+            total_tokens = sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+            for batch in micro:
+                loss, _ = _loss_sum(fam, batch)
+                (loss / max(total_tokens, 1)).backward()
+                step_loss += float(loss.detach())
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            mean = step_loss / max(total_tokens, 1)
+            if not math.isfinite(mean):
+                log.warning("non-finite training loss at step %d", step)
+            if progress is not None:
+                progress(step, cfg.steps, mean)
+    finally:
+        fam.model.eval()
+        optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - start
+    loss_after = evaluate_loss(fam, eval_batches)
+    samples = cfg.steps * cfg.grad_accum * cfg.batch_size
+    log.info(
+        "trained %d steps (%d samples) in %.2fs: loss %.4f -> %.4f",
+        cfg.steps,
+        samples,
+        seconds,
+        loss_before,
+        loss_after,
+    )
+    return TrainResult(
+        loss_before=loss_before, loss_after=loss_after, steps=cfg.steps, seconds=seconds, samples=samples
+    )
