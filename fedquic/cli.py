@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--clients", type=int, default=3)
     d.add_argument("--rounds", type=int, default=3)
     d.add_argument("--local-steps", type=int, default=15)
+    d.add_argument("--lr", type=float, default=1e-2, help="client learning rate (default 1e-2)")
     d.add_argument("--federation", choices=("fedalt", "fedavg", "local"), default="fedalt")
     d.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
     d.add_argument("--log-level", default="INFO")
@@ -328,6 +329,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             clients=args.clients,
             rounds=args.rounds,
             local_steps=args.local_steps,
+            lr=args.lr,
             federation=args.federation,
             timeout_s=args.timeout,
             log_level=args.log_level,

@@ -25,6 +25,7 @@ class DemoOptions:
     clients: int = 3
     rounds: int = 3
     local_steps: int = 15
+    lr: float = 1e-2
     federation: str = "fedalt"
     timeout_s: float = 600.0
     log_level: str = "INFO"
@@ -120,6 +121,8 @@ def run_demo(opts: DemoOptions, out: IO[str] = sys.stdout) -> int:
         opts.federation,
         "--local-steps",
         str(opts.local_steps),
+        "--lr",
+        str(opts.lr),
         "--run-dir",
         str(server_dir),
         "--ready-file",
