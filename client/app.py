@@ -1,8 +1,8 @@
 """The client's network loop: join a job, train each round, upload deltas, install aggregates.
 
-Uplink error feedback: the client keeps ``view``, its individual adapter exactly as the server has
-reconstructed it. Each round it sends C(local − view) and adds the decoded payload to ``view``, so what
-compression dropped this round stays in (local − view) and is sent later: nothing is lost for good.
+Uplink error feedback: each round the client sends C(Δ + e) with Δ its adapter's change since the last
+sync and e the residual of earlier rounds (:class:`~fedquic.common.feedback.ErrorFeedback`), and tracks
+``view``, its adapter exactly as the server reconstructed it: in FedALT mode ``view + e == local``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..common.adapter import TensorDict, init_lora_state, state_hash
-from ..common.codec import decode_tensors, encode_tensors, fp32_nbytes
+from ..common.codec import decode_tensors, fp32_nbytes
 from ..common.errors import ConfigError, ErrorCode, ProtocolError, RemoteError, SchemaMismatchError
+from ..common.feedback import ErrorFeedback
 from ..common.logs import client_id_var, round_var
 from ..common.messages import (
     SUPPORTED_VERSIONS,
@@ -78,8 +79,12 @@ class FederatedClient:
     def __init__(self, cfg: ClientConfig, learner: Learner) -> None:
         self.cfg = cfg
         self.learner = learner
+        # view: our individual adapter exactly as the server reconstructed it (its hash versions the state);
+        # synced: our adapter when we last synced; ef: what compression has not delivered yet.
         self.view: TensorDict = {}
         self.view_hash = ""
+        self.synced: TensorDict = {}
+        self.ef = ErrorFeedback()
         self.rows_received: dict[int, TensorDict] = {}  # last RoW per round, for inspection and tests
         self.keep_rows = False
 
@@ -119,9 +124,7 @@ class FederatedClient:
     async def _expect(self, peer: Peer, kind: type[Header]) -> Message:
         msg = await self._recv(peer)
         if not isinstance(msg.header, kind):
-            raise ProtocolError(
-                f"expected {kind.__name__}, got {msg.type.name}", code=ErrorCode.UNEXPECTED_MESSAGE
-            )
+            raise ProtocolError(f"expected {kind.__name__}, got {msg.type.name}", code=ErrorCode.UNEXPECTED_MESSAGE)
         return msg
 
     async def _join(self, peer: Peer) -> Welcome:
@@ -139,6 +142,7 @@ class FederatedClient:
         schema = await asyncio.to_thread(learner.attach, job)
         self.view = init_lora_state(schema, job.init_seed)
         self.view_hash = state_hash(self.view)
+        self.synced = {k: v.copy() for k, v in self.view.items()}
         if state_hash(learner.local_state()) != self.view_hash:
             # Averaging LoRA factors is only meaningful from a shared starting point.
             raise ConfigError(
@@ -164,11 +168,15 @@ class FederatedClient:
         t0 = time.perf_counter()
         metrics = await asyncio.to_thread(self.learner.train, rs.round, rs.train)
         local = self.learner.local_state()
-        delta = {k: local[k] - self.view[k] for k in self.view}
-        manifest, body = await asyncio.to_thread(encode_tensors, delta, rs.uplink_encoding, rs.compression)
-        sent = decode_tensors(manifest, body)
-        new_view = {k: self.view[k] + sent[k] for k in self.view}
-        metrics = {**metrics, "round_s": time.perf_counter() - t0}
+        delta = {k: local[k] - self.synced[k] for k in self.synced}
+        payload = await asyncio.to_thread(self.ef.compress, delta, rs.uplink)
+        manifest, body = payload.manifest, payload.body
+        new_view = {k: self.view[k] + payload.decoded[k] for k in self.view}
+        metrics = {
+            **metrics,
+            "round_s": time.perf_counter() - t0,
+            "ef_residual_norm": self.ef.residual_norm(),
+        }
         peer.send(Metrics(round=rs.round, values=metrics))
         header = Update(
             round=rs.round,
@@ -181,10 +189,9 @@ class FederatedClient:
         ack = (await self._expect(peer, Ack)).header
         assert isinstance(ack, Ack)
         self.view, self.view_hash = new_view, state_hash(new_view)
+        self.synced = local
         if ack.ref is not MsgType.UPDATE or ack.state_hash != self.view_hash:
-            raise ProtocolError(
-                "server acknowledged a different adapter state", code=ErrorCode.CONFLICTING_UPDATE
-            )
+            raise ProtocolError("server acknowledged a different adapter state", code=ErrorCode.CONFLICTING_UPDATE)
         log.info(
             "round %d: loss %.4f -> %.4f, sent %d bytes (%.1fx smaller than fp32)",
             rs.round,
@@ -203,6 +210,7 @@ class FederatedClient:
         else:  # fedavg: the global adapter replaces the local one, and is what the server now holds
             self.learner.set_local_state(state)
             self.view, self.view_hash = state, state_hash(state)
+            self.synced = state
         if self.keep_rows:
             self.rows_received[h.round] = state
         peer.send(Ack(ref=MsgType.AGGREGATE, round=h.round, state_hash=state_hash(state)))

@@ -172,9 +172,7 @@ def pad_id(tokenizer: Any) -> int:
     return int(pad)
 
 
-def tokenize_examples(
-    tokenizer: Any, examples: Sequence[Example], max_len: int, *, batch_size: int = 8
-) -> list[Batch]:
+def tokenize_examples(tokenizer: Any, examples: Sequence[Example], max_len: int, *, batch_size: int = 8) -> list[Batch]:
     """Encode ``examples`` in order into right-padded batches (padded to the longest in each batch)."""
     if max_len < 2:
         raise ConfigError(f"max_len must be >= 2, got {max_len}")

@@ -124,9 +124,7 @@ class FedALTModel:
         if federation not in _FEDERATIONS:
             raise ConfigError(f"federation must be one of {list(_FEDERATIONS)}, got {federation!r}")
         if hasattr(base_model, "peft_config"):
-            raise ConfigError(
-                "base model already carries peft adapters; load a fresh base model per FedALTModel"
-            )
+            raise ConfigError("base model already carries peft adapters; load a fresh base model per FedALTModel")
         if federation != "fedalt" and mixer == "learned":
             log.info("mixer=%r ignored: federation=%r has a single adapter", mixer, federation)
         keep_4bit_differentiable(base_model)  # in case the caller loaded the model without load_base_model

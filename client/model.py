@@ -123,9 +123,7 @@ def build_tiny_llama(
             if _is_complete(out_dir):  # another builder won the race
                 return out_dir
             if any(out_dir.iterdir()):
-                raise ConfigError(
-                    f"{out_dir} exists, is not empty and holds no complete model; refusing to overwrite"
-                )
+                raise ConfigError(f"{out_dir} exists, is not empty and holds no complete model; refusing to overwrite")
             out_dir.rmdir()
         os.replace(tmp, out_dir)
     finally:
@@ -151,13 +149,9 @@ class LoadSpec:
 
     def __post_init__(self) -> None:
         if self.quantization not in _QUANTIZATIONS:
-            raise ConfigError(
-                f"quantization must be one of {list(_QUANTIZATIONS)}, got {self.quantization!r}"
-            )
+            raise ConfigError(f"quantization must be one of {list(_QUANTIZATIONS)}, got {self.quantization!r}")
         if self.compute_dtype not in _COMPUTE_DTYPES:
-            raise ConfigError(
-                f"compute_dtype must be one of {list(_COMPUTE_DTYPES)}, got {self.compute_dtype!r}"
-            )
+            raise ConfigError(f"compute_dtype must be one of {list(_COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError) as exc:
@@ -171,9 +165,7 @@ class LoadSpec:
 def _check_model_dir(path: Path) -> Path:
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise ConfigError(
-            f"base model directory {path} does not exist (only local model directories are supported)"
-        )
+        raise ConfigError(f"base model directory {path} does not exist (only local model directories are supported)")
     if not (path / "config.json").is_file():
         raise ConfigError(f"{path} holds no config.json; is it a saved transformers model directory?")
     return path

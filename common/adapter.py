@@ -61,9 +61,7 @@ class AdapterSchema(BaseModel):
 
     def fingerprint(self) -> str:
         """A short stable hash of names, shapes and dtypes (order-independent)."""
-        canon = json.dumps(
-            sorted((t.name, list(t.shape), t.dtype) for t in self.tensors), separators=(",", ":")
-        )
+        canon = json.dumps(sorted((t.name, list(t.shape), t.dtype) for t in self.tensors), separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
     def by_name(self) -> dict[str, TensorSpec]:
@@ -79,9 +77,7 @@ class AdapterSchema(BaseModel):
         for name, arr in state.items():
             spec = specs[name]
             if tuple(arr.shape) != spec.shape:
-                raise SchemaMismatchError(
-                    f"{what}: {name} has shape {tuple(arr.shape)}, expected {spec.shape}"
-                )
+                raise SchemaMismatchError(f"{what}: {name} has shape {tuple(arr.shape)}, expected {spec.shape}")
 
 
 def _tensor_rng(seed: int, name: str) -> np.random.Generator:

@@ -13,7 +13,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .adapter import AdapterSchema
-from .codec import Compression, Encoding, Manifest
+from .codec import Encoding, EncodingSpec, Manifest
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
@@ -98,8 +98,7 @@ class RoundStart(Header):
     msg_type = MsgType.ROUND_START
     round: int = Field(ge=1, le=1_000_000)
     train: TrainSpec = TrainSpec()
-    uplink_encoding: Encoding = Encoding.INT8
-    compression: Compression = Compression.LZ4
+    uplink: EncodingSpec = EncodingSpec()
     deadline_s: float = Field(gt=0, le=7 * 24 * 3600)
 
 

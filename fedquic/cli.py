@@ -71,9 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("certs/dev"),
         help="directory with ca.pem, server.pem and server.key (default certs/dev)",
     )
-    s.add_argument(
-        "--min-clients", type=int, default=2, help="clients to wait for before round 1 (default 2)"
-    )
+    s.add_argument("--min-clients", type=int, default=2, help="clients to wait for before round 1 (default 2)")
     s.add_argument("--rounds", type=int, default=3, help="number of rounds (default 3)")
     s.add_argument("--federation", choices=("fedalt", "fedavg", "local"), default="fedalt")
     s.add_argument("--mixer", choices=("fixed", "learned"), default="fixed")
@@ -89,10 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--init-seed", type=int, default=0, help="job seed for the shared adapter initialisation")
     s.add_argument(
-        "--encoding",
-        choices=("fp32", "fp16", "int8"),
+        "--uplink",
         default="int8",
-        help="tensor encoding, both directions (default int8)",
+        help="client->server encoding: fp32, fp16, bf16, int8[-row|-column|-tensor|-blockN], topkP[-fp32|-fp16] "
+        "(P percent kept, with error feedback), each optionally +nolz4 (default int8)",
+    )
+    s.add_argument(
+        "--downlink",
+        default="int8",
+        help="server->client encoding of the aggregate, same forms (default int8)",
     )
     s.add_argument("--round-timeout", type=float, default=600.0, help="seconds per round (default 600)")
     s.add_argument(
@@ -101,9 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=600.0,
         help="seconds to wait for --min-clients (default 600)",
     )
-    s.add_argument(
-        "--run-dir", type=Path, default=Path("runs/server"), help="history and state (default runs/server)"
-    )
+    s.add_argument("--run-dir", type=Path, default=Path("runs/server"), help="history and state (default runs/server)")
     s.add_argument("--ready-file", type=Path, help="write {host, port, pid} as JSON here once listening")
     _add_common(s)
     s.set_defaults(func=cmd_server)
@@ -121,28 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="server address (default 127.0.0.1:4433)",
     )
     c.add_argument("--server-name", default=None, help="name in the server certificate (default: the host)")
-    c.add_argument(
-        "--ca", type=Path, default=Path("certs/dev/ca.pem"), help="CA that signed the server certificate"
-    )
+    c.add_argument("--ca", type=Path, default=Path("certs/dev/ca.pem"), help="CA that signed the server certificate")
     c.add_argument("--client-id", required=True, help="this client's id (letters, digits, _ . -)")
     c.add_argument("--model", type=Path, required=True, help="local model directory (no hub downloads)")
     data = c.add_mutually_exclusive_group(required=True)
     data.add_argument("--task", help="synthetic task for demos: copy, reverse, sort, ...")
     data.add_argument("--data", type=Path, help="JSONL file of {prompt, response} or {text} records")
-    c.add_argument(
-        "--num-examples", type=int, default=256, help="synthetic examples to generate (default 256)"
-    )
+    c.add_argument("--num-examples", type=int, default=256, help="synthetic examples to generate (default 256)")
     c.add_argument("--data-seed", type=int, default=0)
-    c.add_argument(
-        "--quantization", choices=("nf4", "int8", "none"), default="nf4", help="base model quantization"
-    )
+    c.add_argument("--quantization", choices=("nf4", "int8", "none"), default="nf4", help="base model quantization")
     c.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32")
     c.add_argument("--no-gradient-checkpointing", action="store_true")
     c.add_argument("--max-len", type=int, default=48, help="max tokens per example (default 48)")
     c.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    c.add_argument(
-        "--run-dir", type=Path, default=None, help="client state and round log (default runs/CLIENT_ID)"
-    )
+    c.add_argument("--run-dir", type=Path, default=None, help="client state and round log (default runs/CLIENT_ID)")
     _add_common(c)
     c.set_defaults(func=cmd_client)
 
@@ -201,7 +194,7 @@ def _transport(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def cmd_server(args: argparse.Namespace) -> int:
     _setup(args)
-    from .common.codec import Encoding
+    from .common.codec import EncodingSpec
     from .common.messages import LoraJobSpec, TrainSpec
     from .server.app import AggregationServer
     from .server.config import JobConfig, ServerConfig
@@ -212,13 +205,13 @@ def cmd_server(args: argparse.Namespace) -> int:
     for f in ("ca.pem", "server.pem", "server.key"):
         if not (certs / f).is_file():
             raise SystemExit(
-                f"fedquic server: {certs / f} not found (create dev certificates with "
-                f"`fedquic certs init {certs}`)"
+                f"fedquic server: {certs / f} not found (create dev certificates with `fedquic certs init {certs}`)"
             )
-    targets = (
-        tuple(t.strip() for t in args.target_modules.split(",") if t.strip()) if args.target_modules else None
-    )
-    enc = Encoding(args.encoding)
+    targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip()) if args.target_modules else None
+    try:
+        uplink, downlink = EncodingSpec.parse(args.uplink), EncodingSpec.parse(args.downlink)
+    except ValueError as exc:
+        raise SystemExit(f"fedquic server: {exc}") from None
     cfg = ServerConfig(
         host=args.host,
         port=args.port,
@@ -236,8 +229,8 @@ def cmd_server(args: argparse.Namespace) -> int:
             mixer=args.mixer,
             lora=LoraJobSpec(rank=args.rank, alpha=args.alpha, target_modules=targets),
             train=TrainSpec(local_steps=args.local_steps, lr=args.lr, batch_size=args.batch_size),
-            uplink_encoding=enc,
-            downlink_encoding=enc,
+            uplink=uplink,
+            downlink=downlink,
         ),
         run_dir=args.run_dir,
         ready_file=args.ready_file,

@@ -201,8 +201,7 @@ class AggregationServer:
             self.base_fingerprint = hello.base_fingerprint
         elif hello.base_fingerprint != self.base_fingerprint:
             raise SchemaMismatchError(
-                f"{cid}: base model fingerprint {hello.base_fingerprint} differs from "
-                f"the job's {self.base_fingerprint}"
+                f"{cid}: base model fingerprint {hello.base_fingerprint} differs from the job's {self.base_fingerprint}"
             )
         job = self.cfg.job
         peer.send(
@@ -260,9 +259,7 @@ class AggregationServer:
         elif isinstance(h, Error):
             log.warning("client reported error %d: %s", h.code, h.message)
         elif msg.type is not MsgType.HEARTBEAT:
-            raise ProtocolError(
-                f"unexpected {msg.type.name} from a client", code=ErrorCode.UNEXPECTED_MESSAGE
-            )
+            raise ProtocolError(f"unexpected {msg.type.name} from a client", code=ErrorCode.UNEXPECTED_MESSAGE)
 
     def _on_update(self, rec: ClientRecord, h: Update, body: bytes) -> None:
         round_var.set(h.round)
@@ -335,8 +332,7 @@ class AggregationServer:
                     RoundStart(
                         round=act.round,
                         train=job.train,
-                        uplink_encoding=job.uplink_encoding,
-                        compression=job.compression,
+                        uplink=job.uplink,
                         deadline_s=deadline_s,
                     )
                 )
@@ -354,7 +350,7 @@ class AggregationServer:
             rec = self.clients.get(cid)
             if rec is None:
                 continue
-            manifest, body = encode_tensors(state, job.downlink_encoding, job.compression)
+            manifest, body = encode_tensors(state, job.downlink)
             header = Aggregate(round=act.round, kind=kind, contributors=n_contrib, manifest=manifest)
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             rec.aggregate_acks[act.round] = fut

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..common.codec import Compression, Encoding
+from ..common.codec import EncodingSpec
 from ..common.messages import LoraJobSpec, TrainSpec
 from ..transport.settings import TlsFiles, TransportSettings
 from .rounds import RoundPolicy
@@ -24,9 +24,8 @@ class JobConfig(BaseModel):
     mixer: Literal["fixed", "learned"] = "fixed"
     lora: LoraJobSpec = LoraJobSpec()
     train: TrainSpec = TrainSpec()
-    uplink_encoding: Encoding = Encoding.INT8
-    downlink_encoding: Encoding = Encoding.INT8
-    compression: Compression = Compression.LZ4
+    uplink: EncodingSpec = EncodingSpec()
+    downlink: EncodingSpec = EncodingSpec()
     # "uniform" is the FedALT paper's mean; "samples" weights by reported sample counts (capped).
     weighting: Literal["uniform", "samples"] = "uniform"
     max_sample_weight: int = Field(default=1_000_000, ge=1)

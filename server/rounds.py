@@ -116,18 +116,12 @@ class RoundMachine:
 
     def on_tick(self, now: float) -> list[Action]:
         if self.phase is Phase.WAITING and now - self.started_at > self.policy.registration_timeout_s:
-            return [
-                self._fail(f"only {len(self.joined)} of {self.policy.min_clients} clients joined in time")
-            ]
+            return [self._fail(f"only {len(self.joined)} of {self.policy.min_clients} clients joined in time")]
         if self.phase is Phase.TRAINING and now >= self.deadline:
             need = math.ceil(self.policy.quorum * len(self.participants))
             if len(self.received) >= max(need, 1):
                 return [self._close()]
-            return [
-                self._fail(
-                    f"round {self.round}: {len(self.received)} updates by the deadline, quorum is {need}"
-                )
-            ]
+            return [self._fail(f"round {self.round}: {len(self.received)} updates by the deadline, quorum is {need}")]
         return []
 
     def on_aggregated(self, round_: int, now: float) -> list[Action]:
@@ -154,11 +148,7 @@ class RoundMachine:
         if self.participants and set(self.received) >= self.participants:
             return [self._close()]
         if not self.participants:
-            return (
-                [self._close()]
-                if self.received
-                else [self._fail(f"round {self.round}: every participant left")]
-            )
+            return [self._close()] if self.received else [self._fail(f"round {self.round}: every participant left")]
         return []
 
     def _close(self) -> CloseRound:

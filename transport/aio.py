@@ -76,9 +76,7 @@ class Peer(QuicConnectionProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.socket_buffers = _tune_socket(
-            transport.get_extra_info("socket"), self.settings.socket_buffer_bytes
-        )
+        self.socket_buffers = _tune_socket(transport.get_extra_info("socket"), self.settings.socket_buffer_bytes)
 
     def quic_event_received(self, event: Any) -> None:
         for ev in self.core.handle_event(event):

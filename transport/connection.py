@@ -158,14 +158,10 @@ class FedQuicConnection:
             bulk = stream_is_unidirectional(sid)
             if not bulk:
                 if self._is_client and sid != self.control_stream_id:
-                    raise ProtocolError(
-                        "server opened a bidirectional stream", code=ErrorCode.UNEXPECTED_MESSAGE
-                    )
+                    raise ProtocolError("server opened a bidirectional stream", code=ErrorCode.UNEXPECTED_MESSAGE)
                 if not self._is_client:
                     if self.control_stream_id is not None and sid != self.control_stream_id:
-                        raise ProtocolError(
-                            "a second control stream was opened", code=ErrorCode.UNEXPECTED_MESSAGE
-                        )
+                        raise ProtocolError("a second control stream was opened", code=ErrorCode.UNEXPECTED_MESSAGE)
                     self.control_stream_id = sid
             st = self._streams[sid] = _StreamState(FrameDecoder(self._limits), bulk=bulk)
         st.bytes_received += len(event.data)

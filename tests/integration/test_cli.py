@@ -37,10 +37,7 @@ def test_certs_init_and_issue(tmp_path) -> None:  # type: ignore[no-untyped-def]
     d = tmp_path / "pki"
     assert subprocess.run([sys.executable, "-m", "fedquic", "certs", "init", str(d)]).returncode == 0
     assert (
-        subprocess.run(
-            [sys.executable, "-m", "fedquic", "certs", "issue", "edge-1", "--dir", str(d)]
-        ).returncode
-        == 0
+        subprocess.run([sys.executable, "-m", "fedquic", "certs", "issue", "edge-1", "--dir", str(d)]).returncode == 0
     )
     assert (d / "ca.pem").is_file() and (d / "clients" / "edge-1.pem").is_file()
     assert (d / "server.key").stat().st_mode & 0o077 == 0  # private keys are not world-readable

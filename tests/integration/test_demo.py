@@ -36,9 +36,7 @@ def test_demo_runs_and_prints_its_table(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "loss before" in out and "bytes up" in out
-    rows = [
-        r for r in (line.split() for line in out.splitlines()) if len(r) > 2 and r[1].startswith("client-")
-    ]
+    rows = [r for r in (line.split() for line in out.splitlines()) if len(r) > 2 and r[1].startswith("client-")]
     assert {(r[0], r[1]) for r in rows} == {(r, c) for r in ("1", "2") for c in ("client-1", "client-2")}
     assert "2 rounds in" in out
     assert (tmp_path / "demo" / "server" / "history.jsonl").is_file()

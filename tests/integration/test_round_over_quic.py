@@ -20,9 +20,7 @@ pytest.importorskip("bitsandbytes")
 TASKS = ("copy", "reverse", "sort")
 
 
-async def test_one_round_row_is_the_mean_of_the_other_two(
-    tiny_model_dir: Path, dev_pki, tmp_path: Path
-) -> None:
+async def test_one_round_row_is_the_mean_of_the_other_two(tiny_model_dir: Path, dev_pki, tmp_path: Path) -> None:
     from fedquic.client.peft_learner import PeftLearner, PeftLearnerConfig
 
     server = AggregationServer(

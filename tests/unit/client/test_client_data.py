@@ -21,9 +21,7 @@ def test_generators_are_deterministic_and_task_specific() -> None:
     for task in known_tasks():
         assert make_examples(task, 20, seed=1) == make_examples(task, 20, seed=1)
         assert make_examples(task, 20, seed=1) != make_examples(task, 20, seed=2)
-    words = {
-        task: [ex.prompt.split(": ", 1)[1] for ex in make_examples(task, 20, 1)] for task in known_tasks()
-    }
+    words = {task: [ex.prompt.split(": ", 1)[1] for ex in make_examples(task, 20, 1)] for task in known_tasks()}
     assert len({tuple(w) for w in words.values()}) == len(words)  # different strings per task too
 
 

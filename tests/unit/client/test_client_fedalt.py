@@ -19,9 +19,7 @@ LAYER = "base_model.model.model.layers.0.self_attn.q_proj"
 
 def _random_state(fam: FedALTModel, seed: int, scale: float = 0.2) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {
-        k: (rng.standard_normal(v.shape) * scale).astype(np.float32) for k, v in fam.local_state().items()
-    }
+    return {k: (rng.standard_normal(v.shape) * scale).astype(np.float32) for k, v in fam.local_state().items()}
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +30,7 @@ def fam(load_tiny) -> FedALTModel:
     fam.set_local_state(_random_state(fam, 1))
     fam.set_row_state(_random_state(fam, 2))
     rng = np.random.default_rng(3)
-    fam.set_mixer_state(
-        {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in fam.mixer_state().items()}
-    )
+    fam.set_mixer_state({k: rng.standard_normal(v.shape).astype(np.float32) for k, v in fam.mixer_state().items()})
     return fam
 
 
@@ -170,9 +166,7 @@ def test_mixer_state_round_trip(fam: FedALTModel) -> None:
 
 @pytest.mark.parametrize("federation", ["fedavg", "local"])
 def test_single_adapter_modes(load_tiny, federation: str) -> None:
-    fam = FedALTModel(
-        load_tiny(gradient_checkpointing=False)[0], LoraSpec(), init_seed=SEED, federation=federation
-    )
+    fam = FedALTModel(load_tiny(gradient_checkpointing=False)[0], LoraSpec(), init_seed=SEED, federation=federation)
     assert list(fam.model.peft_config) == ["local"]
     assert fam.mixer_state() == {}
     assert len(fam.trainable_parameters()) == len(fam.local_state()) == 8

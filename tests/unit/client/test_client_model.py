@@ -55,9 +55,7 @@ def test_load_errors(tmp_path: Path) -> None:
         load_base_model(tmp_path, LoadSpec())
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{"quantization": "fp8"}, {"compute_dtype": "float16"}, {"device": "not-a-device"}]
-)
+@pytest.mark.parametrize("kwargs", [{"quantization": "fp8"}, {"compute_dtype": "float16"}, {"device": "not-a-device"}])
 def test_load_spec_validates(kwargs: dict[str, str]) -> None:
     with pytest.raises(ConfigError):
         LoadSpec(**kwargs)  # type: ignore[arg-type]

@@ -4,6 +4,7 @@ import pytest
 from fedquic.common.codec import (
     Compression,
     Encoding,
+    EncodingSpec,
     Manifest,
     TensorRecord,
     decode_tensors,
@@ -17,9 +18,7 @@ from fedquic.common.limits import WireLimits
 def lora_like(rng: np.random.Generator, r: int = 8, d_in: int = 64, d_out: int = 96) -> dict[str, np.ndarray]:
     return {
         "m.q_proj.lora_A.weight": (rng.normal(size=(r, d_in)) * 1e-2).astype(np.float32),
-        "m.q_proj.lora_B.weight": (rng.normal(size=(d_out, r)) * rng.lognormal(size=(1, r)) * 1e-3).astype(
-            np.float32
-        ),
+        "m.q_proj.lora_B.weight": (rng.normal(size=(d_out, r)) * rng.lognormal(size=(1, r)) * 1e-3).astype(np.float32),
         "m.bias": rng.normal(size=(7,)).astype(np.float32),
     }
 
@@ -28,7 +27,7 @@ def lora_like(rng: np.random.Generator, r: int = 8, d_in: int = 64, d_out: int =
 def test_int8_lz4_round_trip_error_is_within_half_a_step(seed: int) -> None:
     rng = np.random.default_rng(seed)
     state = lora_like(rng)
-    manifest, body = encode_tensors(state, Encoding.INT8, Compression.LZ4)
+    manifest, body = encode_tensors(state, EncodingSpec())
     out = decode_tensors(manifest, body)
     assert set(out) == set(state)
     for rec in manifest.tensors:
@@ -47,40 +46,38 @@ def test_int8_lz4_round_trip_error_is_within_half_a_step(seed: int) -> None:
 
 def test_int8_is_about_four_times_smaller_than_fp32() -> None:
     state = lora_like(np.random.default_rng(0), r=16, d_in=512, d_out=512)
-    manifest, body = encode_tensors(state, Encoding.INT8, Compression.NONE)
+    manifest, body = encode_tensors(state, EncodingSpec(compression=Compression.NONE))
     assert fp32_nbytes(manifest) / len(body) > 3.9
 
 
 def test_fp32_is_exact_and_fp16_is_close() -> None:
     state = lora_like(np.random.default_rng(1))
-    m, b = encode_tensors(state, Encoding.FP32)
+    m, b = encode_tensors(state, EncodingSpec(encoding=Encoding.FP32))
     assert all(np.array_equal(decode_tensors(m, b)[k], state[k]) for k in state)
-    m, b = encode_tensors(state, Encoding.FP16)
+    m, b = encode_tensors(state, EncodingSpec(encoding=Encoding.FP16))
     out = decode_tensors(m, b)
     assert all(np.allclose(out[k], state[k], rtol=1e-3, atol=1e-6) for k in state)
 
 
 def test_zero_tensor_round_trips() -> None:
-    m, b = encode_tensors({"z": np.zeros((4, 3), np.float32)}, Encoding.INT8)
+    m, b = encode_tensors({"z": np.zeros((4, 3), np.float32)})
     assert np.array_equal(decode_tensors(m, b)["z"], np.zeros((4, 3), np.float32))
 
 
 def test_lz4_is_skipped_when_it_does_not_shrink() -> None:
     rng = np.random.default_rng(2)
-    m, b = encode_tensors({"x": rng.normal(size=(64, 64)).astype(np.float32)}, Encoding.FP32, Compression.LZ4)
+    m, b = encode_tensors({"x": rng.normal(size=(64, 64)).astype(np.float32)}, EncodingSpec(encoding=Encoding.FP32))
     assert m.compression is Compression.NONE and len(b) == m.raw_size
-    m, b = encode_tensors({"x": np.ones((64, 64), np.float32)}, Encoding.FP32, Compression.LZ4)
+    m, b = encode_tensors({"x": np.ones((64, 64), np.float32)}, EncodingSpec(encoding=Encoding.FP32))
     assert m.compression is Compression.LZ4 and len(b) < m.raw_size
 
 
 def test_non_finite_values_are_refused_both_ways() -> None:
     with pytest.raises(CodecError) as ei:
-        encode_tensors({"x": np.array([1.0, np.nan], np.float32)}, Encoding.FP32)
+        encode_tensors({"x": np.array([1.0, np.nan], np.float32)})
     assert ei.value.code is ErrorCode.NON_FINITE
     raw = np.array([1.0, np.inf], np.float32).tobytes()
-    m = Manifest(
-        tensors=(TensorRecord(name="x", shape=(2,), encoding=Encoding.FP32, offset=0, nbytes=8),), raw_size=8
-    )
+    m = Manifest(tensors=(TensorRecord(name="x", shape=(2,), encoding=Encoding.FP32, offset=0, nbytes=8),), raw_size=8)
     with pytest.raises(CodecError) as ei:
         decode_tensors(m, raw)
     assert ei.value.code is ErrorCode.NON_FINITE
@@ -115,7 +112,7 @@ def test_lz4_body_that_lies_about_its_size_is_refused() -> None:
     [
         TensorRecord(name="x", shape=(4,), encoding=Encoding.FP32, offset=0, nbytes=12),  # size mismatch
         TensorRecord(name="x", shape=(4,), encoding=Encoding.FP32, offset=8, nbytes=16),  # outside the body
-        TensorRecord(name="x", shape=(2, 2), encoding=Encoding.INT8, offset=0, nbytes=12, scale_axis=5),
+        TensorRecord(name="x", shape=(4,), encoding=Encoding.INT8, offset=0, nbytes=12, scale_axis=1),
     ],
 )
 def test_inconsistent_manifests_raise_codec_errors(record: TensorRecord) -> None:
@@ -126,8 +123,7 @@ def test_inconsistent_manifests_raise_codec_errors(record: TensorRecord) -> None
 
 def test_too_many_tensors_is_a_limit_error() -> None:
     recs = tuple(
-        TensorRecord(name=f"t{i}", shape=(1,), encoding=Encoding.FP32, offset=4 * i, nbytes=4)
-        for i in range(5)
+        TensorRecord(name=f"t{i}", shape=(1,), encoding=Encoding.FP32, offset=4 * i, nbytes=4) for i in range(5)
     )
     with pytest.raises(CodecError) as ei:
         decode_tensors(Manifest(tensors=recs, raw_size=20), bytes(20), WireLimits(max_tensors=4))

@@ -39,9 +39,7 @@ def test_fast_leave_one_out_equals_the_naive_loop() -> None:
     rows = leave_one_out(states, weights)
     for k in range(6):
         others = [m for m in range(6) if m != k]
-        naive = sum(weights[m] * states[m]["x"].astype(np.float64) for m in others) / sum(
-            weights[m] for m in others
-        )
+        naive = sum(weights[m] * states[m]["x"].astype(np.float64) for m in others) / sum(weights[m] for m in others)
         np.testing.assert_allclose(rows[k]["x"], naive, rtol=1e-5, atol=1e-6)
 
 

@@ -4,9 +4,7 @@ from fedquic.server.rounds import CloseRound, Fail, Finish, Phase, RoundMachine,
 
 
 def machine(**kw: object) -> RoundMachine:
-    return RoundMachine(
-        RoundPolicy(**{"rounds": 2, "min_clients": 2, "round_timeout_s": 10.0, **kw}), started_at=0.0
-    )
+    return RoundMachine(RoundPolicy(**{"rounds": 2, "min_clients": 2, "round_timeout_s": 10.0, **kw}), started_at=0.0)
 
 
 def test_full_job_with_fake_time() -> None:
