@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..common.adapter import TensorDict, init_lora_state, state_hash
+from ..common.adapter import AdapterSchema, TensorDict, init_lora_state, state_hash
 from ..common.codec import decode_tensors, fp32_nbytes
 from ..common.errors import ConfigError, ErrorCode, ProtocolError, RemoteError, SchemaMismatchError
 from ..common.feedback import ErrorFeedback
@@ -85,6 +85,7 @@ class FederatedClient:
         self.view_hash = ""
         self.synced: TensorDict = {}
         self.ef = ErrorFeedback()
+        self.schema: AdapterSchema | None = None
         self.rows_received: dict[int, TensorDict] = {}  # last RoW per round, for inspection and tests
         self.keep_rows = False
 
@@ -139,7 +140,7 @@ class FederatedClient:
         )
         job = (await self._expect(peer, Welcome)).header
         assert isinstance(job, Welcome)
-        schema = await asyncio.to_thread(learner.attach, job)
+        schema = self.schema = await asyncio.to_thread(learner.attach, job)
         self.view = init_lora_state(schema, job.init_seed)
         self.view_hash = state_hash(self.view)
         self.synced = {k: v.copy() for k, v in self.view.items()}
@@ -204,6 +205,8 @@ class FederatedClient:
 
     def _install(self, peer: Peer, h: Aggregate, body: bytes, result: ClientResult) -> None:
         round_var.set(h.round)
+        assert self.schema is not None
+        self.schema.check_manifest(h.manifest, what=f"{h.kind} adapter for round {h.round}")
         state = decode_tensors(h.manifest, body, self.cfg.transport.limits)
         if h.kind == "row":
             self.learner.set_row_state(state)

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from .codec import Manifest
 from .errors import SchemaMismatchError
 
 TensorDict = dict[str, np.ndarray]
@@ -69,15 +70,21 @@ class AdapterSchema(BaseModel):
 
     def check_state(self, state: Mapping[str, np.ndarray], *, what: str = "adapter") -> None:
         """Raise :class:`SchemaMismatchError` unless ``state`` has exactly this schema."""
+        self._check_shapes({k: tuple(v.shape) for k, v in state.items()}, what)
+
+    def check_manifest(self, manifest: Manifest, *, what: str = "payload") -> None:
+        """The same check on a payload's manifest, before anything is decompressed or allocated."""
+        self._check_shapes({t.name: t.shape for t in manifest.tensors}, what)
+
+    def _check_shapes(self, shapes: Mapping[str, tuple[int, ...]], what: str) -> None:
         specs = self.by_name()
-        if set(state) != set(specs):
-            missing = sorted(set(specs) - set(state))[:3]
-            extra = sorted(set(state) - set(specs))[:3]
+        if set(shapes) != set(specs):
+            missing = sorted(set(specs) - set(shapes))[:3]
+            extra = sorted(set(shapes) - set(specs))[:3]
             raise SchemaMismatchError(f"{what}: tensor names differ (missing {missing}, unexpected {extra})")
-        for name, arr in state.items():
-            spec = specs[name]
-            if tuple(arr.shape) != spec.shape:
-                raise SchemaMismatchError(f"{what}: {name} has shape {tuple(arr.shape)}, expected {spec.shape}")
+        for name, shape in shapes.items():
+            if tuple(shape) != specs[name].shape:
+                raise SchemaMismatchError(f"{what}: {name} has shape {tuple(shape)}, expected {specs[name].shape}")
 
 
 def _tensor_rng(seed: int, name: str) -> np.random.Generator:

@@ -318,6 +318,8 @@ def _decode_int8(chunk: memoryview, shape: tuple[int, ...], axis: int | None, bl
     ns = n_scales(shape, axis=axis, block=block)
     n = math.prod(shape)
     scales = np.frombuffer(chunk, dtype=np.float32, count=ns)
+    if not (np.isfinite(scales).all() and (scales >= 0).all()):
+        raise CodecError("INT8 scales must be finite and non-negative", code=ErrorCode.NON_FINITE)
     q = np.frombuffer(chunk, dtype=np.int8, count=n, offset=4 * ns).reshape(shape)
     return dequantize_int8(scales, q, axis=axis, block=block)
 
@@ -368,7 +370,8 @@ def decode_tensors(
     buf = memoryview(raw)
     out: dict[str, np.ndarray] = {}
     for rec in manifest.tensors:
-        arr = _decode_one(rec, buf[rec.offset : rec.offset + rec.nbytes])
+        with np.errstate(over="ignore", invalid="ignore"):  # hostile values overflow; refused just below
+            arr = _decode_one(rec, buf[rec.offset : rec.offset + rec.nbytes])
         if not np.isfinite(arr).all():
             raise CodecError(f"{rec.name}: non-finite values", code=ErrorCode.NON_FINITE)
         out[rec.name] = arr

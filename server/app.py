@@ -284,9 +284,9 @@ class AggregationServer:
                 code=ErrorCode.CONFLICTING_UPDATE,
             )
         self.machine.check_update(rec.client_id, h.round)
-        delta = decode_tensors(h.manifest, body, self.cfg.transport.limits)
         assert self.schema is not None
-        self.schema.check_state(delta, what=f"update from {rec.client_id}")
+        self.schema.check_manifest(h.manifest, what=f"update from {rec.client_id}")
+        delta = decode_tensors(h.manifest, body, self.cfg.transport.limits)
         for k, d in delta.items():
             rec.view[k] = rec.view[k] + d
         rec.view_hash = state_hash(rec.view)
