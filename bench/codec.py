@@ -1,0 +1,400 @@
+"""Codec benchmark: wire ratio, error and throughput of every tensor encoding on realistic LoRA deltas.
+
+What it measures
+----------------
+The payload is the delta of a rank-16 LoRA on all seven projections (q, k, v, o, gate, up, down) of a
+Llama-3.2-1B-shaped model (hidden 2048, intermediate 8192, 16 layers, 8 KV heads of dim 64 so k/v project to
+512): 224 tensors, about 11.3 M values, named as peft names them
+(``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight``; A is r x in, B is out x r). Values are
+Gaussian with one log-normal scale per row (``exp(N(log 1e-3, 1))``), drawn from a fixed seed.
+
+For each scheme (fp32, fp16, bf16, int8 per rank, int8-row, int8-block64, int8+nolz4, topk10, topk1,
+topk10+nolz4) it reports:
+
+* ``wire``: fp32 bytes / the whole UPDATE frame (16-byte prefix + JSON header carrying the manifest + body);
+* ``body``: fp32 bytes / body bytes alone;
+* ``enc``/``dec``: ``encode_tensors`` / ``decode_tensors`` throughput in GB/s of fp32 input
+  (4 * numel bytes / seconds), best of ``--reps`` after one warm-up; decode includes manifest validation,
+  LZ4 decompression and the non-finite check;
+* the same throughputs as a fraction of a warm ``np.copyto`` of the same fp32 tensors into reused
+  preallocated buffers, measured in the same run (``memcpy``; GB/s counted the same way, bytes read);
+* ``max err``: max over tensors of max|x' - x| / max|x| (error relative to each tensor's largest value),
+  and ``rel L2``: ||x' - x|| / ||x|| over the whole payload.
+
+It also reports what LZ4 buys (int8 vs int8+nolz4, topk10 vs topk10+nolz4), and an error-feedback check:
+20 rounds of fresh deltas through :class:`ErrorFeedback` with topk1, comparing
+||sum(sent) + residual - sum(delta)|| / ||sum(delta)|| (should be float rounding, ~1e-7..1e-6) with the same
+channel without feedback (residual dropped).
+
+Targets checked (reported, never forced): topk10 wire ratio >= 20, topk1 wire ratio >= 100, and
+roundtrip_vs_memcpy >= 0.05 where roundtrip = 1 / (1/encode + 1/decode) of the default int8 (per rank) + LZ4.
+
+Run
+---
+::
+
+    .venv/bin/python bench/codec.py            # full model, table only (~1 min on 2 cores)
+    .venv/bin/python bench/codec.py --json     # table, then one JSON object as the last line of stdout
+    .venv/bin/python bench/codec.py --quick    # 2 layers, 1 repetition: smoke test
+
+Options: ``--layers N``, ``--reps N``, ``--seed S``, ``--rank R``, ``--ef-rounds N``, ``--ef-layers N``.
+Numbers on a shared machine are noisy; compare schemes against the same-run ``memcpy`` baseline, not across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import lz4
+import numpy as np
+from fedquic.common.codec import EncodingSpec, Manifest, decode_tensors, encode_tensors, fp32_nbytes
+from fedquic.common.feedback import ErrorFeedback
+from fedquic.common.messages import Update
+from fedquic.transport.framing import frame_size
+
+HIDDEN = 2048
+INTERMEDIATE = 8192
+KV_OUT = 8 * 64  # 8 KV heads of dim 64
+FULL_LAYERS = 16
+
+# projection -> (module path, in_features, out_features)
+PROJECTIONS: dict[str, tuple[str, int, int]] = {
+    "q_proj": ("self_attn", HIDDEN, HIDDEN),
+    "k_proj": ("self_attn", HIDDEN, KV_OUT),
+    "v_proj": ("self_attn", HIDDEN, KV_OUT),
+    "o_proj": ("self_attn", HIDDEN, HIDDEN),
+    "gate_proj": ("mlp", HIDDEN, INTERMEDIATE),
+    "up_proj": ("mlp", HIDDEN, INTERMEDIATE),
+    "down_proj": ("mlp", INTERMEDIATE, HIDDEN),
+}
+
+SCHEMES: tuple[str, ...] = (
+    "fp32",
+    "fp16",
+    "bf16",
+    "int8",
+    "int8-row",
+    "int8-block64",
+    "int8+nolz4",
+    "topk10",
+    "topk1",
+    "topk10+nolz4",
+)
+
+TARGETS: dict[str, float] = {"topk10_ratio": 20.0, "topk1_ratio": 100.0, "roundtrip_vs_memcpy": 0.05}
+
+State = dict[str, np.ndarray]
+
+
+# -- data ----------------------------------------------------------------------------------------------
+
+
+def lora_shapes(layers: int, rank: int) -> dict[str, tuple[int, int]]:
+    """peft-style tensor names -> shapes for a rank-``rank`` LoRA on every projection of ``layers`` layers."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for i in range(layers):
+        for proj, (module, d_in, d_out) in PROJECTIONS.items():
+            base = f"base_model.model.model.layers.{i}.{module}.{proj}"
+            shapes[f"{base}.lora_A.weight"] = (rank, d_in)
+            shapes[f"{base}.lora_B.weight"] = (d_out, rank)
+    return shapes
+
+
+def row_scales(shapes: Mapping[str, tuple[int, int]], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One log-normal scale per row, exp(N(log 1e-3, 1)), as a (rows, 1) float32 column."""
+    return {
+        name: np.exp(rng.normal(math.log(1e-3), 1.0, size=(shape[0], 1))).astype(np.float32)
+        for name, shape in shapes.items()
+    }
+
+
+def make_delta(
+    scales: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, int]], rng: np.random.Generator
+) -> State:
+    """Gaussian values times each row's scale, float32."""
+    out: State = {}
+    for name, shape in shapes.items():
+        x = rng.standard_normal(size=shape, dtype=np.float32)
+        x *= scales[name]
+        out[name] = x
+    return out
+
+
+# -- measurement ---------------------------------------------------------------------------------------
+
+
+def best_time(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
+    """Best wall time of ``reps`` calls after ``warmup`` untimed ones (GC off while timing)."""
+    for _ in range(warmup):
+        fn()
+    best = math.inf
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(max(reps, 1)):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        if gc_was:
+            gc.enable()
+    return best
+
+
+def memcpy_gbps(state: Mapping[str, np.ndarray], reps: int) -> float:
+    """Warm np.copyto of every tensor into reused preallocated buffers; GB/s of fp32 bytes copied."""
+    dst = {k: np.empty_like(v) for k, v in state.items()}
+    items = [(dst[k], v) for k, v in state.items()]
+
+    def copy() -> None:
+        for d, s in items:
+            np.copyto(d, s)
+
+    nbytes = sum(v.nbytes for v in state.values())
+    return nbytes / best_time(copy, max(reps, 5), warmup=2) / 1e9
+
+
+def update_frame_bytes(manifest: Manifest, body_len: int) -> int:
+    """Size of the UPDATE frame that carries this payload: prefix + JSON header (with manifest) + body."""
+    header = Update(round=1, client_id="client-0", num_samples=1000, base_hash="0" * 64, manifest=manifest)
+    return frame_size(header, body_len)
+
+
+def errors(state: Mapping[str, np.ndarray], decoded: Mapping[str, np.ndarray]) -> tuple[float, float]:
+    """(max over tensors of max|x'-x| / max|x|, ||x'-x|| / ||x|| over the whole payload)."""
+    worst = 0.0
+    num = den = 0.0
+    for name, x in state.items():
+        d = decoded[name] - x
+        amax = float(np.abs(x).max())
+        if amax > 0:
+            worst = max(worst, float(np.abs(d).max()) / amax)
+        num += float(np.square(d, dtype=np.float64).sum())
+        den += float(np.square(x, dtype=np.float64).sum())
+    return worst, math.sqrt(num / den) if den else 0.0
+
+
+@dataclass
+class SchemeResult:
+    scheme: str
+    frame_bytes: int
+    body_bytes: int
+    raw_bytes: int  # body before LZ4
+    compression: str  # what the manifest says was used
+    wire_ratio: float
+    body_ratio: float
+    encode_s: float
+    decode_s: float
+    encode_gbps: float
+    decode_gbps: float
+    encode_vs_memcpy: float
+    decode_vs_memcpy: float
+    max_rel_err: float
+    rel_l2_err: float
+
+
+def bench_scheme(scheme: str, state: State, reps: int, base_gbps: float) -> SchemeResult:
+    spec = EncodingSpec.parse(scheme)
+    manifest, body = encode_tensors(state, spec)
+    decoded = decode_tensors(manifest, body)
+    fp32 = fp32_nbytes(manifest)
+    frame = update_frame_bytes(manifest, len(body))
+    max_err, l2_err = errors(state, decoded)
+    del decoded
+    t_enc = best_time(lambda: encode_tensors(state, spec), reps)
+    t_dec = best_time(lambda: decode_tensors(manifest, body), reps)
+    enc, dec = fp32 / t_enc / 1e9, fp32 / t_dec / 1e9
+    return SchemeResult(
+        scheme=scheme,
+        frame_bytes=frame,
+        body_bytes=len(body),
+        raw_bytes=manifest.raw_size,
+        compression=manifest.compression.value,
+        wire_ratio=fp32 / frame,
+        body_ratio=fp32 / len(body),
+        encode_s=t_enc,
+        decode_s=t_dec,
+        encode_gbps=enc,
+        decode_gbps=dec,
+        encode_vs_memcpy=enc / base_gbps,
+        decode_vs_memcpy=dec / base_gbps,
+        max_rel_err=max_err,
+        rel_l2_err=l2_err,
+    )
+
+
+def ef_check(layers: int, rank: int, rounds: int, seed: int, scheme: str = "topk1") -> dict[str, Any]:
+    """Σ sent + residual vs Σ Δ over ``rounds`` rounds of fresh deltas, with and without error feedback."""
+    shapes = lora_shapes(layers, rank)
+    rng = np.random.default_rng(seed + 1)
+    scales = row_scales(shapes, rng)
+    spec = EncodingSpec.parse(scheme)
+    with_ef, without_ef = ErrorFeedback(enabled=True), ErrorFeedback(enabled=False)
+    total = {k: np.zeros(s, dtype=np.float64) for k, s in shapes.items()}
+    sent_ef = {k: np.zeros(s, dtype=np.float64) for k, s in shapes.items()}
+    sent_plain = {k: np.zeros(s, dtype=np.float64) for k, s in shapes.items()}
+    for _ in range(rounds):
+        delta = make_delta(scales, shapes, rng)
+        p_ef = with_ef.compress(delta, spec)
+        p_plain = without_ef.compress(delta, spec)
+        for k in shapes:
+            total[k] += delta[k]
+            sent_ef[k] += p_ef.decoded[k]
+            sent_plain[k] += p_plain.decoded[k]
+
+    def norm(parts: Mapping[str, np.ndarray]) -> float:
+        return math.sqrt(sum(float(np.square(v).sum()) for v in parts.values()))
+
+    ref = norm(total)
+    gap_ef = norm({k: sent_ef[k] + with_ef.residual[k] - total[k] for k in shapes}) / ref
+    lost_ef = norm({k: sent_ef[k] - total[k] for k in shapes}) / ref  # what is still in flight (the residual)
+    gap_plain = norm({k: sent_plain[k] - total[k] for k in shapes}) / ref
+    return {
+        "scheme": scheme,
+        "rounds": rounds,
+        "layers": layers,
+        "ef_identity_rel_err": gap_ef,  # ||Σsent + e − ΣΔ|| / ||ΣΔ||: float rounding only
+        "ef_residual_rel": lost_ef,  # ||Σsent − ΣΔ|| / ||ΣΔ|| with EF: the part not yet delivered
+        "no_ef_rel_err": gap_plain,  # ||Σsent − ΣΔ|| / ||ΣΔ|| without EF: lost for good
+    }
+
+
+# -- report --------------------------------------------------------------------------------------------
+
+
+def print_table(results: list[SchemeResult], base: float, numel: int, n_tensors: int) -> None:
+    print(f"payload: {n_tensors} tensors, {numel / 1e6:.2f} M values, {4 * numel / 2**20:.1f} MiB as fp32")
+    print(f"baseline memcpy (np.copyto, warm, same tensors): {base:.2f} GB/s")
+    print()
+    head = (
+        f"{'scheme':<14}{'frame MiB':>10}{'wire x':>9}{'body x':>9}{'enc GB/s':>10}{'dec GB/s':>10}"
+        f"{'enc/memcpy':>12}{'dec/memcpy':>12}{'max err':>10}{'rel L2':>10}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        print(
+            f"{r.scheme:<14}{r.frame_bytes / 2**20:>10.3f}{r.wire_ratio:>9.2f}{r.body_ratio:>9.2f}"
+            f"{r.encode_gbps:>10.3f}{r.decode_gbps:>10.3f}{r.encode_vs_memcpy:>12.4f}{r.decode_vs_memcpy:>12.4f}"
+            f"{r.max_rel_err:>10.2e}{r.rel_l2_err:>10.2e}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--json", action="store_true", help="also print one JSON object as the last line of stdout")
+    ap.add_argument("--quick", action="store_true", help="2 layers, 1 repetition (smoke test)")
+    ap.add_argument("--layers", type=int, default=None, help=f"decoder layers (default {FULL_LAYERS})")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement (default 3)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ef-rounds", type=int, default=20)
+    ap.add_argument("--ef-layers", type=int, default=None, help="layers for the error-feedback check (default 4)")
+    args = ap.parse_args(argv)
+
+    layers = args.layers if args.layers is not None else (2 if args.quick else FULL_LAYERS)
+    reps = args.reps if args.reps is not None else (1 if args.quick else 3)
+    ef_layers = args.ef_layers if args.ef_layers is not None else min(layers, 4)
+    if layers < 1 or reps < 1 or args.rank < 1 or args.ef_rounds < 1 or ef_layers < 1:
+        ap.error("--layers, --reps, --rank, --ef-rounds and --ef-layers must be >= 1")
+
+    t_start = time.perf_counter()
+    shapes = lora_shapes(layers, args.rank)
+    rng = np.random.default_rng(args.seed)
+    state = make_delta(row_scales(shapes, rng), shapes, rng)
+    numel = sum(v.size for v in state.values())
+
+    base_before = memcpy_gbps(state, reps)
+    results = [bench_scheme(s, state, reps, base_before) for s in SCHEMES]
+    base_after = memcpy_gbps(state, reps)  # re-measured: a large drift means the machine was busy
+    base = max(base_before, base_after)
+    for r in results:  # ratios against the best baseline seen in this run (the conservative choice)
+        r.encode_vs_memcpy, r.decode_vs_memcpy = r.encode_gbps / base, r.decode_gbps / base
+    by = {r.scheme: r for r in results}
+
+    print_table(results, base, numel, len(state))
+    int8, int8_raw = by["int8"], by["int8+nolz4"]
+    tk10, tk10_raw = by["topk10"], by["topk10+nolz4"]
+    print()
+    print("what LZ4 buys (wire ratio with / without LZ4):")
+    print(
+        f"  int8   : {int8.wire_ratio:.3f} / {int8_raw.wire_ratio:.3f} = x{int8.wire_ratio / int8_raw.wire_ratio:.3f}"
+    )
+    print(
+        f"  topk10 : {tk10.wire_ratio:.3f} / {tk10_raw.wire_ratio:.3f} = x{tk10.wire_ratio / tk10_raw.wire_ratio:.3f}"
+    )
+
+    roundtrip = 1.0 / (1.0 / int8.encode_gbps + 1.0 / int8.decode_gbps)
+    ef = ef_check(ef_layers, args.rank, args.ef_rounds, args.seed)
+    print()
+    print(f"error feedback, {ef['scheme']}, {ef['rounds']} rounds of fresh deltas ({ef['layers']} layers):")
+    print(
+        f"  with EF   : ||Σsent + e − ΣΔ|| / ||ΣΔ|| = {ef['ef_identity_rel_err']:.2e}"
+        f"   (still in the residual: {ef['ef_residual_rel']:.3f})"
+    )
+    print(f"  without EF: ||Σsent − ΣΔ|| / ||ΣΔ||     = {ef['no_ef_rel_err']:.3f}")
+
+    summary: dict[str, Any] = {
+        "int8_ratio": int8_raw.wire_ratio,
+        "int8_lz4_ratio": int8.wire_ratio,
+        "topk10_ratio": tk10.wire_ratio,
+        "topk1_ratio": by["topk1"].wire_ratio,
+        "encode_gbps": int8.encode_gbps,
+        "decode_gbps": int8.decode_gbps,
+        "topk10_encode_gbps": tk10.encode_gbps,
+        "topk10_decode_gbps": tk10.decode_gbps,
+        "memcpy_gbps": base,
+        "roundtrip_gbps": roundtrip,
+        "roundtrip_vs_memcpy": roundtrip / base,
+        "lz4_gain_int8": int8.wire_ratio / int8_raw.wire_ratio,
+        "lz4_gain_topk10": tk10.wire_ratio / tk10_raw.wire_ratio,
+    }
+    checks = {k: {"value": summary[k], "target": t, "pass": summary[k] >= t} for k, t in TARGETS.items()}
+    print()
+    print("targets:")
+    for k, c in checks.items():
+        print(f"  {k:<22} {c['value']:>10.4f}  >= {c['target']:<6g} {'PASS' if c['pass'] else 'FAIL'}")
+    elapsed = time.perf_counter() - t_start
+    print(
+        f"\n({elapsed:.1f} s, {reps} reps, seed {args.seed}, numpy {np.__version__}, lz4 {lz4.__version__}, "
+        f"python {platform.python_version()})"
+    )
+
+    if args.json:
+        summary.update(
+            {
+                "targets": checks,
+                "error_feedback": ef,
+                "schemes": {r.scheme: asdict(r) for r in results},
+                "config": {
+                    "layers": layers,
+                    "rank": args.rank,
+                    "numel": numel,
+                    "tensors": len(state),
+                    "fp32_bytes": 4 * numel,
+                    "reps": reps,
+                    "seed": args.seed,
+                    "memcpy_gbps_before": base_before,
+                    "memcpy_gbps_after": base_after,
+                    "numpy": np.__version__,
+                    "lz4": lz4.__version__,
+                    "python": platform.python_version(),
+                    "elapsed_s": elapsed,
+                },
+            }
+        )
+        print(json.dumps(summary, separators=(",", ":")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
