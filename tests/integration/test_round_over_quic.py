@@ -82,3 +82,52 @@ async def test_one_round_row_is_the_mean_of_the_other_two(tiny_model_dir: Path, 
     assert checked_b > 0
     history = (tmp_path / "server" / "history.jsonl").read_text().splitlines()
     assert len(history) == 1
+
+
+async def test_sparse_uplink_with_error_feedback_over_quic(tiny_model_dir: Path, dev_pki, tmp_path: Path) -> None:
+    """top-k 10% uplink for two rounds: the server's copy plus the client's residual is the client's adapter."""
+    from fedquic.client.peft_learner import PeftLearner, PeftLearnerConfig
+    from fedquic.common.codec import EncodingSpec
+
+    server = AggregationServer(
+        ServerConfig(
+            host="127.0.0.1",
+            port=0,
+            tls=TlsFiles(ca=dev_pki.ca_cert, cert=dev_pki.server_cert, key=dev_pki.server_key),
+            policy=RoundPolicy(rounds=2, min_clients=2, round_timeout_s=120),
+            job=JobConfig(
+                train=TrainSpec(local_steps=3, lr=2e-2, batch_size=4),
+                uplink=EncodingSpec.parse("topk10"),
+                downlink=EncodingSpec.parse("fp16"),
+            ),
+            run_dir=tmp_path / "server",
+        )
+    )
+    port = await server.start()
+    learners = [
+        await asyncio.to_thread(
+            PeftLearner, PeftLearnerConfig(model_path=tiny_model_dir, task=t, num_examples=32, threads=1)
+        )
+        for t in TASKS[:2]
+    ]
+    clients = [
+        FederatedClient(
+            ClientConfig(
+                client_id=f"s{i}",
+                port=port,
+                server_name="localhost",
+                tls=TlsFiles(ca=dev_pki.ca_cert),
+                run_dir=tmp_path / f"s{i}",
+            ),
+            learner,
+        )
+        for i, learner in enumerate(learners)
+    ]
+    result, *_ = await asyncio.wait_for(asyncio.gather(server.run(), *(c.run() for c in clients)), timeout=240)
+    assert result.ok and result.rounds_completed == 2
+    for client, learner in zip(clients, learners, strict=True):
+        local = learner.local_state()
+        assert client.ef.residual_norm() > 0  # top-k really dropped something this round
+        for name, value in local.items():
+            # the client checked every ACK's hash, so ``view`` is exactly the server's copy
+            np.testing.assert_allclose(client.view[name] + client.ef.residual[name], value, atol=1e-6)
