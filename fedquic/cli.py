@@ -194,12 +194,7 @@ def _transport(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def cmd_server(args: argparse.Namespace) -> int:
     _setup(args)
-    from .common.codec import EncodingSpec
-    from .common.messages import LoraJobSpec, TrainSpec
     from .server.app import AggregationServer
-    from .server.config import JobConfig, ServerConfig
-    from .server.rounds import RoundPolicy
-    from .transport.settings import TlsFiles
 
     certs: Path = args.certs
     for f in ("ca.pem", "server.pem", "server.key"):
@@ -209,10 +204,45 @@ def cmd_server(args: argparse.Namespace) -> int:
             )
     targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip()) if args.target_modules else None
     try:
-        uplink, downlink = EncodingSpec.parse(args.uplink), EncodingSpec.parse(args.downlink)
-    except ValueError as exc:
-        raise SystemExit(f"fedquic server: {exc}") from None
-    cfg = ServerConfig(
+        cfg = _server_config(args, certs, targets)
+    except ValueError as exc:  # pydantic's ValidationError included
+        raise SystemExit(f"fedquic server: invalid configuration: {_explain(exc)}") from None
+
+    async def main() -> int:
+        server = AggregationServer(cfg)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, server.request_stop, f"stopped by {sig.name}")
+        await server.start()
+        result = await server.run()
+        if result.ok:
+            log.info("job finished: %d rounds", result.rounds_completed)
+            return 0
+        log.error("job did not finish: %s", result.reason)
+        return 1
+
+    return int(_run_loop(main(), args.loop))  # type: ignore[call-overload]
+
+
+def _explain(exc: ValueError) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first.get("loc", ()))
+        return f"{loc}: {first.get('msg')}" if loc else str(first.get("msg"))
+    return str(exc)
+
+
+def _server_config(args: argparse.Namespace, certs: Path, targets: tuple[str, ...] | None):  # type: ignore[no-untyped-def]
+    from .common.codec import EncodingSpec
+    from .common.messages import LoraJobSpec, TrainSpec
+    from .server.config import JobConfig, ServerConfig
+    from .server.rounds import RoundPolicy
+    from .transport.settings import TlsFiles
+
+    uplink, downlink = EncodingSpec.parse(args.uplink), EncodingSpec.parse(args.downlink)
+    return ServerConfig(
         host=args.host,
         port=args.port,
         transport=_transport(args),
@@ -235,21 +265,6 @@ def cmd_server(args: argparse.Namespace) -> int:
         run_dir=args.run_dir,
         ready_file=args.ready_file,
     )
-
-    async def main() -> int:
-        server = AggregationServer(cfg)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, server.request_stop, f"stopped by {sig.name}")
-        await server.start()
-        result = await server.run()
-        if result.ok:
-            log.info("job finished: %d rounds", result.rounds_completed)
-            return 0
-        log.error("job did not finish: %s", result.reason)
-        return 1
-
-    return int(_run_loop(main(), args.loop))  # type: ignore[call-overload]
 
 
 def cmd_client(args: argparse.Namespace) -> int:

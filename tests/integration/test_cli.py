@@ -41,3 +41,22 @@ def test_certs_init_and_issue(tmp_path) -> None:  # type: ignore[no-untyped-def]
     )
     assert (d / "ca.pem").is_file() and (d / "clients" / "edge-1.pem").is_file()
     assert (d / "server.key").stat().st_mode & 0o077 == 0  # private keys are not world-readable
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--rounds", "0"], "rounds"),
+        (["--uplink", "int9"], "unknown encoding"),
+        (["--downlink", "topk10"], "downlink"),
+    ],
+)
+def test_server_refuses_bad_config_with_one_clear_line(tmp_path, flags: list[str], says: str) -> None:  # type: ignore[no-untyped-def]
+    from fedquic.transport.pki import init_dev_pki
+
+    init_dev_pki(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedquic", "server", "--certs", str(tmp_path), *flags], capture_output=True, text=True
+    )
+    assert proc.returncode != 0 and "invalid configuration" in proc.stderr and says in proc.stderr
+    assert "Traceback" not in proc.stderr
