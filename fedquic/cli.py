@@ -304,6 +304,8 @@ def cmd_client(args: argparse.Namespace) -> int:
     except FedQuicError as exc:
         log.error("%s", exc)
         return 2
+    except ValueError as exc:  # pydantic's ValidationError included
+        raise SystemExit(f"fedquic client: invalid configuration: {_explain(exc)}") from None
     log.info("done: %d rounds (%s)", len(result.rounds), result.bye_reason)  # type: ignore[attr-defined]
     return 0
 

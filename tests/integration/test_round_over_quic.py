@@ -20,16 +20,19 @@ pytest.importorskip("bitsandbytes")
 TASKS = ("copy", "reverse", "sort")
 
 
-async def test_one_round_row_is_the_mean_of_the_other_two(tiny_model_dir: Path, dev_pki, tmp_path: Path) -> None:
+async def run_job(
+    model_dir: Path, pki, tmp_path: Path, job: JobConfig, tasks: tuple[str, ...], rounds: int
+) -> tuple[list, list[FederatedClient], list]:  # type: ignore[no-untyped-def]
+    """Start a real server and one real client per task on loopback; run the job to the end."""
     from fedquic.client.peft_learner import PeftLearner, PeftLearnerConfig
 
     server = AggregationServer(
         ServerConfig(
             host="127.0.0.1",
             port=0,
-            tls=TlsFiles(ca=dev_pki.ca_cert, cert=dev_pki.server_cert, key=dev_pki.server_key),
-            policy=RoundPolicy(rounds=1, min_clients=3, round_timeout_s=120),
-            job=JobConfig(init_seed=11, train=TrainSpec(local_steps=4, lr=2e-2, batch_size=4)),
+            tls=TlsFiles(ca=pki.ca_cert, cert=pki.server_cert, key=pki.server_key),
+            policy=RoundPolicy(rounds=rounds, min_clients=len(tasks), round_timeout_s=120),
+            job=job,
             run_dir=tmp_path / "server",
         )
     )
@@ -37,9 +40,9 @@ async def test_one_round_row_is_the_mean_of_the_other_two(tiny_model_dir: Path, 
     learners = [
         await asyncio.to_thread(
             PeftLearner,
-            PeftLearnerConfig(model_path=tiny_model_dir, task=t, num_examples=32, data_seed=i, threads=1),
+            PeftLearnerConfig(model_path=model_dir, task=t, num_examples=32, data_seed=i, threads=1),
         )
-        for i, t in enumerate(TASKS)
+        for i, t in enumerate(tasks)
     ]
     clients = [
         FederatedClient(
@@ -47,7 +50,7 @@ async def test_one_round_row_is_the_mean_of_the_other_two(tiny_model_dir: Path, 
                 client_id=f"c{i}",
                 port=port,
                 server_name="localhost",
-                tls=TlsFiles(ca=dev_pki.ca_cert),
+                tls=TlsFiles(ca=pki.ca_cert),
                 run_dir=tmp_path / f"c{i}",
             ),
             learner,
@@ -59,7 +62,13 @@ async def test_one_round_row_is_the_mean_of_the_other_two(tiny_model_dir: Path, 
     result, *client_results = await asyncio.wait_for(
         asyncio.gather(server.run(), *(c.run() for c in clients)), timeout=240
     )
-    assert result.ok and result.rounds_completed == 1
+    assert result.ok and result.rounds_completed == rounds
+    return learners, clients, client_results
+
+
+async def test_one_round_row_is_the_mean_of_the_other_two(tiny_model_dir: Path, dev_pki, tmp_path: Path) -> None:
+    job = JobConfig(init_seed=11, train=TrainSpec(local_steps=4, lr=2e-2, batch_size=4))
+    learners, clients, client_results = await run_job(tiny_model_dir, dev_pki, tmp_path, job, TASKS, rounds=1)
     assert all(len(r.rounds) == 1 and r.rounds[0].bytes_up > 0 for r in client_results)
 
     trained = [lr.local_state() for lr in learners]
@@ -86,45 +95,14 @@ async def test_one_round_row_is_the_mean_of_the_other_two(tiny_model_dir: Path, 
 
 async def test_sparse_uplink_with_error_feedback_over_quic(tiny_model_dir: Path, dev_pki, tmp_path: Path) -> None:
     """top-k 10% uplink for two rounds: the server's copy plus the client's residual is the client's adapter."""
-    from fedquic.client.peft_learner import PeftLearner, PeftLearnerConfig
     from fedquic.common.codec import EncodingSpec
 
-    server = AggregationServer(
-        ServerConfig(
-            host="127.0.0.1",
-            port=0,
-            tls=TlsFiles(ca=dev_pki.ca_cert, cert=dev_pki.server_cert, key=dev_pki.server_key),
-            policy=RoundPolicy(rounds=2, min_clients=2, round_timeout_s=120),
-            job=JobConfig(
-                train=TrainSpec(local_steps=3, lr=2e-2, batch_size=4),
-                uplink=EncodingSpec.parse("topk10"),
-                downlink=EncodingSpec.parse("fp16"),
-            ),
-            run_dir=tmp_path / "server",
-        )
+    job = JobConfig(
+        train=TrainSpec(local_steps=3, lr=2e-2, batch_size=4),
+        uplink=EncodingSpec.parse("topk10"),
+        downlink=EncodingSpec.parse("fp16"),
     )
-    port = await server.start()
-    learners = [
-        await asyncio.to_thread(
-            PeftLearner, PeftLearnerConfig(model_path=tiny_model_dir, task=t, num_examples=32, threads=1)
-        )
-        for t in TASKS[:2]
-    ]
-    clients = [
-        FederatedClient(
-            ClientConfig(
-                client_id=f"s{i}",
-                port=port,
-                server_name="localhost",
-                tls=TlsFiles(ca=dev_pki.ca_cert),
-                run_dir=tmp_path / f"s{i}",
-            ),
-            learner,
-        )
-        for i, learner in enumerate(learners)
-    ]
-    result, *_ = await asyncio.wait_for(asyncio.gather(server.run(), *(c.run() for c in clients)), timeout=240)
-    assert result.ok and result.rounds_completed == 2
+    learners, clients, _ = await run_job(tiny_model_dir, dev_pki, tmp_path, job, TASKS[:2], rounds=2)
     for client, learner in zip(clients, learners, strict=True):
         local = learner.local_state()
         assert client.ef.residual_norm() > 0  # top-k really dropped something this round
