@@ -30,6 +30,7 @@ class ErrorCode(IntEnum):
     TIMEOUT = 15
     SHUTTING_DOWN = 16
     DECOMPRESSION = 17
+    CERTIFICATE = 18
 
 
 class FedQuicError(Exception):

@@ -123,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--server-name", default=None, help="name in the server certificate (default: the host)")
     c.add_argument("--ca", type=Path, default=Path("certs/dev/ca.pem"), help="CA that signed the server certificate")
+    c.add_argument(
+        "--cert",
+        type=Path,
+        default=None,
+        help="client certificate for mutual TLS (default: CA_DIR/clients/CLIENT_ID.pem)",
+    )
+    c.add_argument("--key", type=Path, default=None, help="its private key (default: CA_DIR/clients/CLIENT_ID.key)")
     c.add_argument("--client-id", required=True, help="this client's id (letters, digits, _ . -)")
     c.add_argument("--model", type=Path, required=True, help="local model directory (no hub downloads)")
     data = c.add_mutually_exclusive_group(required=True)
@@ -276,6 +283,14 @@ def cmd_client(args: argparse.Namespace) -> int:
 
     host, port = args.server
     run_dir = args.run_dir or Path("runs") / args.client_id
+    cert = args.cert or args.ca.parent / "clients" / f"{args.client_id}.pem"
+    key = args.key or args.ca.parent / "clients" / f"{args.client_id}.key"
+    for f, flag in ((args.ca, "--ca"), (cert, "--cert"), (key, "--key")):
+        if not f.is_file():
+            raise SystemExit(
+                f"fedquic client: {f} not found ({flag}); issue a client certificate with "
+                f"`fedquic certs issue {args.client_id} --dir {args.ca.parent}`"
+            )
     try:
         learner = PeftLearner(
             PeftLearnerConfig(
@@ -296,7 +311,7 @@ def cmd_client(args: argparse.Namespace) -> int:
             host=host,
             port=port,
             server_name=args.server_name,
-            tls=TlsFiles(ca=args.ca),
+            tls=TlsFiles(ca=args.ca, cert=cert, key=key),
             transport=_transport(args),
             run_dir=run_dir,
         )

@@ -81,7 +81,7 @@ def _wait_ready(path: Path, proc: subprocess.Popen, timeout_s: float) -> dict:
 
 def run_demo(opts: DemoOptions, out: IO[str] = sys.stdout) -> int:
     from .client.model import build_tiny_llama
-    from .transport.pki import init_dev_pki
+    from .transport.pki import init_dev_pki, issue_client_cert
 
     t_start = time.monotonic()
     if not 2 <= opts.clients <= len(TASKS):
@@ -145,6 +145,9 @@ def run_demo(opts: DemoOptions, out: IO[str] = sys.stdout) -> int:
         return p
 
     tasks = {f"client-{i + 1}": TASKS[i] for i in range(opts.clients)}
+    for cid in tasks:  # one certificate per client: the server requires mutual TLS
+        if not pki.client_cert(cid).exists():
+            issue_client_cert(pki, cid)
     try:
         server = spawn("server", server_cmd)
         port = _wait_ready(ready, server, 60.0)["port"]

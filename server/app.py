@@ -195,6 +195,11 @@ class AggregationServer:
                 code=ErrorCode.UNSUPPORTED_VERSION,
             )
         cid = hello.client_id
+        if peer.identity is not None and peer.identity.client_id != cid:
+            raise ProtocolError(
+                f"HELLO claims client id {cid!r} but the certificate is {peer.identity.client_id!r}",
+                code=ErrorCode.IDENTITY_MISMATCH,
+            )
         if cid in self.clients:
             raise ProtocolError(f"client id {cid!r} is already connected", code=ErrorCode.IDENTITY_MISMATCH)
         if self.base_fingerprint is None:

@@ -29,6 +29,7 @@ from .connection import (
     ProtocolViolation,
     StreamAborted,
 )
+from .mtls import ClientCertVerifier, ClientIdentity, load_revoked
 from .settings import TlsFiles, TransportSettings
 
 log = logging.getLogger(__name__)
@@ -59,15 +60,18 @@ class Peer(QuicConnectionProtocol):
         *,
         settings: TransportSettings,
         on_ready: Callable[[Peer], None] | None = None,
+        verifier: ClientCertVerifier | None = None,
     ) -> None:
         super().__init__(quic, stream_handler)
         self.settings = settings
-        self.core = FedQuicConnection(quic, limits=settings.limits)
+        self.core = FedQuicConnection(quic, limits=settings.limits, verifier=verifier)
+        self.identity: ClientIdentity | None = None
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
         self._on_ready = on_ready
         self.ready = asyncio.Event()
         self.closed = asyncio.Event()
         self.close_reason: str = ""
+        self.close_code = 0
         self.session_resumed = False
         self._keepalive: asyncio.Task[None] | None = None
         self.socket_buffers: tuple[int, int] = (0, 0)
@@ -84,6 +88,7 @@ class Peer(QuicConnectionProtocol):
                 self._inbox.put_nowait(ev)
             elif isinstance(ev, ConnectionReady):
                 self.session_resumed = ev.session_resumed
+                self.identity = ev.identity
                 self.ready.set()
                 self._keepalive = asyncio.ensure_future(self._keepalive_loop())
                 if self._on_ready is not None:
@@ -94,6 +99,7 @@ class Peer(QuicConnectionProtocol):
             elif isinstance(ev, StreamAborted):
                 log.info("stream %d reset by peer (code %d)", ev.stream_id, ev.error_code)
             elif isinstance(ev, PeerClosed):
+                self.close_code = ev.error_code
                 self._mark_closed(ev.reason or f"closed with code {ev.error_code}")
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -113,14 +119,14 @@ class Peer(QuicConnectionProtocol):
 
     async def recv_event(self, timeout: float | None = None) -> MessageReceived:
         if self.closed.is_set() and self._inbox.empty():
-            raise TransportError(f"connection closed: {self.close_reason}")
+            raise self._closed_error()
         try:
             item = await asyncio.wait_for(self._inbox.get(), timeout)
         except asyncio.TimeoutError:
             raise TransportError("timed out waiting for a message", code=ErrorCode.TIMEOUT) from None
         if item is _CLOSED:
             self._inbox.put_nowait(_CLOSED)  # keep later receivers from blocking forever
-            raise TransportError(f"connection closed: {self.close_reason}")
+            raise self._closed_error()
         return item
 
     def send(self, header: Header, body: bytes = b"") -> int:
@@ -151,12 +157,18 @@ class Peer(QuicConnectionProtocol):
 
     # -- internals ---------------------------------------------------------------------------------
 
+    def _closed_error(self) -> TransportError:
+        # The peer's QUIC application close code carries our error code as 0x100 + code.
+        code = self.close_code - 0x100
+        known = ErrorCode(code) if code in ErrorCode._value2member_map_ else ErrorCode.INTERNAL
+        return TransportError(f"connection closed: {self.close_reason}", code=known)
+
     def _check_open(self) -> None:
         if self.closed.is_set():
-            raise TransportError(f"connection closed: {self.close_reason}")
+            raise self._closed_error()
 
     def _refuse(self, exc: FedQuicError) -> None:
-        if self.core.control_stream_id is not None:
+        if self.core.control_stream_id is not None and not self.closed.is_set():
             self.send_error(exc)
         # QUIC application error codes carry our numbered error code (0x100 + code).
         self._quic.close(error_code=0x100 + int(exc.code), reason_phrase=str(exc)[:200])
@@ -222,9 +234,15 @@ class FedQuicServer:
 
     async def start(self, host: str, port: int) -> int:
         cfg = _quic_config(self.settings, is_client=False, tls=self.tls)
+        verifier = None
+        if self.settings.require_client_cert:
+            verifier = ClientCertVerifier(self.tls.ca, load_revoked(self.tls.revoked))
+            log.info(
+                "mutual TLS: client certificates must chain to %s (%d revoked)", self.tls.ca, len(verifier.revoked)
+            )
 
         def create(*args: Any, **kw: Any) -> Peer:
-            return Peer(*args, settings=self.settings, on_ready=self._spawn, **kw)
+            return Peer(*args, settings=self.settings, on_ready=self._spawn, verifier=verifier, **kw)
 
         self._server = await serve(host, port, configuration=cfg, create_protocol=create, retry=False)
         sock = self._server._transport.get_extra_info("socket")

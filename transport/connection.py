@@ -22,10 +22,11 @@ from aioquic.quic.events import (
     StreamReset,
 )
 
-from ..common.errors import ErrorCode, ProtocolError
+from ..common.errors import ErrorCode, FedQuicError, ProtocolError
 from ..common.limits import DEFAULT_LIMITS, WireLimits
 from ..common.messages import Header, Message
 from .framing import FrameDecoder, encode_frame
+from .mtls import CertificateError, ClientCertVerifier, ClientIdentity, request_client_certificate
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class ConnectionReady:
     alpn: str | None
     session_resumed: bool
     early_data_accepted: bool
+    identity: ClientIdentity | None = None  # server side, with mutual TLS: the verified client
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class PeerClosed:
 
 @dataclass(frozen=True)
 class ProtocolViolation:
-    error: ProtocolError
+    error: FedQuicError
 
 
 AppEvent = ConnectionReady | MessageReceived | StreamAborted | PeerClosed | ProtocolViolation
@@ -83,8 +85,13 @@ class Counters:
 class FedQuicConnection:
     """fedquic framing over one :class:`QuicConnection`."""
 
-    def __init__(self, quic: QuicConnection, *, limits: WireLimits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self, quic: QuicConnection, *, limits: WireLimits = DEFAULT_LIMITS, verifier: ClientCertVerifier | None = None
+    ) -> None:
         self._quic = quic
+        self._verifier = verifier
+        if verifier is not None:
+            request_client_certificate(quic)
         self._limits = limits
         self._is_client = quic.configuration.is_client
         self._streams: dict[int, _StreamState] = {}
@@ -142,7 +149,14 @@ class FedQuicConnection:
                 self._violated = True
                 return [ProtocolViolation(exc)]
         if isinstance(event, HandshakeCompleted):
-            return [ConnectionReady(event.alpn_protocol, event.session_resumed, event.early_data_accepted)]
+            identity = None
+            if self._verifier is not None:
+                try:
+                    identity = self._verifier.verify_connection(self._quic)
+                except CertificateError as exc:
+                    self._violated = True
+                    return [ProtocolViolation(exc)]
+            return [ConnectionReady(event.alpn_protocol, event.session_resumed, event.early_data_accepted, identity)]
         if isinstance(event, StreamReset):
             self._streams.pop(event.stream_id, None)
             return [StreamAborted(event.stream_id, event.error_code)]

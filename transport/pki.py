@@ -75,9 +75,10 @@ def _leaf(
     server: bool,
     hosts: tuple[str, ...] = (),
     days: int = 365,
+    start: dt.datetime | None = None,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = start or dt.datetime.now(dt.timezone.utc)
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)]))
@@ -87,6 +88,9 @@ def _leaf(
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        # Key identifiers: RFC 5280 profile checks (cryptography's verifier) require them.
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
@@ -138,6 +142,7 @@ def init_dev_pki(
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=3650))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
@@ -162,10 +167,12 @@ def init_dev_pki(
     return pki
 
 
-def issue_client_cert(pki: DevPki, client_id: str, *, days: int = 365) -> tuple[Path, Path]:
-    """Issue a client certificate whose subject CN is the client id."""
+def issue_client_cert(
+    pki: DevPki, client_id: str, *, days: int = 365, start: dt.datetime | None = None
+) -> tuple[Path, Path]:
+    """Issue a client certificate whose subject CN (and a fedquic://client/ID URI SAN) is the client id."""
     ca_cert, ca_key = _load(pki)
-    cert, key = _leaf(client_id, ca_cert, ca_key, server=False, days=days)
+    cert, key = _leaf(client_id, ca_cert, ca_key, server=False, days=days, start=start)
     _write_key(pki.client_key(client_id), key)
     _write_cert(pki.client_cert(client_id), cert)
     return pki.client_cert(client_id), pki.client_key(client_id)

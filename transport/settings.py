@@ -19,6 +19,7 @@ class TlsFiles(BaseModel):
     ca: Path
     cert: Path | None = None
     key: Path | None = None
+    revoked: Path | None = None  # server: serials of revoked client certificates, hex, one per line
 
 
 class TransportSettings(BaseModel):
@@ -36,4 +37,6 @@ class TransportSettings(BaseModel):
     congestion_control: str = "reno"
     socket_buffer_bytes: int = Field(default=4 << 20, ge=1 << 16)
     connect_timeout_s: float = Field(default=10.0, gt=0)
+    # Server: every client must present a certificate chaining to the CA (mutual TLS).
+    require_client_cert: bool = True
     limits: WireLimits = WireLimits()

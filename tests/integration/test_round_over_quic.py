@@ -12,6 +12,7 @@ from fedquic.common.messages import TrainSpec
 from fedquic.server.app import AggregationServer
 from fedquic.server.config import JobConfig, ServerConfig
 from fedquic.server.rounds import RoundPolicy
+from fedquic.transport.pki import issue_client_cert
 from fedquic.transport.settings import TlsFiles
 
 pytest.importorskip("torch")
@@ -37,6 +38,7 @@ async def run_job(
         )
     )
     port = await server.start()
+    certs = [issue_client_cert(pki, f"c{i}") for i in range(len(tasks))]
     learners = [
         await asyncio.to_thread(
             PeftLearner,
@@ -50,7 +52,7 @@ async def run_job(
                 client_id=f"c{i}",
                 port=port,
                 server_name="localhost",
-                tls=TlsFiles(ca=pki.ca_cert),
+                tls=TlsFiles(ca=pki.ca_cert, cert=certs[i][0], key=certs[i][1]),
                 run_dir=tmp_path / f"c{i}",
             ),
             learner,

@@ -1,0 +1,107 @@
+"""Mutual TLS for aioquic 1.7: request, verify and bind client certificates.
+
+aioquic 1.7 can only ask for a client certificate through a private flag of its TLS context
+(``_request_client_certificate``, meant for its own tests), never verifies the client's chain, and accepts
+an empty Certificate message. This module, tied to the pinned ``aioquic==1.7.*``, fills those gaps:
+
+* :func:`request_client_certificate` sets that flag on a server-side connection as soon as its TLS context
+  exists, so every full handshake asks for a certificate;
+* :class:`ClientCertVerifier` verifies the presented chain with ``cryptography`` (chain to our CA, validity
+  period, key usage, client-auth EKU), refuses revoked serials, and derives the client id from the
+  certificate (subject CN, which must agree with a ``fedquic://client/<id>`` URI SAN when one is present).
+
+The server reads the identity once the handshake completes, before any fedquic message is handled, and
+refuses a HELLO that claims another id. The server issues no session tickets yet, so every handshake is a
+full one and always carries a certificate.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+from aioquic.quic.connection import QuicConnection
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import NameOID
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+from ..common.errors import ErrorCode, TransportError
+
+URI_PREFIX = "fedquic://client/"
+
+
+class CertificateError(TransportError):
+    code = ErrorCode.CERTIFICATE
+
+
+@dataclass(frozen=True)
+class ClientIdentity:
+    client_id: str
+    serial: int
+    fingerprint: str  # SHA-256 of the DER certificate, hex
+
+
+def request_client_certificate(quic: QuicConnection) -> None:
+    """Make a server-side QuicConnection request a client certificate on full handshakes."""
+    original = quic._initialize
+
+    def initialize(peer_cid: bytes) -> None:
+        original(peer_cid)
+        quic.tls._request_client_certificate = True
+
+    quic._initialize = initialize  # type: ignore[method-assign]
+
+
+def load_revoked(path: Path | None) -> frozenset[int]:
+    """Serial numbers (hex, one per line, '#' comments) of revoked client certificates."""
+    if path is None or not path.exists():
+        return frozenset()
+    serials = set()
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            serials.add(int(line, 16))
+    return frozenset(serials)
+
+
+class ClientCertVerifier:
+    def __init__(self, ca_file: Path, revoked: frozenset[int] = frozenset()) -> None:
+        try:
+            self._roots = x509.load_pem_x509_certificates(Path(ca_file).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise CertificateError(f"cannot load the client CA {ca_file}: {exc}") from exc
+        self._store = Store(self._roots)
+        self.revoked = revoked
+
+    def verify(
+        self, leaf: x509.Certificate | None, chain: list[x509.Certificate], now: dt.datetime | None = None
+    ) -> ClientIdentity:
+        if leaf is None:
+            raise CertificateError("the client presented no certificate (mutual TLS is required)")
+        builder = PolicyBuilder().store(self._store)
+        if now is not None:
+            builder = builder.time(now)
+        try:
+            builder.build_client_verifier().verify(leaf, chain)
+        except VerificationError as exc:
+            raise CertificateError(f"client certificate refused: {exc}") from None
+        if leaf.serial_number in self.revoked:
+            raise CertificateError(f"client certificate {leaf.serial_number:x} is revoked")
+        cns = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if not cns:
+            raise CertificateError("client certificate has no subject common name")
+        client_id = str(cns[0].value)
+        try:
+            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith(URI_PREFIX)]
+        except x509.ExtensionNotFound:
+            uris = []
+        if uris and f"{URI_PREFIX}{client_id}" not in uris:
+            raise CertificateError(f"client certificate CN {client_id!r} disagrees with its SAN {uris}")
+        return ClientIdentity(client_id, leaf.serial_number, leaf.fingerprint(hashes.SHA256()).hex())
+
+    def verify_connection(self, quic: QuicConnection) -> ClientIdentity:
+        tls = quic.tls
+        return self.verify(tls._peer_certificate, list(tls._peer_certificate_chain))
