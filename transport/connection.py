@@ -117,7 +117,10 @@ class FedQuicConnection:
             if self._is_client:
                 self.open_control()
             else:
-                raise RuntimeError("the client has not opened a control stream yet")
+                raise ProtocolError(
+                    "the client has not opened its control stream (HELLO comes first)",
+                    code=ErrorCode.UNEXPECTED_MESSAGE,
+                )
         data = encode_frame(header, body)
         assert self.control_stream_id is not None
         self._quic.send_stream_data(self.control_stream_id, data, end_stream=False)
