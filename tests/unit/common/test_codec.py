@@ -128,3 +128,14 @@ def test_too_many_tensors_is_a_limit_error() -> None:
     with pytest.raises(CodecError) as ei:
         decode_tensors(Manifest(tensors=recs, raw_size=20), bytes(20), WireLimits(max_tensors=4))
     assert ei.value.code is ErrorCode.LIMIT_EXCEEDED
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("enc", ["int8", "int8-row", "int8-column", "int8-tensor", "int8-block8", "topk50"])
+def test_tiny_values_quantize_without_overflow(enc: str) -> None:
+    state = {"a": np.full((4, 8), 1e-37, np.float32), "b": np.array([1e-40, -2e-40, 3.0], np.float32)}
+    m, body = encode_tensors(state, EncodingSpec.parse(enc))
+    out = decode_tensors(m, body)
+    for k, x in state.items():
+        assert np.all(np.isfinite(out[k]))
+        assert np.all(np.abs(out[k] - x) <= max(np.abs(x).max() / 254, 1.5e-36) * 1.0001)
