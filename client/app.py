@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..common.adapter import AdapterSchema, TensorDict, init_lora_state, state_hash
+from ..common.adapter import AdapterSchema, TensorDict, init_lora_state, state_hash, zeros_state
 from ..common.codec import decode_tensors, fp32_nbytes
 from ..common.errors import ConfigError, ErrorCode, ProtocolError, RemoteError, SchemaMismatchError
 from ..common.feedback import ErrorFeedback
@@ -86,6 +86,7 @@ class FederatedClient:
         self.synced: TensorDict = {}
         self.ef = ErrorFeedback()
         self.schema: AdapterSchema | None = None
+        self.held: dict[str, TensorDict] = {}
         self.rows_received: dict[int, TensorDict] = {}  # last RoW per round, for inspection and tests
         self.keep_rows = False
 
@@ -144,6 +145,8 @@ class FederatedClient:
         self.view = init_lora_state(schema, job.init_seed)
         self.view_hash = state_hash(self.view)
         self.synced = {k: v.copy() for k, v in self.view.items()}
+        # what we hold of each kind of aggregate: the RoW starts at zero, the global at the shared init
+        self.held = {"row": zeros_state(schema), "global": {k: v.copy() for k, v in self.view.items()}}
         if state_hash(learner.local_state()) != self.view_hash:
             # Averaging LoRA factors is only meaningful from a shared starting point.
             raise ConfigError(
@@ -207,7 +210,13 @@ class FederatedClient:
         round_var.set(h.round)
         assert self.schema is not None
         self.schema.check_manifest(h.manifest, what=f"{h.kind} adapter for round {h.round}")
-        state = decode_tensors(h.manifest, body, self.cfg.transport.limits)
+        decoded = decode_tensors(h.manifest, body, self.cfg.transport.limits)
+        if h.delta:  # downlink error feedback: add the change to what we hold
+            base = self.held[h.kind]
+            state = {k: base[k] + decoded[k] for k in base}
+        else:
+            state = decoded
+        self.held[h.kind] = state
         if h.kind == "row":
             self.learner.set_row_state(state)
         else:  # fedavg: the global adapter replaces the local one, and is what the server now holds

@@ -121,6 +121,9 @@ class Aggregate(Header):
     has_body = True
     round: int = Field(ge=0, le=1_000_000)
     kind: Literal["row", "global"] = "row"
+    # True: the payload is a change to add to the adapter of this kind the client holds (downlink error
+    # feedback); False: the payload is the whole adapter (first contact, or a reset).
+    delta: bool = False
     contributors: int = Field(ge=0, le=1 << 20)
     manifest: Manifest
 

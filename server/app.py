@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..common.adapter import AdapterSchema, TensorDict, init_lora_state, state_hash
-from ..common.codec import decode_tensors, encode_tensors, fp32_nbytes
+from ..common.adapter import AdapterSchema, TensorDict, init_lora_state, state_hash, zeros_state
+from ..common.codec import Payload, decode_tensors, fp32_nbytes
 from ..common.errors import (
     ErrorCode,
     FedQuicError,
@@ -27,6 +27,7 @@ from ..common.errors import (
     SchemaMismatchError,
     TransportError,
 )
+from ..common.feedback import ErrorFeedback
 from ..common.logs import client_id_var, round_var
 from ..common.messages import (
     SUPPORTED_VERSIONS,
@@ -64,6 +65,11 @@ class ClientRecord:
     updates: dict[int, str] = field(default_factory=dict)  # round -> hash of the accepted payload
     stats: dict[int, dict[str, float]] = field(default_factory=dict)
     aggregate_acks: dict[int, asyncio.Future[None]] = field(default_factory=dict)
+    # Downlink: per kind ("row", "global"), the adapter exactly as the client holds it, and the error-feedback
+    # residual of what compression has not delivered yet.
+    held: dict[str, TensorDict] = field(default_factory=dict)
+    held_hash: dict[int, str] = field(default_factory=dict)  # round -> hash the client must acknowledge
+    downlink_ef: ErrorFeedback = field(default_factory=ErrorFeedback)
 
 
 @dataclass
@@ -241,6 +247,8 @@ class AggregationServer:
         assert self._init_state is not None
         view = {k: v.copy() for k, v in self._init_state.items()}
         rec = ClientRecord(cid, peer, hello.num_samples, view, state_hash(view))
+        rec.held = {"row": zeros_state(self.schema), "global": {k: v.copy() for k, v in view.items()}}
+        rec.downlink_ef.enabled = job.downlink_error_feedback
         self.clients[cid] = rec
         peer.send(Ack(ref=MsgType.JOIN, round=self.machine.round, state_hash=rec.view_hash))
         log.info("client %s joined (%d samples)", cid, hello.num_samples)
@@ -256,6 +264,11 @@ class AggregationServer:
         elif isinstance(h, Metrics):
             rec.stats.setdefault(h.round, {}).update(h.values)
         elif isinstance(h, Ack) and h.ref is MsgType.AGGREGATE:
+            expected = rec.held_hash.pop(h.round, None)
+            if expected is not None and h.state_hash != expected:
+                log.error(
+                    "round %d: the client holds aggregate %s, the server expected %s", h.round, h.state_hash, expected
+                )
             fut = rec.aggregate_acks.get(h.round)
             if fut is not None and not fut.done():
                 fut.set_result(None)
@@ -346,7 +359,6 @@ class AggregationServer:
     async def _close_round(self, act: CloseRound) -> None:
         round_var.set(act.round)
         t0 = time.perf_counter()
-        job = self.cfg.job
         contributors = [c for c in act.contributors if c in self.clients]
         payloads = await asyncio.to_thread(self._aggregate, contributors)
         agg_s = time.perf_counter() - t0
@@ -355,21 +367,26 @@ class AggregationServer:
             rec = self.clients.get(cid)
             if rec is None:
                 continue
-            manifest, body = encode_tensors(state, job.downlink)
-            header = Aggregate(round=act.round, kind=kind, contributors=n_contrib, manifest=manifest)
+            payload, held = await asyncio.to_thread(self._downlink_payload, rec, kind, state)
+            header = Aggregate(
+                round=act.round, kind=kind, delta=True, contributors=n_contrib, manifest=payload.manifest
+            )
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             rec.aggregate_acks[act.round] = fut
             try:
-                n = rec.peer.send_bulk(header, body)
+                n = rec.peer.send_bulk(header, payload.body)
             except TransportError:
                 fut.set_result(None)
                 continue
-            if kind == "global":  # the client installs what it decodes: keep the exact same view
-                rec.view = decode_tensors(manifest, body)
+            rec.held[kind] = held
+            rec.held_hash[act.round] = state_hash(held)
+            if kind == "global":  # the global replaces the client's own adapter: that is now our view of it
+                rec.view = {k: v.copy() for k, v in held.items()}
                 rec.view_hash = state_hash(rec.view)
             st = rec.stats.setdefault(act.round, {})
             st["bytes_down"] = float(n)
-            st["fp32_down"] = float(fp32_nbytes(manifest))
+            st["fp32_down"] = float(fp32_nbytes(payload.manifest))
+            st["ef_down_residual_norm"] = rec.downlink_ef.residual_norm()
             waits.append(fut)
         if waits:
             # Delivery is the client's ACK, not our write returning.
@@ -378,6 +395,15 @@ class AggregationServer:
                 log.warning("%d clients did not acknowledge their aggregate", len(waits) - len(done))
         self._write_history(act.round, contributors, agg_s, time.perf_counter() - t0)
         self._apply(self.machine.on_aggregated(act.round, self.clock()))
+
+    def _downlink_payload(self, rec: ClientRecord, kind: str, target: TensorDict) -> tuple[Payload, TensorDict]:
+        """Encode (target − what the client holds) with the client's downlink error feedback.
+
+        Returns the payload and the adapter the client will hold once it adds the decoded payload.
+        """
+        base = rec.held[kind]
+        payload = rec.downlink_ef.compress({k: target[k] - base[k] for k in target}, self.cfg.job.downlink)
+        return payload, {k: base[k] + payload.decoded[k] for k in base}
 
     def _aggregate(self, contributors: list[str]) -> dict[str, tuple[TensorDict, str, int]]:
         """Per recipient: (state, kind, number of clients averaged). Pure numpy, runs in a thread."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from ..common.codec import Encoding, EncodingSpec
+from ..common.codec import EncodingSpec
 from ..common.messages import LoraJobSpec, TrainSpec
 from ..transport.settings import TlsFiles, TransportSettings
 from .rounds import RoundPolicy
@@ -26,20 +26,11 @@ class JobConfig(BaseModel):
     train: TrainSpec = TrainSpec()
     uplink: EncodingSpec = EncodingSpec()
     downlink: EncodingSpec = EncodingSpec()
+    # Downlink error feedback: each client is sent C(target − what it holds + residual), per client.
+    downlink_error_feedback: bool = True
     # "uniform" is the FedALT paper's mean; "samples" weights by reported sample counts (capped).
     weighting: Literal["uniform", "samples"] = "uniform"
     max_sample_weight: int = Field(default=1_000_000, ge=1)
-
-    @model_validator(mode="after")
-    def _dense_downlink(self) -> JobConfig:
-        # The aggregate is sent whole each round; a sparse one would need server-side error feedback on
-        # per-client deltas, which the server does not keep yet.
-        if self.downlink.encoding is Encoding.TOPK:
-            raise ValueError(
-                "downlink top-k needs per-client downlink error feedback, not supported yet; "
-                "use a dense downlink encoding (fp32, fp16, bf16, int8)"
-            )
-        return self
 
 
 class ServerConfig(BaseModel):

@@ -95,19 +95,28 @@ async def test_one_round_row_is_the_mean_of_the_other_two(tiny_model_dir: Path, 
     assert len(history) == 1
 
 
-async def test_sparse_uplink_with_error_feedback_over_quic(tiny_model_dir: Path, dev_pki, tmp_path: Path) -> None:
-    """top-k 10% uplink for two rounds: the server's copy plus the client's residual is the client's adapter."""
+async def test_sparse_uplink_and_downlink_with_error_feedback_over_quic(
+    tiny_model_dir: Path, dev_pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """top-k 10% both ways for two rounds: the server's copy plus the client's residual is the client's adapter,
+    and each client holds exactly the Rest-of-World adapter the server computed it holds."""
     from fedquic.common.codec import EncodingSpec
 
     job = JobConfig(
         train=TrainSpec(local_steps=3, lr=2e-2, batch_size=4),
         uplink=EncodingSpec.parse("topk10"),
-        downlink=EncodingSpec.parse("fp16"),
+        downlink=EncodingSpec.parse("topk10"),
     )
-    learners, clients, _ = await run_job(tiny_model_dir, dev_pki, tmp_path, job, TASKS[:2], rounds=2)
+    with caplog.at_level("INFO"):
+        learners, clients, results = await run_job(tiny_model_dir, dev_pki, tmp_path, job, TASKS[:2], rounds=2)
+    assert "the server expected" not in caplog.text  # every ACKed aggregate hash matched the server's
+    assert all(r.rounds[-1].bytes_down > 0 for r in results)
     for client, learner in zip(clients, learners, strict=True):
         local = learner.local_state()
         assert client.ef.residual_norm() > 0  # top-k really dropped something this round
         for name, value in local.items():
             # the client checked every ACK's hash, so ``view`` is exactly the server's copy
             np.testing.assert_allclose(client.view[name] + client.ef.residual[name], value, atol=1e-6)
+        row = learner.fam.row_state()
+        assert all(np.array_equal(row[k], client.held["row"][k]) for k in row)
+        assert any(np.abs(v).max() > 0 for v in row.values())
