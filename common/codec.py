@@ -26,7 +26,7 @@ from typing import Literal
 
 import lz4.block
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import CodecError, ErrorCode
 from .limits import DEFAULT_LIMITS, WireLimits
@@ -114,6 +114,9 @@ class EncodingSpec(BaseModel):
                     topk_values=tail or "int8",
                     compression=compression,
                 )  # type: ignore[arg-type]
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise ValueError(f"bad encoding {text!r}: {err['loc'][0] if err['loc'] else ''} {err['msg']}") from None
         except ValueError as exc:
             raise ValueError(f"bad encoding {text!r}: {exc}") from None
         raise ValueError(

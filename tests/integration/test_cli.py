@@ -12,7 +12,7 @@ BLOCK_TORCH = "import sys; sys.modules['torch'] = None; sys.modules['transformer
 
 @pytest.mark.parametrize("cmd", [[], ["server"], ["client"], ["demo"], ["certs"], ["certs", "init"]])
 def test_help(cmd: list[str]) -> None:
-    proc = subprocess.run([sys.executable, "-m", "fedquic", *cmd, "--help"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "fedquic", *cmd, "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "usage: fedquic" in proc.stdout
 
 
@@ -20,7 +20,7 @@ def test_server_code_imports_without_torch() -> None:
     code = BLOCK_TORCH + (
         "import fedquic.server.app, fedquic.cli; from fedquic.cli import main; main(['server', '--help'])"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -48,7 +48,7 @@ def test_certs_init_and_issue(tmp_path) -> None:  # type: ignore[no-untyped-def]
     [
         (["--rounds", "0"], "rounds"),
         (["--uplink", "int9"], "unknown encoding"),
-        (["--downlink", "topk10"], "downlink"),
+        (["--downlink", "topk0"], "topk_ratio"),
     ],
 )
 def test_server_refuses_bad_config_with_one_clear_line(tmp_path, flags: list[str], says: str) -> None:  # type: ignore[no-untyped-def]
@@ -56,7 +56,10 @@ def test_server_refuses_bad_config_with_one_clear_line(tmp_path, flags: list[str
 
     init_dev_pki(tmp_path)
     proc = subprocess.run(
-        [sys.executable, "-m", "fedquic", "server", "--certs", str(tmp_path), *flags], capture_output=True, text=True
+        [sys.executable, "-m", "fedquic", "server", "--certs", str(tmp_path), *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode != 0 and "invalid configuration" in proc.stderr and says in proc.stderr
     assert "Traceback" not in proc.stderr
