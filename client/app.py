@@ -189,7 +189,7 @@ class FederatedClient:
             base_hash=self.view_hash,
             manifest=manifest,
         )
-        n = peer.send_bulk(header, body)
+        n = await peer.send_bulk(header, body)
         ack = (await self._expect(peer, Ack)).header
         assert isinstance(ack, Ack)
         self.view, self.view_hash = new_view, state_hash(new_view)

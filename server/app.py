@@ -374,7 +374,7 @@ class AggregationServer:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             rec.aggregate_acks[act.round] = fut
             try:
-                n = rec.peer.send_bulk(header, payload.body)
+                n = await rec.peer.send_bulk(header, payload.body)
             except TransportError:
                 fut.set_result(None)
                 continue

@@ -29,6 +29,7 @@ from .connection import (
     ProtocolViolation,
     StreamAborted,
 )
+from .framing import frame_size
 from .mtls import ClientCertVerifier, ClientIdentity, load_revoked
 from .settings import TlsFiles, TransportSettings
 
@@ -69,6 +70,7 @@ class Peer(QuicConnectionProtocol):
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
         self._on_ready = on_ready
         self.ready = asyncio.Event()
+        self._progress = asyncio.Event()
         self.closed = asyncio.Event()
         self.close_reason: str = ""
         self.close_code = 0
@@ -101,6 +103,10 @@ class Peer(QuicConnectionProtocol):
             elif isinstance(ev, PeerClosed):
                 self.close_code = ev.error_code
                 self._mark_closed(ev.reason or f"closed with code {ev.error_code}")
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        super().datagram_received(data, addr)
+        self._progress.set()  # ACKs may have freed send budget
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -136,12 +142,31 @@ class Peer(QuicConnectionProtocol):
         self.transmit()
         return n
 
-    def send_bulk(self, header: Header, body: bytes) -> int:
-        """Send one message on a stream of its own; returns the frame's size in bytes."""
+    async def send_bulk(self, header: Header, body: bytes) -> int:
+        """Send one message on a stream of its own; returns the frame's size in bytes.
+
+        The body goes out in chunks, each written only while the bytes not yet acknowledged by the peer stay
+        under the stream and connection budgets, so memory stays bounded however large the message is.
+        Returning means queued, not delivered: delivery is the peer's application-level ACK.
+        """
         self._check_open()
-        _, n = self.core.send_bulk(header, body)
+        s = self.settings
+        sid = self.core.open_bulk(header, len(body))
         self.transmit()
-        return n
+        view = memoryview(body)
+        for off in range(0, len(body), s.bulk_chunk_bytes):
+            while (
+                self.core.unacked_bytes(sid) > s.max_unacked_per_stream
+                or self.core.unacked_bytes() > s.max_unacked_per_connection
+            ):
+                self._check_open()
+                self._progress.clear()
+                await self._progress.wait()
+            self._check_open()
+            end = off + s.bulk_chunk_bytes >= len(body)
+            self.core.write_bulk(sid, view[off : off + s.bulk_chunk_bytes], end=end)
+            self.transmit()
+        return frame_size(header, len(body))
 
     def send_error(self, exc: FedQuicError) -> None:
         with contextlib.suppress(Exception):
@@ -178,6 +203,7 @@ class Peer(QuicConnectionProtocol):
         if not self.closed.is_set():
             self.close_reason = reason
             self.closed.set()
+            self._progress.set()
             self._inbox.put_nowait(_CLOSED)
             if self._keepalive is not None:
                 self._keepalive.cancel()

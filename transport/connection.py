@@ -25,7 +25,7 @@ from aioquic.quic.events import (
 from ..common.errors import ErrorCode, FedQuicError, ProtocolError
 from ..common.limits import DEFAULT_LIMITS, WireLimits
 from ..common.messages import Header, Message
-from .framing import FrameDecoder, encode_frame
+from .framing import FrameDecoder, encode_frame, encode_frame_head
 from .mtls import CertificateError, ClientCertVerifier, ClientIdentity, request_client_certificate
 
 
@@ -127,14 +127,34 @@ class FedQuicConnection:
         self._count_sent(len(data))
         return len(data)
 
-    def send_bulk(self, header: Header, body: bytes) -> tuple[int, int]:
-        """Put one frame on a new unidirectional stream; returns (stream id, bytes queued)."""
+    def open_bulk(self, header: Header, body_len: int) -> int:
+        """Start one frame on a new unidirectional stream; the body follows with :meth:`write_bulk`."""
         sid = self._quic.get_next_available_stream_id(is_unidirectional=True)
-        data = encode_frame(header, body)
-        self._quic.send_stream_data(sid, data, end_stream=True)
+        head = encode_frame_head(header, body_len)
+        self._quic.send_stream_data(sid, head, end_stream=body_len == 0)
         self.counters.streams_opened += 1
-        self._count_sent(len(data))
-        return sid, len(data)
+        self.counters.bytes_sent += len(head)
+        if body_len == 0:
+            self.counters.messages_sent += 1  # otherwise counted when the body ends
+        return sid
+
+    def write_bulk(self, stream_id: int, data: bytes | memoryview, *, end: bool) -> None:
+        self._quic.send_stream_data(stream_id, data, end_stream=end)
+        self.counters.bytes_sent += len(data)
+        if end:
+            self.counters.messages_sent += 1
+
+    def unacked_bytes(self, stream_id: int | None = None) -> int:
+        """Bytes written but not yet acknowledged by the peer's QUIC stack, on one stream or all.
+
+        aioquic's stream writer never pushes back, so this (read from its sender, pinned aioquic 1.7) is what
+        the adapter bounds before it writes more.
+        """
+        streams = self._quic._streams
+        if stream_id is not None:
+            s = streams.get(stream_id)
+            return 0 if s is None else s.sender._buffer_stop - s.sender._buffer_start
+        return sum(s.sender._buffer_stop - s.sender._buffer_start for s in streams.values())
 
     def _count_sent(self, n: int) -> None:
         self.counters.bytes_sent += n

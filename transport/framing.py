@@ -32,8 +32,13 @@ PREFIX_SIZE = PREFIX.size  # 16
 
 
 def encode_frame(header: Header, body: bytes = b"", version: int = PROTOCOL_VERSION) -> bytes:
+    return encode_frame_head(header, len(body), version) + body
+
+
+def encode_frame_head(header: Header, body_len: int, version: int = PROTOCOL_VERSION) -> bytes:
+    """Prefix and header of a frame whose body (``body_len`` bytes) is written separately."""
     hjson = header.model_dump_json().encode()
-    return PREFIX.pack(MAGIC, version, int(header.msg_type), len(hjson), len(body)) + hjson + body
+    return PREFIX.pack(MAGIC, version, int(header.msg_type), len(hjson), body_len) + hjson
 
 
 def frame_size(header: Header, body_len: int) -> int:

@@ -37,6 +37,10 @@ class TransportSettings(BaseModel):
     congestion_control: str = "reno"
     socket_buffer_bytes: int = Field(default=4 << 20, ge=1 << 16)
     connect_timeout_s: float = Field(default=10.0, gt=0)
+    # Backpressure: a bulk writer waits while more than this is written but not acknowledged by the peer.
+    max_unacked_per_stream: int = Field(default=4 << 20, ge=1 << 16)
+    max_unacked_per_connection: int = Field(default=16 << 20, ge=1 << 16)
+    bulk_chunk_bytes: int = Field(default=256 << 10, ge=1 << 12)
     # Server: every client must present a certificate chaining to the CA (mutual TLS).
     require_client_cert: bool = True
     limits: WireLimits = WireLimits()

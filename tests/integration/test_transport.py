@@ -53,11 +53,23 @@ async def test_64mb_message_arrives_intact(dev_pki: DevPki) -> None:
     try:
         async with connect_peer("127.0.0.1", port, SETTINGS, client_tls(dev_pki), "localhost") as peer:
             await open_control(peer)
-            peer.send_bulk(bulk(body), body)
+            peaks: list[int] = []
+            sampler = asyncio.ensure_future(sample_unacked(peer, peaks))
+            await peer.send_bulk(bulk(body), body)
             ack = (await peer.recv(timeout=120)).header
+            sampler.cancel()
     finally:
         await server.close()
     assert isinstance(ack, Ack) and ack.state_hash == hashlib.sha256(body).hexdigest()[:32]
+    # backpressure: aioquic never holds more than the budget (plus one chunk) of unacknowledged data
+    budget = SETTINGS.max_unacked_per_connection + SETTINGS.bulk_chunk_bytes
+    assert 0 < max(peaks) <= budget, (max(peaks), budget)
+
+
+async def sample_unacked(peer: Peer, peaks: list[int]) -> None:
+    while True:
+        peaks.append(peer.core.unacked_bytes())
+        await asyncio.sleep(0.002)
 
 
 async def test_eight_concurrent_transfers_each_intact(dev_pki: DevPki) -> None:
@@ -67,7 +79,7 @@ async def test_eight_concurrent_transfers_each_intact(dev_pki: DevPki) -> None:
         async with connect_peer("127.0.0.1", port, SETTINGS, client_tls(dev_pki), "localhost") as peer:
             await open_control(peer)
             for i, b in enumerate(bodies):
-                peer.send_bulk(bulk(b, i), b)
+                await peer.send_bulk(bulk(b, i), b)
             acks = [(await peer.recv(timeout=60)).header for _ in bodies]
     finally:
         await server.close()
@@ -83,10 +95,11 @@ async def test_control_messages_overtake_a_bulk_transfer(dev_pki: DevPki) -> Non
     try:
         async with connect_peer("127.0.0.1", port, SETTINGS, client_tls(dev_pki), "localhost") as peer:
             await open_control(peer)
-            peer.send_bulk(bulk(body), body)
+            sending = asyncio.ensure_future(peer.send_bulk(bulk(body), body))  # paced by backpressure
             for seq in range(5):
                 await asyncio.sleep(0.05)
                 peer.send(Heartbeat(seq=seq))
+            await sending
             while "bulk" not in order:
                 msg = (await peer.recv(timeout=120)).header
                 assert isinstance(msg, Ack)
