@@ -166,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("client_id")
     cs.add_argument("--dir", type=Path, default=Path("certs/dev"))
     cs.set_defaults(func=cmd_certs_issue)
+    cr = ce_sub.add_parser("revoke", help="revoke a client certificate (a running server re-reads the list)")
+    cr.add_argument("client_id")
+    cr.add_argument("--dir", type=Path, default=Path("certs/dev"))
+    cr.set_defaults(func=cmd_certs_revoke)
+    cl = ce_sub.add_parser("list", help="list issued client certificates")
+    cl.add_argument("--dir", type=Path, default=Path("certs/dev"))
+    cl.set_defaults(func=cmd_certs_list)
 
     d = sub.add_parser(
         "demo",
@@ -253,7 +260,9 @@ def _server_config(args: argparse.Namespace, certs: Path, targets: tuple[str, ..
         host=args.host,
         port=args.port,
         transport=_transport(args),
-        tls=TlsFiles(ca=certs / "ca.pem", cert=certs / "server.pem", key=certs / "server.key"),
+        tls=TlsFiles(
+            ca=certs / "ca.pem", cert=certs / "server.pem", key=certs / "server.key", revoked=certs / "revoked.txt"
+        ),
         policy=RoundPolicy(
             rounds=args.rounds,
             min_clients=args.min_clients,
@@ -342,6 +351,29 @@ def cmd_certs_issue(args: argparse.Namespace) -> int:
         raise SystemExit(f"fedquic certs issue: no CA in {args.dir} (run `fedquic certs init {args.dir}`)")
     cert, key = issue_client_cert(pki, args.client_id)
     print(f"client certificate: {cert} (key {key})")
+    return 0
+
+
+def cmd_certs_revoke(args: argparse.Namespace) -> int:
+    from .transport.pki import DevPki, revoke_client_cert, revoked_file
+
+    pki = DevPki(args.dir)
+    try:
+        serial = revoke_client_cert(pki, args.client_id)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"fedquic certs revoke: {exc}") from None
+    print(f"revoked {args.client_id} (serial {serial:x}) in {revoked_file(pki)}")
+    return 0
+
+
+def cmd_certs_list(args: argparse.Namespace) -> int:
+    from .transport.pki import DevPki, list_client_certs
+
+    certs = list_client_certs(DevPki(args.dir))
+    print(f"{'client':<24} {'serial':<42} {'expires (UTC)':<20} status")
+    for c in certs:
+        status = "revoked" if c.revoked else "valid"
+        print(f"{c.client_id:<24} {c.serial:<42x} {c.not_after:%Y-%m-%d %H:%M}     {status}")
     return 0
 
 

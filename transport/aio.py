@@ -30,7 +30,7 @@ from .connection import (
     StreamAborted,
 )
 from .framing import frame_size
-from .mtls import ClientCertVerifier, ClientIdentity, load_revoked
+from .mtls import ClientCertVerifier, ClientIdentity
 from .settings import TlsFiles, TransportSettings
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,7 @@ class FedQuicServer:
         cfg = _quic_config(self.settings, is_client=False, tls=self.tls)
         verifier = None
         if self.settings.require_client_cert:
-            verifier = ClientCertVerifier(self.tls.ca, load_revoked(self.tls.revoked))
+            verifier = ClientCertVerifier(self.tls.ca, self.tls.revoked)
             log.info(
                 "mutual TLS: client certificates must chain to %s (%d revoked)", self.tls.ca, len(verifier.revoked)
             )
@@ -270,7 +270,7 @@ class FedQuicServer:
         def create(*args: Any, **kw: Any) -> Peer:
             return Peer(*args, settings=self.settings, on_ready=self._spawn, verifier=verifier, **kw)
 
-        self._server = await serve(host, port, configuration=cfg, create_protocol=create, retry=False)
+        self._server = await serve(host, port, configuration=cfg, create_protocol=create, retry=self.settings.retry)
         sock = self._server._transport.get_extra_info("socket")
         rcv, snd = _tune_socket(sock, self.settings.socket_buffer_bytes)
         bound = sock.getsockname()[1]

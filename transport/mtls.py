@@ -67,13 +67,25 @@ def load_revoked(path: Path | None) -> frozenset[int]:
 
 
 class ClientCertVerifier:
-    def __init__(self, ca_file: Path, revoked: frozenset[int] = frozenset()) -> None:
+    """Verifies client certificates; the revocation list file is re-read whenever it changes."""
+
+    def __init__(self, ca_file: Path, revoked_file: Path | None = None) -> None:
         try:
             self._roots = x509.load_pem_x509_certificates(Path(ca_file).read_bytes())
         except (OSError, ValueError) as exc:
             raise CertificateError(f"cannot load the client CA {ca_file}: {exc}") from exc
         self._store = Store(self._roots)
-        self.revoked = revoked
+        self._revoked_file = revoked_file
+        self._revoked_mtime: float | None = None
+        self._revoked: frozenset[int] = frozenset()
+
+    @property
+    def revoked(self) -> frozenset[int]:
+        path = self._revoked_file
+        mtime = path.stat().st_mtime if path is not None and path.exists() else None
+        if mtime != self._revoked_mtime:
+            self._revoked, self._revoked_mtime = load_revoked(path), mtime
+        return self._revoked
 
     def verify(
         self, leaf: x509.Certificate | None, chain: list[x509.Certificate], now: dt.datetime | None = None

@@ -176,3 +176,37 @@ def issue_client_cert(
     _write_key(pki.client_key(client_id), key)
     _write_cert(pki.client_cert(client_id), cert)
     return pki.client_cert(client_id), pki.client_key(client_id)
+
+
+@dataclass(frozen=True)
+class IssuedCert:
+    client_id: str
+    serial: int
+    not_after: dt.datetime
+    revoked: bool
+
+
+def revoked_file(pki: DevPki) -> Path:
+    return pki.root / "revoked.txt"
+
+
+def list_client_certs(pki: DevPki) -> list[IssuedCert]:
+    from .mtls import load_revoked
+
+    revoked = load_revoked(revoked_file(pki))
+    out = []
+    for pem in sorted((pki.root / "clients").glob("*.pem")):
+        cert = x509.load_pem_x509_certificate(pem.read_bytes())
+        out.append(IssuedCert(pem.stem, cert.serial_number, cert.not_valid_after_utc, cert.serial_number in revoked))
+    return out
+
+
+def revoke_client_cert(pki: DevPki, client_id: str) -> int:
+    """Add the client's certificate serial to the revocation list (re-read by a running server)."""
+    pem = pki.client_cert(client_id)
+    if not pem.exists():
+        raise FileNotFoundError(f"no certificate for client {client_id!r} in {pki.root / 'clients'}")
+    serial = x509.load_pem_x509_certificate(pem.read_bytes()).serial_number
+    with revoked_file(pki).open("a") as f:
+        f.write(f"{serial:x}  # {client_id} revoked {dt.datetime.now(dt.timezone.utc):%Y-%m-%dT%H:%M:%SZ}\n")
+    return serial

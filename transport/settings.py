@@ -41,6 +41,9 @@ class TransportSettings(BaseModel):
     max_unacked_per_stream: int = Field(default=4 << 20, ge=1 << 16)
     max_unacked_per_connection: int = Field(default=16 << 20, ge=1 << 16)
     bulk_chunk_bytes: int = Field(default=256 << 10, ge=1 << 12)
+    # Server: QUIC Retry validates a client's address before any handshake state is kept (anti-spoofing, costs
+    # one round trip per new connection).
+    retry: bool = True
     # Server: every client must present a certificate chaining to the CA (mutual TLS).
     require_client_cert: bool = True
     limits: WireLimits = WireLimits()

@@ -40,6 +40,11 @@ def test_certs_init_and_issue(tmp_path) -> None:  # type: ignore[no-untyped-def]
         subprocess.run([sys.executable, "-m", "fedquic", "certs", "issue", "edge-1", "--dir", str(d)]).returncode == 0
     )
     assert (d / "ca.pem").is_file() and (d / "clients" / "edge-1.pem").is_file()
+    fq = [sys.executable, "-m", "fedquic", "certs"]
+    assert subprocess.run([*fq, "revoke", "edge-1", "--dir", str(d)], timeout=60).returncode == 0
+    listing = subprocess.run([*fq, "list", "--dir", str(d)], capture_output=True, text=True, timeout=60).stdout
+    assert "edge-1" in listing and "revoked" in listing
+    assert subprocess.run([*fq, "revoke", "nobody", "--dir", str(d)], timeout=60).returncode != 0
     assert (d / "server.key").stat().st_mode & 0o077 == 0  # private keys are not world-readable
 
 

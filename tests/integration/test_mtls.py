@@ -81,17 +81,17 @@ async def test_bad_client_certificates_are_refused(pki: DevPki, tmp_path: Path, 
     assert identities == []  # the handler never saw the connection
 
 
-async def test_revoked_certificate_is_refused(pki: DevPki, tmp_path: Path) -> None:
-    from cryptography import x509
+async def test_revoked_certificate_is_refused_without_a_restart(pki: DevPki) -> None:
+    from fedquic.transport.pki import revoke_client_cert, revoked_file
 
     cert, key = issue_client_cert(pki, "edge-2")
-    serial = x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
-    revoked = tmp_path / "revoked.txt"
-    revoked.write_text(f"# revoked by the operator\n{serial:x}\n")
-    server, port = await echo_server(pki, [], revoked=revoked)
+    tls = TlsFiles(ca=pki.ca_cert, cert=cert, key=key)
+    server, port = await echo_server(pki, [], revoked=revoked_file(pki))
     try:
+        await hello_roundtrip(port, tls, "edge-2")  # accepted
+        revoke_client_cert(pki, "edge-2")  # the running server re-reads the list
         with pytest.raises(TransportError) as ei:
-            await hello_roundtrip(port, TlsFiles(ca=pki.ca_cert, cert=cert, key=key), "edge-2")
+            await hello_roundtrip(port, tls, "edge-2")
     finally:
         await server.close()
     assert ei.value.code is ErrorCode.CERTIFICATE and "revoked" in str(ei.value)
