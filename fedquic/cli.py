@@ -75,6 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rounds", type=int, default=3, help="number of rounds (default 3)")
     s.add_argument("--federation", choices=("fedalt", "fedavg", "local"), default="fedalt")
     s.add_argument("--mixer", choices=("fixed", "learned"), default="fixed")
+    s.add_argument(
+        "--row-mode",
+        choices=("factor-mean", "exact"),
+        default="factor-mean",
+        help="Rest-of-World: average A and B separately (the FedALT paper) or the exact mean of the "
+        "products B·A re-factored to rank r by SVD (default factor-mean)",
+    )
+    s.add_argument(
+        "--clip-norm",
+        type=float,
+        default=None,
+        help="clip each client's contribution (adapter minus the shared init) to this L2 norm",
+    )
     s.add_argument("--rank", type=int, default=8, help="LoRA rank (job-level, default 8)")
     s.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
     s.add_argument(
@@ -273,6 +286,8 @@ def _server_config(args: argparse.Namespace, certs: Path, targets: tuple[str, ..
             init_seed=args.init_seed,
             federation=args.federation,
             mixer=args.mixer,
+            row_mode=args.row_mode,
+            clip_norm=args.clip_norm,
             lora=LoraJobSpec(rank=args.rank, alpha=args.alpha, target_modules=targets),
             train=TrainSpec(local_steps=args.local_steps, lr=args.lr, batch_size=args.batch_size),
             uplink=uplink,

@@ -8,7 +8,7 @@ Factors A and B are averaged separately, as the FedALT paper does ("factor-mean"
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -66,3 +66,101 @@ def leave_one_out(states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[
             raise JobError("a client holds all the weight: no other clients to average")
         out.append({k: ((total[k] - w * s[k]) / rest).astype(np.float32) for k in total})
     return out
+
+
+def lora_pairs(names: Iterable[str]) -> list[tuple[str, str]]:
+    """(A name, B name) for every LoRA module: peft names its factors ``<module>.lora_A.weight`` / ``lora_B``."""
+    names = set(names)
+    pairs = []
+    for a in sorted(n for n in names if ".lora_A." in n):
+        b = a.replace(".lora_A.", ".lora_B.")
+        if b not in names:
+            raise ValueError(f"{a} has no matching lora_B tensor")
+        pairs.append((a, b))
+    return pairs
+
+
+def _low_rank_mean(
+    bs: Sequence[np.ndarray], as_: Sequence[np.ndarray], coeffs: Sequence[float], rank: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best rank-``rank`` factors (B', A') of Σ c_m B_m A_m, without forming the out x in product.
+
+    Σ c_m B_m A_m = [c_1 B_1 ... c_n B_n] [A_1; ...; A_n] = Qb (Rb Ra^T) Qa^T after two thin QRs, so one SVD of a
+    small (n·r x n·r) core gives the truncated SVD; the singular values are split evenly between the factors.
+    """
+    b_stack = np.concatenate([c * b.astype(np.float64) for c, b in zip(coeffs, bs, strict=True)], axis=1)
+    a_stack = np.concatenate([a.astype(np.float64) for a in as_], axis=0)
+    qb, rb = np.linalg.qr(b_stack)
+    qa, ra = np.linalg.qr(a_stack.T)
+    u, s, vt = np.linalg.svd(rb @ ra.T)
+    k = min(rank, s.size)
+    root = np.sqrt(s[:k])
+    b_new = np.zeros((b_stack.shape[0], rank))
+    a_new = np.zeros((rank, a_stack.shape[1]))
+    b_new[:, :k] = (qb @ u[:, :k]) * root
+    a_new[:k] = (root[:, None] * vt[:k]) @ qa.T
+    return b_new.astype(np.float32), a_new.astype(np.float32)
+
+
+def leave_one_out_exact(states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> list[TensorDict]:
+    """Leave-one-out on LoRA *products*: client k gets the best rank-r factors of mean_{m≠k} B_m A_m.
+
+    ``factor-mean`` averages A and B separately, so its product is not the mean of the products
+    (mean(B)·mean(A) ≠ mean(B·A)); this is the exact mean, truncated back to the job's rank r by SVD.
+    Cost per client grows with ((N−1)·r)² · (in + out): meant for tens of clients, not hundreds.
+    """
+    _check(states, weights)
+    if len(states) < 2:
+        raise JobError("leave-one-out needs at least two contributing clients")
+    w_total = float(sum(weights))
+    out: list[TensorDict] = []
+    for k in range(len(states)):
+        if w_total - weights[k] <= 0:
+            raise JobError("a client holds all the weight: no other clients to average")
+        others = [m for m in range(len(states)) if m != k]
+        out.append(exact_mean([states[m] for m in others], [weights[m] for m in others]))
+    return out
+
+
+def exact_mean(states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> TensorDict:
+    """Best rank-r factors of the weighted mean of the clients' products B_m·A_m (r: each A's row count)."""
+    _check(states, weights)
+    w = float(sum(weights))
+    coeffs = [wi / w for wi in weights]
+    out: TensorDict = {}
+    for a_name, b_name in lora_pairs(states[0]):
+        rank = states[0][a_name].shape[0]
+        out[b_name], out[a_name] = _low_rank_mean(
+            [s[b_name] for s in states], [s[a_name] for s in states], coeffs, rank
+        )
+    return out
+
+
+def product_rel_error(
+    approx: Mapping[str, np.ndarray], states: Sequence[Mapping[str, np.ndarray]], coeffs: Sequence[float]
+) -> float:
+    """‖Σ_pairs (B'A' − Σ c_m B_m A_m)‖_F / ‖Σ c_m B_m A_m‖_F: how far ``approx`` is from the exact mean product."""
+    num = den = 0.0
+    for a_name, b_name in lora_pairs(approx):
+        exact = sum(
+            c * (s[b_name].astype(np.float64) @ s[a_name].astype(np.float64))
+            for c, s in zip(coeffs, states, strict=True)
+        )
+        diff = approx[b_name].astype(np.float64) @ approx[a_name].astype(np.float64) - exact
+        num += float(np.square(diff).sum())
+        den += float(np.square(exact).sum())
+    return float(np.sqrt(num / den)) if den > 0 else 0.0
+
+
+def clip_deviation(state: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], max_norm: float) -> TensorDict:
+    """reference + (state − reference) scaled down to global L2 norm ``max_norm`` if larger (robust aggregation).
+
+    Applied to what a client contributes to an aggregate, never to the server's copy of its adapter, which
+    must stay exactly what the client holds.
+    """
+    dev = {k: state[k] - reference[k] for k in state}
+    norm = float(np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in dev.values())))
+    if norm <= max_norm or norm == 0.0:
+        return dict(state)
+    scale = np.float32(max_norm / norm)
+    return {k: reference[k] + dev[k] * scale for k in state}

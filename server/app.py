@@ -46,7 +46,7 @@ from ..common.messages import (
 )
 from ..transport.aio import FedQuicServer, Peer
 from ..transport.framing import frame_size
-from .aggregation import fedavg, leave_one_out
+from .aggregation import clip_deviation, exact_mean, fedavg, leave_one_out, leave_one_out_exact
 from .config import ServerConfig
 from .rounds import Action, CloseRound, Fail, Finish, RoundMachine, StartRound
 
@@ -412,6 +412,9 @@ class AggregationServer:
             return {}
         recs = [self.clients[c] for c in contributors]
         states = [r.view for r in recs]
+        if job.clip_norm is not None:
+            assert self._init_state is not None
+            states = [clip_deviation(s, self._init_state, job.clip_norm) for s in states]
         if job.weighting == "samples":
             weights = [float(min(max(r.num_samples, 1), job.max_sample_weight)) for r in recs]
         else:
@@ -426,12 +429,13 @@ class AggregationServer:
             # Privacy floor: a RoW built from one client would hand out that client's adapter alone.
             log.warning("round closed with %d contributor(s): no Rest-of-World adapter is sent", len(recs))
             return {}
-        rows = leave_one_out(states, weights)
+        exact = job.row_mode == "exact"
+        rows = leave_one_out_exact(states, weights) if exact else leave_one_out(states, weights)
         for cid, row in zip(contributors, rows, strict=True):
             out[cid] = (row, "row", len(recs) - 1)
         others = [c for c in self.clients if c not in out]
         if others:
-            mean = fedavg(states, weights)
+            mean = exact_mean(states, weights) if exact else fedavg(states, weights)
             for cid in others:
                 out[cid] = (mean, "row", len(recs))
         return out

@@ -28,6 +28,12 @@ class JobConfig(BaseModel):
     downlink: EncodingSpec = EncodingSpec()
     # Downlink error feedback: each client is sent C(target − what it holds + residual), per client.
     downlink_error_feedback: bool = True
+    # Rest-of-World construction: "factor-mean" averages A and B separately (the FedALT paper); "exact" takes
+    # the mean of the products B·A and re-factors it to rank r by truncated SVD.
+    row_mode: Literal["factor-mean", "exact"] = "factor-mean"
+    # Robust aggregation: each client's contribution (its adapter minus the shared init) is scaled down to this
+    # global L2 norm before averaging. None: no clipping.
+    clip_norm: float | None = Field(default=None, gt=0)
     # "uniform" is the FedALT paper's mean; "samples" weights by reported sample counts (capped).
     weighting: Literal["uniform", "samples"] = "uniform"
     max_sample_weight: int = Field(default=1_000_000, ge=1)

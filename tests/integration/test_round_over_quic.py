@@ -120,3 +120,20 @@ async def test_sparse_uplink_and_downlink_with_error_feedback_over_quic(
         row = learner.fam.row_state()
         assert all(np.array_equal(row[k], client.held["row"][k]) for k in row)
         assert any(np.abs(v).max() > 0 for v in row.values())
+
+
+async def test_exact_row_mode_with_two_clients_hands_over_the_other_product(
+    tiny_model_dir: Path, dev_pki, tmp_path: Path
+) -> None:
+    job = JobConfig(train=TrainSpec(local_steps=3, lr=2e-2, batch_size=4), row_mode="exact", clip_norm=100.0)
+    learners, clients, _ = await run_job(tiny_model_dir, dev_pki, tmp_path, job, TASKS[:2], rounds=1)
+    trained = [lr.local_state() for lr in learners]
+    for i, client in enumerate(clients):
+        row, other = client.rows_received[1], trained[1 - i]
+        for name in row:
+            if ".lora_A." not in name:
+                continue
+            b_name = name.replace(".lora_A.", ".lora_B.")
+            got = row[b_name].astype(np.float64) @ row[name].astype(np.float64)
+            want = other[b_name].astype(np.float64) @ other[name].astype(np.float64)
+            assert np.linalg.norm(got - want) <= 0.05 * np.linalg.norm(want), name  # INT8 both ways

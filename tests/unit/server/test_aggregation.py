@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 from fedquic.common.errors import JobError
-from fedquic.server.aggregation import fedavg, leave_one_out
+from fedquic.server.aggregation import (
+    clip_deviation,
+    fedavg,
+    leave_one_out,
+    leave_one_out_exact,
+    product_rel_error,
+)
 
 
 def three_clients() -> list[dict[str, np.ndarray]]:
@@ -65,3 +71,51 @@ def test_mismatched_names_are_refused() -> None:
     s[1] = {"A": s[1]["A"]}
     with pytest.raises(ValueError):
         fedavg(s, [1.0, 1.0, 1.0])
+
+
+def lora_states(n: int, r: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "m.lora_A.weight": rng.normal(size=(r, 7)).astype(np.float32),
+            "m.lora_B.weight": rng.normal(size=(5, r)).astype(np.float32),
+        }
+        for _ in range(n)
+    ]
+
+
+def product(s: dict[str, np.ndarray]) -> np.ndarray:
+    return s["m.lora_B.weight"].astype(np.float64) @ s["m.lora_A.weight"].astype(np.float64)
+
+
+def test_exact_with_two_clients_hands_each_the_others_product() -> None:
+    a, b = lora_states(2, r=3)
+    rows = leave_one_out_exact([a, b], [1.0, 1.0])
+    np.testing.assert_allclose(product(rows[0]), product(b), atol=1e-5)
+    np.testing.assert_allclose(product(rows[1]), product(a), atol=1e-5)
+
+
+def test_exact_is_the_best_rank_r_approximation_of_the_mean_product() -> None:
+    states = lora_states(4, r=2, seed=3)
+    weights = [1.0, 2.0, 1.0, 3.0]
+    rows = leave_one_out_exact(states, weights)
+    for k, row in enumerate(rows):
+        others = [m for m in range(4) if m != k]
+        mean = sum(weights[m] * product(states[m]) for m in others) / sum(weights[m] for m in others)
+        u, s, vt = np.linalg.svd(mean)
+        best = (u[:, :2] * s[:2]) @ vt[:2]
+        np.testing.assert_allclose(product(row), best, atol=1e-5)
+        assert row["m.lora_A.weight"].shape == (2, 7) and row["m.lora_B.weight"].shape == (5, 2)
+        # and factor-mean is measurably farther from the mean product than the exact mode
+        coeffs = [weights[m] / sum(weights[i] for i in others) for m in others]
+        fm = leave_one_out(states, weights)[k]
+        sub = [states[m] for m in others]
+        assert product_rel_error(row, sub, coeffs) < product_rel_error(fm, sub, coeffs)
+
+
+def test_clip_deviation_by_hand() -> None:
+    ref = {"x": np.zeros(2, np.float32)}
+    clipped = clip_deviation({"x": np.array([3.0, 4.0], np.float32)}, ref, 1.0)  # norm 5 -> 1
+    np.testing.assert_allclose(clipped["x"], [0.6, 0.8], rtol=1e-6)
+    small = clip_deviation({"x": np.array([0.3, 0.4], np.float32)}, ref, 1.0)
+    np.testing.assert_array_equal(small["x"], np.array([0.3, 0.4], np.float32))
