@@ -117,6 +117,7 @@ class PeftLearner:
             batch_size=spec.batch_size,
             max_len=self.cfg.max_len,
             seed=self.cfg.data_seed * 100_003 + round_,
+            prox_mu=spec.prox_mu,
         )
         every = max(1, spec.local_steps // 4)
 

@@ -38,6 +38,7 @@ class TrainConfig:
     seed: int = 0
     eval_samples: int = 32  # size of the fixed subset behind loss_before/loss_after
     max_grad_norm: float = 1.0  # 0 disables clipping
+    prox_mu: float = 0.0  # FedProx: adds mu/2·‖w − w_round_start‖² over the trainable parameters
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_samples"):
@@ -47,8 +48,8 @@ class TrainConfig:
             raise ConfigError(f"max_len must be >= 2, got {self.max_len}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise ConfigError("weight_decay and max_grad_norm must be >= 0")
+        if self.weight_decay < 0 or self.max_grad_norm < 0 or self.prox_mu < 0:
+            raise ConfigError("weight_decay, max_grad_norm and prox_mu must be >= 0")
 
 
 @dataclass
@@ -125,6 +126,7 @@ def train_local(
     rng = np.random.default_rng(cfg.seed)  # local generator: no shared RNG state between threads
     order: list[int] = []
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    anchors = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else []
     fam.model.train()
     start = time.perf_counter()
     try:
@@ -145,6 +147,11 @@ def train_local(
                 loss, _ = _loss_sum(fam, batch)
                 (loss / max(total_tokens, 1)).backward()
                 step_loss += float(loss.detach())
+            if anchors:  # FedProx: the gradient of mu/2·‖w − w0‖², added directly (no graph needed)
+                with torch.no_grad():
+                    for p, a in zip(params, anchors, strict=True):
+                        if p.grad is not None:
+                            p.grad.add_(p - a, alpha=cfg.prox_mu)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()

@@ -61,6 +61,7 @@ class TrainSpec(BaseModel):
     local_steps: int = Field(default=10, ge=0, le=1_000_000)
     lr: float = Field(default=3e-3, gt=0, le=10)
     batch_size: int = Field(default=8, ge=1, le=65_536)
+    prox_mu: float = Field(default=0.0, ge=0, le=1e6)  # FedProx proximal term; 0 disables it
 
 
 class Hello(Header):

@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--local-steps", type=int, default=10, help="local training steps per round (default 10)")
     s.add_argument("--lr", type=float, default=3e-3, help="client learning rate (default 3e-3)")
     s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--prox-mu", type=float, default=0.0, help="FedProx proximal coefficient sent to clients (0: off)")
     s.add_argument("--init-seed", type=int, default=0, help="job seed for the shared adapter initialisation")
     s.add_argument(
         "--uplink",
@@ -289,7 +290,7 @@ def _server_config(args: argparse.Namespace, certs: Path, targets: tuple[str, ..
             row_mode=args.row_mode,
             clip_norm=args.clip_norm,
             lora=LoraJobSpec(rank=args.rank, alpha=args.alpha, target_modules=targets),
-            train=TrainSpec(local_steps=args.local_steps, lr=args.lr, batch_size=args.batch_size),
+            train=TrainSpec(local_steps=args.local_steps, lr=args.lr, batch_size=args.batch_size, prox_mu=args.prox_mu),
             uplink=uplink,
             downlink=downlink,
         ),

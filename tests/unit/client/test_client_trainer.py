@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import math
 
+import numpy as np
 import pytest
 import torch
 from fedquic.client.data import make_examples, tokenize_examples
@@ -68,3 +69,20 @@ def test_train_local_needs_examples(load_tiny) -> None:
     fam = FedALTModel(model, LoraSpec(rank=4), init_seed=0)
     with pytest.raises(ConfigError):
         train_local(fam, [], tok, TrainConfig())
+
+
+def test_fedprox_term_keeps_parameters_closer_to_the_round_start(load_tiny) -> None:
+    def drift(mu: float) -> float:
+        model, tok = load_tiny(gradient_checkpointing=False)
+        fam = FedALTModel(model, LoraSpec(rank=4), init_seed=0, federation="fedavg")
+        start = fam.local_state()
+        train_local(
+            fam,
+            make_examples("reverse", 32, 0),
+            tok,
+            TrainConfig(steps=15, lr=1e-2, batch_size=4, max_grad_norm=0, prox_mu=mu),
+        )
+        end = fam.local_state()
+        return float(sum(np.square(end[k] - start[k]).sum() for k in start))
+
+    assert drift(200.0) < 0.5 * drift(0.0)
