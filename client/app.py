@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..common.adapter import AdapterSchema, TensorDict, init_lora_state, state_hash, zeros_state
 from ..common.codec import decode_tensors, fp32_nbytes
-from ..common.errors import ConfigError, ErrorCode, ProtocolError, RemoteError, SchemaMismatchError
+from ..common.errors import ConfigError, ErrorCode, ProtocolError, RemoteError, SchemaMismatchError, TransportError
 from ..common.feedback import ErrorFeedback
 from ..common.logs import client_id_var, round_var
 from ..common.messages import (
@@ -56,6 +57,11 @@ class ClientConfig(BaseModel):
     transport: TransportSettings = TransportSettings()
     run_dir: Path = Path("runs/client")
     message_timeout_s: float = Field(default=3600.0, gt=0)
+    # Connecting (before the job is joined) is retried with exponential backoff and jitter, so clients may
+    # start before the server; a refused certificate or identity is not retried.
+    connect_attempts: int = Field(default=8, ge=1)
+    backoff_initial_s: float = Field(default=0.5, gt=0)
+    backoff_max_s: float = Field(default=30.0, gt=0)
 
 
 @dataclass
@@ -87,15 +93,33 @@ class FederatedClient:
         self.ef = ErrorFeedback()
         self.schema: AdapterSchema | None = None
         self.held: dict[str, TensorDict] = {}
+        self.joined = False
         self.rows_received: dict[int, TensorDict] = {}  # last RoW per round, for inspection and tests
         self.keep_rows = False
 
     async def run(self) -> ClientResult:
         client_id_var.set(self.cfg.client_id)
         cfg = self.cfg
+        delay = cfg.backoff_initial_s
+        for attempt in range(1, cfg.connect_attempts + 1):
+            try:
+                return await self._run_once()
+            except TransportError as exc:
+                final = exc.code in (ErrorCode.CERTIFICATE, ErrorCode.IDENTITY_MISMATCH)
+                if self.joined or final or attempt == cfg.connect_attempts:
+                    raise
+                wait = delay * (1.0 + 0.5 * random.random())  # jitter: clients do not retry in lockstep
+                log.warning("connection attempt %d failed (%s); retrying in %.1f s", attempt, exc, wait)
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, cfg.backoff_max_s)
+        raise AssertionError("unreachable")
+
+    async def _run_once(self) -> ClientResult:
+        cfg = self.cfg
         async with connect_peer(cfg.host, cfg.port, cfg.transport, cfg.tls, cfg.server_name) as peer:
             log.info("connected to %s:%d%s", cfg.host, cfg.port, " (resumed)" if peer.session_resumed else "")
             job = await self._join(peer)
+            self.joined = True
             result = ClientResult(job_id=job.job_id)
             while True:
                 msg = await self._recv(peer)

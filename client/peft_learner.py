@@ -75,8 +75,12 @@ class PeftLearner:
     def attach(self, job: Welcome) -> AdapterSchema:
         from .fedalt import FedALTModel, LoraSpec
 
-        if self.fam is not None:
-            raise ConfigError("adapters are already attached to this learner")
+        key = (job.lora, job.init_seed, job.mixer, job.federation)
+        if self.fam is not None:  # a reconnect to the same job (e.g. after a failed first attempt)
+            if key != self._job_key:
+                raise ConfigError("this learner is attached to a job with other adapter settings")
+            return self.fam.schema()
+        self._job_key = key
         lora = LoraSpec(
             rank=job.lora.rank,
             alpha=job.lora.alpha,
