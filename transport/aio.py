@@ -11,6 +11,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -85,7 +86,7 @@ class Peer(QuicConnectionProtocol):
         self.socket_buffers = _tune_socket(transport.get_extra_info("socket"), self.settings.socket_buffer_bytes)
 
     def quic_event_received(self, event: Any) -> None:
-        for ev in self.core.handle_event(event):
+        for ev in self.core.handle_event(event, time.monotonic()):
             if isinstance(ev, MessageReceived):
                 self._inbox.put_nowait(ev)
             elif isinstance(ev, ConnectionReady):
@@ -210,11 +211,19 @@ class Peer(QuicConnectionProtocol):
 
     async def _keepalive_loop(self) -> None:
         uid = 0
+        last_ping = time.monotonic()
         while not self.closed.is_set():
-            await asyncio.sleep(self.settings.keepalive_s)
-            uid += 1
-            self._quic.send_ping(uid)
-            self.transmit()
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for ev in self.core.expire(now):  # a bulk stream that never finishes
+                if isinstance(ev, ProtocolViolation):
+                    log.warning("closing %s: %s", self.remote_address, ev.error)
+                    self._refuse(ev.error)
+            if now - last_ping >= self.settings.keepalive_s:
+                uid += 1
+                last_ping = now
+                self._quic.send_ping(uid)
+                self.transmit()
 
 
 def _quic_config(

@@ -69,6 +69,7 @@ AppEvent = ConnectionReady | MessageReceived | StreamAborted | PeerClosed | Prot
 class _StreamState:
     decoder: FrameDecoder
     bulk: bool
+    opened_at: float
     frames: int = 0
     bytes_received: int = 0
 
@@ -144,6 +145,10 @@ class FedQuicConnection:
         if end:
             self.counters.messages_sent += 1
 
+    def buffered_bytes(self) -> int:
+        """Bytes held in partially received frames on this connection."""
+        return sum(s.decoder.buffered for s in self._streams.values())
+
     def unacked_bytes(self, stream_id: int | None = None) -> int:
         """Bytes written but not yet acknowledged by the peer's QUIC stack, on one stream or all.
 
@@ -162,12 +167,13 @@ class FedQuicConnection:
 
     # -- receiving -----------------------------------------------------------------------------
 
-    def handle_event(self, event: QuicEvent) -> list[AppEvent]:
+    def handle_event(self, event: QuicEvent, now: float = 0.0) -> list[AppEvent]:
+        """Our events for one QUIC event; ``now`` (seconds, any monotonic clock) dates new streams."""
         if self._violated:
             return []
         if isinstance(event, StreamDataReceived):
             try:
-                return self._on_data(event)
+                return self._on_data(event, now)
             except ProtocolError as exc:
                 self._violated = True
                 return [ProtocolViolation(exc)]
@@ -188,7 +194,24 @@ class FedQuicConnection:
             return [PeerClosed(event.error_code, event.reason_phrase)]
         return []
 
-    def _on_data(self, event: StreamDataReceived) -> list[AppEvent]:
+    def expire(self, now: float) -> list[AppEvent]:
+        """A violation if a bulk stream has been open longer than the limit (call it periodically)."""
+        if self._violated:
+            return []
+        for sid, st in self._streams.items():
+            if st.bulk and now - st.opened_at > self._limits.stream_timeout_s:
+                self._violated = True
+                return [
+                    ProtocolViolation(
+                        ProtocolError(
+                            f"stream {sid} unfinished after {self._limits.stream_timeout_s:.0f} s",
+                            code=ErrorCode.TIMEOUT,
+                        )
+                    )
+                ]
+        return []
+
+    def _on_data(self, event: StreamDataReceived, now: float) -> list[AppEvent]:
         sid = event.stream_id
         st = self._streams.get(sid)
         if st is None:
@@ -200,7 +223,17 @@ class FedQuicConnection:
                     if self.control_stream_id is not None and sid != self.control_stream_id:
                         raise ProtocolError("a second control stream was opened", code=ErrorCode.UNEXPECTED_MESSAGE)
                     self.control_stream_id = sid
-            st = self._streams[sid] = _StreamState(FrameDecoder(self._limits), bulk=bulk)
+            if bulk and sum(s.bulk for s in self._streams.values()) >= self._limits.max_open_streams:
+                raise ProtocolError(
+                    f"more than {self._limits.max_open_streams} bulk streams open at once",
+                    code=ErrorCode.LIMIT_EXCEEDED,
+                )
+            st = self._streams[sid] = _StreamState(FrameDecoder(self._limits), bulk=bulk, opened_at=now)
+        if self.buffered_bytes() + len(event.data) > self._limits.max_buffered_bytes:
+            raise ProtocolError(
+                f"more than {self._limits.max_buffered_bytes} bytes buffered in unfinished frames",
+                code=ErrorCode.LIMIT_EXCEEDED,
+            )
         st.bytes_received += len(event.data)
         self.counters.bytes_received += len(event.data)
         out: list[AppEvent] = []

@@ -1,0 +1,102 @@
+"""The sans-I/O core driven by hand-made QUIC events and a fake clock: no sockets, no event loop."""
+
+from __future__ import annotations
+
+import pytest
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import ConnectionTerminated, StreamDataReceived, StreamReset
+from fedquic.common.codec import Manifest
+from fedquic.common.errors import ErrorCode
+from fedquic.common.limits import WireLimits
+from fedquic.common.messages import Aggregate, Heartbeat, MsgType
+from fedquic.transport.connection import (
+    FedQuicConnection,
+    MessageReceived,
+    PeerClosed,
+    ProtocolViolation,
+    StreamAborted,
+)
+from fedquic.transport.framing import encode_frame
+
+CONTROL = 0  # first client-initiated bidirectional stream
+
+
+def uni(i: int) -> int:
+    return 4 * i + 2  # client-initiated unidirectional stream ids: 2, 6, 10, ...
+
+
+@pytest.fixture(scope="module")
+def server_core(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A factory of server-side cores over a real (never handshaken) QuicConnection."""
+    from fedquic.transport.pki import init_dev_pki
+
+    pki = init_dev_pki(tmp_path_factory.mktemp("core-pki"))
+
+    def make(**limits: object) -> FedQuicConnection:
+        cfg = QuicConfiguration(is_client=False)
+        cfg.load_cert_chain(str(pki.server_cert), str(pki.server_key))
+        quic = QuicConnection(configuration=cfg, original_destination_connection_id=bytes(8))
+        return FedQuicConnection(quic, limits=WireLimits(**limits))  # type: ignore[arg-type]
+
+    return make
+
+
+def bulk_frame(n: int) -> bytes:
+    return encode_frame(Aggregate(round=1, contributors=0, manifest=Manifest(tensors=(), raw_size=n)), bytes(n))
+
+
+def test_messages_come_out_whole_whatever_the_chunking(server_core) -> None:  # type: ignore[no-untyped-def]
+    core = server_core()
+    frame = bulk_frame(5000)
+    events = []
+    for i in range(0, len(frame), 1000):
+        events += core.handle_event(StreamDataReceived(frame[i : i + 1000], i + 1000 >= len(frame), uni(0)), 1.0)
+    events += core.handle_event(StreamDataReceived(encode_frame(Heartbeat(seq=3)), False, CONTROL), 2.0)
+    kinds = [(type(e).__name__, e.message.type, e.on_control) for e in events if isinstance(e, MessageReceived)]
+    assert kinds == [("MessageReceived", MsgType.AGGREGATE, False), ("MessageReceived", MsgType.HEARTBEAT, True)]
+    assert core.control_stream_id == CONTROL and core.buffered_bytes() == 0
+
+
+def test_too_many_open_bulk_streams_is_a_violation(server_core) -> None:  # type: ignore[no-untyped-def]
+    core = server_core(max_open_streams=2)
+    half = bulk_frame(100)[:50]
+    assert core.handle_event(StreamDataReceived(half, False, uni(0))) == []
+    assert core.handle_event(StreamDataReceived(half, False, uni(1))) == []
+    [ev] = core.handle_event(StreamDataReceived(half, False, uni(2)))
+    assert isinstance(ev, ProtocolViolation) and ev.error.code is ErrorCode.LIMIT_EXCEEDED
+    assert core.handle_event(StreamDataReceived(half, False, uni(3))) == []  # nothing more after a violation
+
+
+def test_buffered_bytes_are_bounded_per_connection(server_core) -> None:  # type: ignore[no-untyped-def]
+    core = server_core(max_buffered_bytes=1 << 16)
+    frame = bulk_frame(1 << 17)
+    assert core.handle_event(StreamDataReceived(frame[: 1 << 15], False, uni(0))) == []
+    [ev] = core.handle_event(StreamDataReceived(frame[1 << 15 : 1 << 16 + 1 << 10], False, uni(0)))
+    assert isinstance(ev, ProtocolViolation) and ev.error.code is ErrorCode.LIMIT_EXCEEDED
+
+
+def test_a_stream_that_never_finishes_expires(server_core) -> None:  # type: ignore[no-untyped-def]
+    core = server_core(stream_timeout_s=30.0)
+    core.handle_event(StreamDataReceived(bulk_frame(100)[:40], False, uni(0)), now=100.0)
+    assert core.expire(now=129.0) == []
+    [ev] = core.expire(now=131.0)
+    assert isinstance(ev, ProtocolViolation) and ev.error.code is ErrorCode.TIMEOUT
+
+
+def test_stream_ending_inside_a_frame_and_second_frame_on_bulk_stream(server_core) -> None:  # type: ignore[no-untyped-def]
+    core = server_core()
+    [ev] = core.handle_event(StreamDataReceived(bulk_frame(10)[:-3], True, uni(0)))
+    assert isinstance(ev, ProtocolViolation) and ev.error.code is ErrorCode.MALFORMED_FRAME
+    core = server_core()
+    events = core.handle_event(StreamDataReceived(bulk_frame(10) + bulk_frame(10), False, uni(0)))
+    assert isinstance(events[-1], ProtocolViolation)
+
+
+def test_resets_and_close_become_our_events(server_core) -> None:  # type: ignore[no-untyped-def]
+    core = server_core()
+    core.handle_event(StreamDataReceived(bulk_frame(100)[:40], False, uni(0)))
+    [ev] = core.handle_event(StreamReset(error_code=7, stream_id=uni(0)))
+    assert ev == StreamAborted(uni(0), 7) and core.buffered_bytes() == 0
+    [ev] = core.handle_event(ConnectionTerminated(error_code=0x105, frame_type=None, reason_phrase="bye"))
+    assert ev == PeerClosed(0x105, "bye")
