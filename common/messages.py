@@ -7,6 +7,7 @@ parsed header is safe to use.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import ClassVar, Literal
 
@@ -164,13 +165,15 @@ HEADER_TYPES: dict[MsgType, type[Header]] = {
 }
 
 
-class Message(BaseModel):
-    """A decoded message: typed header plus body bytes (empty for control messages)."""
+@dataclass(frozen=True)
+class Message:
+    """A decoded message: typed header plus body bytes (empty for control messages).
 
-    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    A plain dataclass: the body is handed over as received (a bytearray for bulk frames), never copied.
+    """
 
     header: Header
-    body: bytes = b""
+    body: bytes | bytearray = b""
 
     @property
     def type(self) -> MsgType:

@@ -129,7 +129,7 @@ class FrameDecoder:
             header = parse_header(p.msg_type, bytes(self._buf))
             if bool(p.body_len) and not header.has_body:
                 raise ProtocolError(f"{header.msg_type.name} carries no body", code=ErrorCode.MALFORMED_FRAME)
-            out.append(Message(header=header, body=bytes(self._body)))
+            out.append(Message(header=header, body=self._body))  # handed over, not copied (64 MiB = ~40 ms)
             self._buf.clear()
             self._pending = None
             self._body = None
