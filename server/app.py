@@ -125,7 +125,7 @@ class AggregationServer:
             await self.close()
 
     def request_stop(self, reason: str = "stopped by signal") -> None:
-        self._finish(JobResult(False, self.machine.round - 1, reason))
+        self._finish(JobResult(False, max(self.machine.round - 1, 0), reason))
 
     async def close(self) -> None:
         for rec in list(self.clients.values()):
