@@ -137,6 +137,9 @@ class FederatedClient:
                         f"unexpected {msg.type.name} from the server", code=ErrorCode.UNEXPECTED_MESSAGE
                     )
             self._save(result)
+            save = getattr(self.learner, "save", None)
+            if save is not None:
+                await asyncio.to_thread(save, self.cfg.run_dir / "adapters")
             await peer.aclose(0, "bye")
             return result
 

@@ -42,3 +42,5 @@ class Learner(Protocol):
     def train(self, round_: int, spec: TrainSpec) -> dict[str, float]:
         """Train locally for one round; return metrics (at least ``loss_before``, ``loss_after``)."""
         ...
+
+    # Optional: ``save(out_dir: Path) -> None`` is called once the job ends, to write the trained adapters.

@@ -137,3 +137,12 @@ class PeftLearner:
             "steps": float(res.steps),
             "samples": float(res.samples),
         }
+
+    def save(self, out_dir: Path) -> None:
+        """Write the trained adapters: a peft directory of the individual LoRA and the full FedALT model."""
+        from .export import export_peft_adapter, save_fedalt
+
+        fam = self._model()
+        peft_dir = export_peft_adapter(fam, Path(out_dir) / "peft")
+        save_fedalt(fam, Path(out_dir) / "fedalt")
+        log.info("saved adapters: peft %s, fedalt %s", peft_dir, Path(out_dir) / "fedalt")

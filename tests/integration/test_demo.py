@@ -40,3 +40,6 @@ def test_demo_runs_and_prints_its_table(tmp_path: Path) -> None:
     assert {(r[0], r[1]) for r in rows} == {(r, c) for r in ("1", "2") for c in ("client-1", "client-2")}
     assert "2 rounds in" in out
     assert (tmp_path / "demo" / "server" / "history.jsonl").is_file()
+    adapters = tmp_path / "demo" / "client-1" / "adapters"
+    assert (adapters / "peft" / "local" / "adapter_config.json").is_file()
+    assert (adapters / "fedalt" / "fedalt.json").is_file() and (adapters / "fedalt" / "row.safetensors").is_file()

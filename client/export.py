@@ -1,0 +1,85 @@
+"""Exporting trained adapters.
+
+* :func:`export_peft_adapter`: the individual LoRA as a standard peft directory (``adapter_config.json`` +
+  ``adapter_model.safetensors``) that ``PeftModel.from_pretrained(base, path)`` loads. In ``fedavg``/``local``
+  mode that *is* the whole model; in ``fedalt`` mode it is the personal half only.
+* :func:`save_fedalt` / :func:`load_fedalt`: the full FedALT model (both LoRAs and the per-token mixers), which
+  peft cannot express and which cannot be merged into the base weights (the mix depends on each token), as
+  safetensors files plus a JSON description. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from ..common.errors import ConfigError
+from .fedalt import LOCAL, ROW, FedALTModel, LoraSpec
+
+FORMAT = "fedquic-fedalt/1"
+
+
+def export_peft_adapter(fam: FedALTModel, out_dir: Path) -> Path:
+    """Write the individual LoRA as a peft adapter directory; returns the directory to load."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fam.model.save_pretrained(str(out_dir), selected_adapters=[LOCAL])
+    # peft writes a non-default adapter into a sub-directory named after it.
+    return out_dir / LOCAL if (out_dir / LOCAL / "adapter_config.json").exists() else out_dir
+
+
+def _atomic_save(tensors: dict[str, np.ndarray], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def save_fedalt(fam: FedALTModel, out_dir: Path) -> Path:
+    """Save both adapters, the mixers and the settings needed to rebuild the model."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_save(fam.local_state(), out_dir / "local.safetensors")
+    if fam.federation == "fedalt":
+        _atomic_save(fam.row_state(), out_dir / "row.safetensors")
+        mixers = fam.mixer_state()
+        if mixers:
+            _atomic_save(mixers, out_dir / "mixer.safetensors")
+    meta = {
+        "format": FORMAT,
+        "lora": asdict(fam.lora),
+        "init_seed": fam.init_seed,
+        "mixer": fam.mixer,
+        "federation": fam.federation,
+    }
+    (out_dir / "fedalt.json").write_text(json.dumps(meta, indent=2))
+    return out_dir
+
+
+def load_fedalt(base_model: Any, in_dir: Path) -> FedALTModel:
+    """Rebuild a saved FedALT model on a freshly loaded base model (same base as at training time)."""
+    in_dir = Path(in_dir)
+    try:
+        meta = json.loads((in_dir / "fedalt.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{in_dir} is not a saved FedALT model: {exc}") from None
+    if meta.get("format") != FORMAT:
+        raise ConfigError(f"{in_dir}: unknown format {meta.get('format')!r}, expected {FORMAT}")
+    fam = FedALTModel(
+        base_model,
+        LoraSpec(**meta["lora"]),
+        init_seed=meta["init_seed"],
+        mixer=meta["mixer"],
+        federation=meta["federation"],
+    )
+    fam.set_local_state(load_file(str(in_dir / "local.safetensors")))
+    if fam.federation == "fedalt":
+        fam.set_row_state(load_file(str(in_dir / f"{ROW}.safetensors")))
+        if (in_dir / "mixer.safetensors").exists():
+            fam.set_mixer_state(load_file(str(in_dir / "mixer.safetensors")))
+    return fam
