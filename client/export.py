@@ -83,3 +83,19 @@ def load_fedalt(base_model: Any, in_dir: Path) -> FedALTModel:
         if (in_dir / "mixer.safetensors").exists():
             fam.set_mixer_state(load_file(str(in_dir / "mixer.safetensors")))
     return fam
+
+
+def merge_into_base(base_path: Path, adapter_dir: Path, out_dir: Path) -> Path:
+    """``fedavg``/``local`` mode: fold an exported peft adapter into a full-precision copy of the base model
+    (W + B·A·s) and save it as a plain transformers model directory. A 4-bit base cannot take the merge without
+    re-quantizing, so the base is loaded unquantized here."""
+    from peft import PeftModel
+
+    from .model import LoadSpec, load_base_model
+
+    base, tokenizer = load_base_model(Path(base_path), LoadSpec(quantization="none", gradient_checkpointing=False))
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    out_dir = Path(out_dir)
+    merged.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir

@@ -47,3 +47,19 @@ def test_fedalt_save_and_load_give_the_same_logits(load_tiny, tmp_path) -> None:
     torch.testing.assert_close(logits(again.model, batch), logits(fam.model, batch), rtol=1e-5, atol=1e-5)
     assert all(np.array_equal(again.mixer_state()[k], v) for k, v in fam.mixer_state().items())
     assert not list((tmp_path / "fedalt").glob("*.pkl")) and not list((tmp_path / "fedalt").glob("*.bin"))
+
+
+def test_merge_into_an_unquantized_base_matches_the_adapter(load_tiny, tiny_model_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from fedquic.client.export import merge_into_base
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    fam, tok = trained(load_tiny, "fedavg")
+    batch = tokenize_examples(tok, make_examples("reverse", 4, 9), 48, batch_size=4)[0]
+    adapter = export_peft_adapter(fam, tmp_path / "peft")
+    merged_dir = merge_into_base(tiny_model_dir, adapter, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), local_files_only=True)
+    full_base, _ = load_tiny(quantization="none", gradient_checkpointing=False)
+    with_adapter = PeftModel.from_pretrained(full_base, str(adapter))
+    torch.testing.assert_close(logits(merged, batch), logits(with_adapter, batch), rtol=1e-4, atol=1e-4)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
