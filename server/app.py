@@ -362,32 +362,9 @@ class AggregationServer:
         contributors = [c for c in act.contributors if c in self.clients]
         payloads = await asyncio.to_thread(self._aggregate, contributors)
         agg_s = time.perf_counter() - t0
-        waits: list[asyncio.Future[None]] = []
-        for cid, (state, kind, n_contrib) in payloads.items():
-            rec = self.clients.get(cid)
-            if rec is None:
-                continue
-            payload, held = await asyncio.to_thread(self._downlink_payload, rec, kind, state)
-            header = Aggregate(
-                round=act.round, kind=kind, delta=True, contributors=n_contrib, manifest=payload.manifest
-            )
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            rec.aggregate_acks[act.round] = fut
-            try:
-                n = await rec.peer.send_bulk(header, payload.body)
-            except TransportError:
-                fut.set_result(None)
-                continue
-            rec.held[kind] = held
-            rec.held_hash[act.round] = state_hash(held)
-            if kind == "global":  # the global replaces the client's own adapter: that is now our view of it
-                rec.view = {k: v.copy() for k, v in held.items()}
-                rec.view_hash = state_hash(rec.view)
-            st = rec.stats.setdefault(act.round, {})
-            st["bytes_down"] = float(n)
-            st["fp32_down"] = float(fp32_nbytes(payload.manifest))
-            st["ef_down_residual_norm"] = rec.downlink_ef.residual_norm()
-            waits.append(fut)
+        # Every client's payload is encoded and sent concurrently: one slow receiver does not hold up the others.
+        sent = await asyncio.gather(*(self._send_aggregate(act.round, cid, *entry) for cid, entry in payloads.items()))
+        waits = [fut for fut in sent if fut is not None]
         if waits:
             # Delivery is the client's ACK, not our write returning.
             done, _ = await asyncio.wait(waits, timeout=self.cfg.policy.round_timeout_s)
@@ -395,6 +372,33 @@ class AggregationServer:
                 log.warning("%d clients did not acknowledge their aggregate", len(waits) - len(done))
         self._write_history(act.round, contributors, agg_s, time.perf_counter() - t0)
         self._apply(self.machine.on_aggregated(act.round, self.clock()))
+
+    async def _send_aggregate(
+        self, round_: int, cid: str, state: TensorDict, kind: str, n_contrib: int
+    ) -> asyncio.Future[None] | None:
+        """Encode and send one client's aggregate; returns the future its ACK resolves (None if it is gone)."""
+        rec = self.clients.get(cid)
+        if rec is None:
+            return None
+        payload, held = await asyncio.to_thread(self._downlink_payload, rec, kind, state)
+        header = Aggregate(round=round_, kind=kind, delta=True, contributors=n_contrib, manifest=payload.manifest)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        rec.aggregate_acks[round_] = fut
+        rec.held[kind] = held
+        rec.held_hash[round_] = state_hash(held)
+        if kind == "global":  # the global replaces the client's own adapter: that is now our view of it
+            rec.view = {k: v.copy() for k, v in held.items()}
+            rec.view_hash = state_hash(rec.view)
+        try:
+            n = await rec.peer.send_bulk(header, payload.body)
+        except TransportError:
+            fut.set_result(None)
+            return None
+        st = rec.stats.setdefault(round_, {})
+        st["bytes_down"] = float(n)
+        st["fp32_down"] = float(fp32_nbytes(payload.manifest))
+        st["ef_down_residual_norm"] = rec.downlink_ef.residual_norm()
+        return fut
 
     def _downlink_payload(self, rec: ClientRecord, kind: str, target: TensorDict) -> tuple[Payload, TensorDict]:
         """Encode (target − what the client holds) with the client's downlink error feedback.
