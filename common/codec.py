@@ -395,10 +395,6 @@ class Payload:
     body: bytes
     decoded: dict[str, np.ndarray]
 
-    @property
-    def wire_ratio(self) -> float:
-        return fp32_nbytes(self.manifest) / max(len(self.body), 1)
-
 
 def encode_payload(state: Mapping[str, np.ndarray], spec: EncodingSpec | None = None) -> Payload:
     """Encode, and decode our own bytes so the sender knows exactly what the receiver reconstructs."""

@@ -16,7 +16,6 @@ class WireLimits(BaseModel):
     max_dims: int = Field(default=8, ge=1, le=32)
     max_tensor_elements: int = Field(default=1 << 31, ge=1)
     max_total_elements: int = Field(default=1 << 31, ge=1)
-    max_metrics: int = Field(default=256, ge=0)
     # Per connection: incoming bulk streams open at once, bytes buffered in unfinished frames, and how long a
     # bulk stream may take to finish (a peer that opens streams and never completes them is cut off).
     max_open_streams: int = Field(default=16, ge=1)

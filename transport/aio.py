@@ -83,7 +83,8 @@ class Peer(QuicConnectionProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.socket_buffers = _tune_socket(transport.get_extra_info("socket"), self.settings.socket_buffer_bytes)
+        if self._quic.configuration.is_client:  # server peers share the listening socket, tuned once in start()
+            self.socket_buffers = _tune_socket(transport.get_extra_info("socket"), self.settings.socket_buffer_bytes)
 
     def quic_event_received(self, event: Any) -> None:
         for ev in self.core.handle_event(event, time.monotonic()):

@@ -74,15 +74,6 @@ class _StreamState:
     bytes_received: int = 0
 
 
-@dataclass
-class Counters:
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    messages_sent: int = 0
-    messages_received: int = 0
-    streams_opened: int = 0
-
-
 class FedQuicConnection:
     """fedquic framing over one :class:`QuicConnection`."""
 
@@ -97,7 +88,6 @@ class FedQuicConnection:
         self._is_client = quic.configuration.is_client
         self._streams: dict[int, _StreamState] = {}
         self.control_stream_id: int | None = None
-        self.counters = Counters()
         self._violated = False
 
     @property
@@ -125,7 +115,6 @@ class FedQuicConnection:
         data = encode_frame(header, body)
         assert self.control_stream_id is not None
         self._quic.send_stream_data(self.control_stream_id, data, end_stream=False)
-        self._count_sent(len(data))
         return len(data)
 
     def open_bulk(self, header: Header, body_len: int) -> int:
@@ -133,17 +122,10 @@ class FedQuicConnection:
         sid = self._quic.get_next_available_stream_id(is_unidirectional=True)
         head = encode_frame_head(header, body_len)
         self._quic.send_stream_data(sid, head, end_stream=body_len == 0)
-        self.counters.streams_opened += 1
-        self.counters.bytes_sent += len(head)
-        if body_len == 0:
-            self.counters.messages_sent += 1  # otherwise counted when the body ends
         return sid
 
     def write_bulk(self, stream_id: int, data: bytes | memoryview, *, end: bool) -> None:
         self._quic.send_stream_data(stream_id, data, end_stream=end)
-        self.counters.bytes_sent += len(data)
-        if end:
-            self.counters.messages_sent += 1
 
     def buffered_bytes(self) -> int:
         """Bytes held in partially received frames on this connection."""
@@ -160,10 +142,6 @@ class FedQuicConnection:
             s = streams.get(stream_id)
             return 0 if s is None else s.sender._buffer_stop - s.sender._buffer_start
         return sum(s.sender._buffer_stop - s.sender._buffer_start for s in streams.values())
-
-    def _count_sent(self, n: int) -> None:
-        self.counters.bytes_sent += n
-        self.counters.messages_sent += 1
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -235,7 +213,6 @@ class FedQuicConnection:
                 code=ErrorCode.LIMIT_EXCEEDED,
             )
         st.bytes_received += len(event.data)
-        self.counters.bytes_received += len(event.data)
         out: list[AppEvent] = []
         before = st.bytes_received - len(event.data)
         for msg in st.decoder.feed(event.data):
@@ -244,7 +221,6 @@ class FedQuicConnection:
                 raise ProtocolError("a bulk stream carries exactly one frame", code=ErrorCode.MALFORMED_FRAME)
             wire = st.bytes_received - before - st.decoder.buffered
             before += wire
-            self.counters.messages_received += 1
             out.append(MessageReceived(sid, msg, wire, on_control=not st.bulk))
         if event.end_stream:
             if not st.decoder.idle:

@@ -10,15 +10,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_codec_bench_quick_prints_json() -> None:
+def run_quick(bench: str) -> dict:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "codec.py"), "--quick", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [sys.executable, str(ROOT / "bench" / bench), "--quick", "--json"], capture_output=True, text=True, timeout=300
     )
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_codec_bench_quick_prints_json() -> None:
+    result = run_quick("codec.py")
     for key in (
         "int8_ratio",
         "int8_lz4_ratio",
@@ -34,14 +35,7 @@ def test_codec_bench_quick_prints_json() -> None:
 
 
 def test_transport_bench_quick_prints_json() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "transport.py"), "--quick", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_quick("transport.py")
     for key in (
         "quic_mbps",
         "quic_mbps_1452",
