@@ -81,6 +81,12 @@ class EncodingSpec(BaseModel):
     compression: Compression = Compression.LZ4
     lz4_level: int = Field(default=0, ge=0, le=12)  # 0: fast mode; 1-12: LZ4-HC level
 
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, data: object) -> object:
+        # Config files and environment variables may give the short form ("int8", "topk10+nolz4").
+        return cls.parse(data).model_dump() if isinstance(data, str) else data
+
     @model_validator(mode="after")
     def _topk_size(self) -> EncodingSpec:
         if self.encoding is Encoding.TOPK and self.topk_ratio is None and self.topk_k is None:

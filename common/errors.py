@@ -31,6 +31,8 @@ class ErrorCode(IntEnum):
     SHUTTING_DOWN = 16
     DECOMPRESSION = 17
     CERTIFICATE = 18
+    # The round closed before the update came; the client keeps the change for its next update.
+    LATE_UPDATE = 19
 
 
 class FedQuicError(Exception):

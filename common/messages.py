@@ -89,11 +89,27 @@ class Welcome(Header):
     lora: LoraJobSpec = LoraJobSpec()
 
 
+class SyncState(BaseModel):
+    """What a rejoining client holds, as of its last acknowledged sync (restored from its checkpoint)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    round: int = Field(ge=0, le=1_000_000)  # the last round whose UPDATE or AGGREGATE was acknowledged
+    view_hash: str = Hash  # hash of its individual LoRA as the server reconstructed it
+    held: dict[Literal["row", "global"], str] = Field(default_factory=dict, max_length=2)  # kind -> state hash
+
+
 class Join(Header):
-    """Client -> server: the adapter the client built for the job; checked against the others."""
+    """Client -> server: the adapter the client built for the job; checked against the others.
+
+    ``resume`` is set by a client restarting from its checkpoint. The server answers ACK(JOIN) with its own
+    view hash; where that or a held aggregate differs, it first sends dense AGGREGATEs (``delta=False``,
+    kind ``local`` for the individual LoRA) and waits for their ACKs before the client takes part in a round.
+    """
 
     msg_type = MsgType.JOIN
     adapter: AdapterSchema
+    resume: SyncState | None = None
 
 
 class RoundStart(Header):
@@ -117,12 +133,17 @@ class Update(Header):
 
 
 class Aggregate(Header):
-    """Server -> client on its own stream: the client's new Rest-of-World (or global) adapter."""
+    """Server -> client on its own stream: the client's new Rest-of-World (or global) adapter.
+
+    Kind ``local`` is only sent on a (re)join whose state differs from the server's: the client's individual
+    LoRA as the server holds it, always dense. The client replaces its adapter, view and sync point with it
+    and clears its uplink error-feedback residual.
+    """
 
     msg_type = MsgType.AGGREGATE
     has_body = True
     round: int = Field(ge=0, le=1_000_000)
-    kind: Literal["row", "global"] = "row"
+    kind: Literal["row", "global", "local"] = "row"
     # True: the payload is a change to add to the adapter of this kind the client holds (downlink error
     # feedback); False: the payload is the whole adapter (first contact, or a reset).
     delta: bool = False

@@ -51,6 +51,96 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
 
 
+# Server flags: (flag dest, dotted config key). Flags default to None so that only given ones override.
+SERVER_FLAGS: tuple[tuple[str, str], ...] = (
+    ("host", "host"),
+    ("port", "port"),
+    ("job_id", "job.job_id"),
+    ("min_clients", "policy.min_clients"),
+    ("rounds", "policy.rounds"),
+    ("sample_fraction", "policy.sample_fraction"),
+    ("quorum", "policy.quorum"),
+    ("straggler", "policy.straggler"),
+    ("round_timeout", "policy.round_timeout_s"),
+    ("registration_timeout", "policy.registration_timeout_s"),
+    ("federation", "job.federation"),
+    ("mixer", "job.mixer"),
+    ("row_mode", "job.row_mode"),
+    ("clip_norm", "job.clip_norm"),
+    ("rank", "job.lora.rank"),
+    ("alpha", "job.lora.alpha"),
+    ("target_modules", "job.lora.target_modules"),
+    ("local_steps", "job.train.local_steps"),
+    ("lr", "job.train.lr"),
+    ("batch_size", "job.train.batch_size"),
+    ("prox_mu", "job.train.prox_mu"),
+    ("init_seed", "job.init_seed"),
+    ("uplink", "job.uplink"),
+    ("downlink", "job.downlink"),
+    ("run_dir", "run_dir"),
+    ("ready_file", "ready_file"),
+    ("metrics_port", "metrics.port"),
+    ("max_datagram_size", "transport.max_datagram_size"),
+)
+
+
+def _add_server_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--config", type=Path, help="server settings file (TOML; see `fedquic config show`)")
+    s.add_argument("--host", help="address to listen on (default 0.0.0.0)")
+    s.add_argument("--port", type=int, help="UDP port (default 4433; 0 picks a free one)")
+    s.add_argument(
+        "--certs",
+        type=Path,
+        help="directory with ca.pem, server.pem, server.key and revoked.txt (default certs/dev)",
+    )
+    s.add_argument("--job-id", help="job name; the run directory's state must belong to it (default fedquic-job)")
+    s.add_argument("--min-clients", type=int, help="clients to wait for before each round (default 2)")
+    s.add_argument("--rounds", type=int, help="number of rounds (default 3)")
+    s.add_argument("--sample-fraction", type=float, help="fraction of clients sampled per round (default 1.0)")
+    s.add_argument("--quorum", type=float, help="fraction of sampled updates that closes a round at its deadline")
+    s.add_argument(
+        "--straggler",
+        choices=("drop", "fold"),
+        help="a late update is refused (the client sends it with its next one) or folded into the next round",
+    )
+    s.add_argument("--federation", choices=("fedalt", "fedavg", "local"))
+    s.add_argument("--mixer", choices=("fixed", "learned"))
+    s.add_argument(
+        "--row-mode",
+        choices=("factor-mean", "exact"),
+        help="Rest-of-World: average A and B separately (the FedALT paper) or the exact mean of the "
+        "products B·A re-factored to rank r by SVD (default factor-mean)",
+    )
+    s.add_argument(
+        "--clip-norm",
+        type=float,
+        help="clip each client's contribution (adapter minus the shared init) to this L2 norm",
+    )
+    s.add_argument("--rank", type=int, help="LoRA rank (job-level, default 8)")
+    s.add_argument("--alpha", type=float, help="LoRA alpha (default 16)")
+    s.add_argument(
+        "--target-modules",
+        type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
+        help="comma-separated module names (default: per-architecture, q_proj,v_proj for Llama)",
+    )
+    s.add_argument("--local-steps", type=int, help="local training steps per round (default 10)")
+    s.add_argument("--lr", type=float, help="client learning rate (default 3e-3)")
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--prox-mu", type=float, help="FedProx proximal coefficient sent to clients (0: off)")
+    s.add_argument("--init-seed", type=int, help="job seed for the shared adapter initialisation")
+    s.add_argument(
+        "--uplink",
+        help="client->server encoding: fp32, fp16, bf16, int8[-row|-column|-tensor|-blockN], topkP[-fp32|-fp16] "
+        "(P percent kept, with error feedback), each optionally +nolz4 (default int8)",
+    )
+    s.add_argument("--downlink", help="server->client encoding of the aggregate, same forms (default int8)")
+    s.add_argument("--round-timeout", type=float, help="seconds per round (default 600)")
+    s.add_argument("--registration-timeout", type=float, help="seconds to wait for --min-clients (default 600)")
+    s.add_argument("--run-dir", type=Path, help="history and durable state; reuse it to resume (default runs/server)")
+    s.add_argument("--ready-file", type=Path, help="write {host, port, pid, metrics_port} as JSON once listening")
+    s.add_argument("--metrics-port", type=int, help="Prometheus /metrics port on localhost (default 9464; 0: any)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedquic", description="Federated LoRA fine-tuning of 4-bit transformers over QUIC."
@@ -61,67 +151,34 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "server",
         help="run the aggregation server daemon for one federated job",
-        description="Run the aggregation server: wait for clients, run the rounds, exit.",
+        description="Run the aggregation server: wait for clients, run the rounds, exit. Settings come from "
+        "--config (TOML), then FEDQUIC_* environment variables (FEDQUIC_POLICY__ROUNDS=5), then these flags. "
+        "Restarting with the same --run-dir resumes the job where it stopped.",
     )
-    s.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    s.add_argument("--port", type=int, default=4433, help="UDP port (default 4433; 0 picks a free one)")
-    s.add_argument(
-        "--certs",
-        type=Path,
-        default=Path("certs/dev"),
-        help="directory with ca.pem, server.pem and server.key (default certs/dev)",
-    )
-    s.add_argument("--min-clients", type=int, default=2, help="clients to wait for before round 1 (default 2)")
-    s.add_argument("--rounds", type=int, default=3, help="number of rounds (default 3)")
-    s.add_argument("--federation", choices=("fedalt", "fedavg", "local"), default="fedalt")
-    s.add_argument("--mixer", choices=("fixed", "learned"), default="fixed")
-    s.add_argument(
-        "--row-mode",
-        choices=("factor-mean", "exact"),
-        default="factor-mean",
-        help="Rest-of-World: average A and B separately (the FedALT paper) or the exact mean of the "
-        "products B·A re-factored to rank r by SVD (default factor-mean)",
-    )
-    s.add_argument(
-        "--clip-norm",
-        type=float,
-        default=None,
-        help="clip each client's contribution (adapter minus the shared init) to this L2 norm",
-    )
-    s.add_argument("--rank", type=int, default=8, help="LoRA rank (job-level, default 8)")
-    s.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
-    s.add_argument(
-        "--target-modules",
-        default=None,
-        help="comma-separated module names (default: per-architecture, q_proj,v_proj for Llama)",
-    )
-    s.add_argument("--local-steps", type=int, default=10, help="local training steps per round (default 10)")
-    s.add_argument("--lr", type=float, default=3e-3, help="client learning rate (default 3e-3)")
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--prox-mu", type=float, default=0.0, help="FedProx proximal coefficient sent to clients (0: off)")
-    s.add_argument("--init-seed", type=int, default=0, help="job seed for the shared adapter initialisation")
-    s.add_argument(
-        "--uplink",
-        default="int8",
-        help="client->server encoding: fp32, fp16, bf16, int8[-row|-column|-tensor|-blockN], topkP[-fp32|-fp16] "
-        "(P percent kept, with error feedback), each optionally +nolz4 (default int8)",
-    )
-    s.add_argument(
-        "--downlink",
-        default="int8",
-        help="server->client encoding of the aggregate, same forms (default int8)",
-    )
-    s.add_argument("--round-timeout", type=float, default=600.0, help="seconds per round (default 600)")
-    s.add_argument(
-        "--registration-timeout",
-        type=float,
-        default=600.0,
-        help="seconds to wait for --min-clients (default 600)",
-    )
-    s.add_argument("--run-dir", type=Path, default=Path("runs/server"), help="history and state (default runs/server)")
-    s.add_argument("--ready-file", type=Path, help="write {host, port, pid} as JSON here once listening")
+    _add_server_args(s)
     _add_common(s)
     s.set_defaults(func=cmd_server)
+
+    st = sub.add_parser(
+        "status",
+        help="ask a running server for its round, clients, bytes and health",
+        description="Query a running server's status endpoint (its metrics port, localhost by default).",
+    )
+    st.add_argument("--metrics", default="127.0.0.1:9464", type=_hostport, metavar="HOST:PORT")
+    st.add_argument("--json", action="store_true", help="print the raw JSON")
+    st.set_defaults(func=cmd_status)
+
+    cf = sub.add_parser("config", help="show the effective configuration", description="Configuration tools.")
+    cf_sub = cf.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    cfs = cf_sub.add_parser(
+        "show",
+        help="print the effective server configuration as TOML (file + environment + flags)",
+        description="Print the server configuration the same arguments would run with, as TOML: save it as a "
+        "starting --config file.",
+    )
+    _add_server_args(cfs)
+    cfs.add_argument("--max-datagram-size", type=int, default=None)
+    cfs.set_defaults(func=cmd_config_show)
 
     c = sub.add_parser(
         "client",
@@ -220,36 +277,93 @@ def _transport(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return TransportSettings(max_datagram_size=args.max_datagram_size)
 
 
+def _server_settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    import os
+
+    from .common.config_io import load_config
+    from .server.config import ServerConfig
+
+    overrides = {key: getattr(args, dest) for dest, key in SERVER_FLAGS if getattr(args, dest, None) is not None}
+    certs_dir = args.certs or Path("certs/dev")
+    tls = {"tls.ca": certs_dir / "ca.pem", "tls.cert": certs_dir / "server.pem", "tls.key": certs_dir / "server.key"}
+    tls["tls.revoked"] = certs_dir / "revoked.txt"
+    if args.certs is not None:
+        overrides.update(tls)
+    return load_config(ServerConfig, path=args.config, env=os.environ, overrides=overrides, defaults=tls)
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     _setup(args)
+    from .common.errors import ConfigError, FedQuicError
     from .server.app import AggregationServer
 
-    certs: Path = args.certs
-    for f in ("ca.pem", "server.pem", "server.key"):
-        if not (certs / f).is_file():
-            raise SystemExit(
-                f"fedquic server: {certs / f} not found (create dev certificates with `fedquic certs init {certs}`)"
-            )
-    targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip()) if args.target_modules else None
     try:
-        cfg = _server_config(args, certs, targets)
-    except ValueError as exc:  # pydantic's ValidationError included
-        raise SystemExit(f"fedquic server: invalid configuration: {_explain(exc)}") from None
+        cfg = _server_settings(args)
+    except ConfigError as exc:
+        raise SystemExit(f"fedquic server: invalid configuration: {exc.args[0]}") from None
+    for f in (cfg.tls.ca, cfg.tls.cert, cfg.tls.key):
+        if f is None or not f.is_file():
+            raise SystemExit(
+                f"fedquic server: {f} not found (create dev certificates with `fedquic certs init {cfg.tls.ca.parent}`)"
+            )
 
     async def main() -> int:
         server = AggregationServer(cfg)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.request_stop, f"stopped by {sig.name}")
-        await server.start()
+        try:
+            await server.start()
+        except FedQuicError as exc:
+            log.error("%s", exc)
+            return 2
         result = await server.run()
         if result.ok:
             log.info("job finished: %d rounds", result.rounds_completed)
+            return 0
+        if result.stopped:  # graceful stop; a restart resumes the job
             return 0
         log.error("job did not finish: %s", result.reason)
         return 1
 
     return int(_run_loop(main(), args.loop))  # type: ignore[call-overload]
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from .common.config_io import to_toml
+    from .common.errors import ConfigError
+
+    try:
+        cfg = _server_settings(args)
+    except ConfigError as exc:
+        raise SystemExit(f"fedquic config show: invalid configuration: {exc.args[0]}") from None
+    print(to_toml(cfg.model_dump(mode="json")), end="")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+    import urllib.request
+
+    host, port = args.metrics
+    url = f"http://{host}:{port}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            status = json.loads(resp.read())
+    except OSError as exc:
+        print(f"fedquic status: no server answers on {url}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=1))
+        return 0
+    print(f"job {status['job_id']}: {status['phase']}, round {status['round']} of {status['rounds']}")
+    print(f"clients connected: {len(status['clients_connected'])} ({', '.join(status['clients_connected'])})")
+    print(f"clients known: {status['clients_known']}, updates accepted: {status['updates_accepted']}")
+    print(f"bytes in/out: {status['bytes_in']}/{status['bytes_out']}, aggregation: {status['aggregate_seconds']} s")
+    if status["rejected"]:
+        print("rejected: " + ", ".join(f"{k}={v}" for k, v in sorted(status["rejected"].items())))
+    print("healthy" if status["healthy"] else "UNHEALTHY")
+    return 0 if status["healthy"] else 1
 
 
 def _explain(exc: ValueError) -> str:
@@ -260,43 +374,6 @@ def _explain(exc: ValueError) -> str:
         loc = ".".join(str(p) for p in first.get("loc", ()))
         return f"{loc}: {first.get('msg')}" if loc else str(first.get("msg"))
     return str(exc)
-
-
-def _server_config(args: argparse.Namespace, certs: Path, targets: tuple[str, ...] | None):  # type: ignore[no-untyped-def]
-    from .common.codec import EncodingSpec
-    from .common.messages import LoraJobSpec, TrainSpec
-    from .server.config import JobConfig, ServerConfig
-    from .server.rounds import RoundPolicy
-    from .transport.settings import TlsFiles
-
-    uplink, downlink = EncodingSpec.parse(args.uplink), EncodingSpec.parse(args.downlink)
-    return ServerConfig(
-        host=args.host,
-        port=args.port,
-        transport=_transport(args),
-        tls=TlsFiles(
-            ca=certs / "ca.pem", cert=certs / "server.pem", key=certs / "server.key", revoked=certs / "revoked.txt"
-        ),
-        policy=RoundPolicy(
-            rounds=args.rounds,
-            min_clients=args.min_clients,
-            round_timeout_s=args.round_timeout,
-            registration_timeout_s=args.registration_timeout,
-        ),
-        job=JobConfig(
-            init_seed=args.init_seed,
-            federation=args.federation,
-            mixer=args.mixer,
-            row_mode=args.row_mode,
-            clip_norm=args.clip_norm,
-            lora=LoraJobSpec(rank=args.rank, alpha=args.alpha, target_modules=targets),
-            train=TrainSpec(local_steps=args.local_steps, lr=args.lr, batch_size=args.batch_size, prox_mu=args.prox_mu),
-            uplink=uplink,
-            downlink=downlink,
-        ),
-        run_dir=args.run_dir,
-        ready_file=args.ready_file,
-    )
 
 
 def cmd_client(args: argparse.Namespace) -> int:

@@ -1,7 +1,9 @@
-"""The aggregation server daemon: connection handling, round driving, aggregation, history.
+"""The aggregation server daemon: connection handling, round driving, aggregation, durable state, history.
 
-The round logic is the pure :class:`~fedquic.server.rounds.RoundMachine`; this module only carries
-its actions out over the network and keeps each client's adapter as the server reconstructed it.
+The round logic is the pure :class:`~fedquic.server.rounds.RoundMachine`; this module carries its actions
+out over the network and keeps each client's adapter as the server reconstructed it, in memory while the
+client is connected and always on disk (:class:`~fedquic.server.store.ServerStore`). An UPDATE is
+acknowledged only once it is on disk; a killed server restarts into the same round.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..common.adapter import AdapterSchema, TensorDict, init_lora_state, state_hash, zeros_state
-from ..common.codec import Payload, decode_tensors, fp32_nbytes
+from ..common.codec import EncodingSpec, Payload, decode_tensors, encode_payload, fp32_nbytes
 from ..common.errors import (
+    ConfigError,
     ErrorCode,
     FedQuicError,
     JobError,
@@ -48,28 +51,44 @@ from ..transport.aio import FedQuicServer, Peer
 from ..transport.framing import frame_size
 from .aggregation import clip_deviation, exact_mean, fedavg, leave_one_out, leave_one_out_exact
 from .config import ServerConfig
-from .rounds import Action, CloseRound, Fail, Finish, RoundMachine, StartRound
+from .metrics import MetricsEndpoint, ServerMetrics, render_prometheus
+from .rounds import Action, CloseRound, Fail, Finish, ResumeRound, RoundMachine, StartRound
+from .store import ClientRecordOnDisk, JobRecord, Kind, ServerStore
 
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 30.0
+DENSE = EncodingSpec.parse("fp32")
+KINDS: tuple[Kind, ...] = ("row", "global")
 
 
 @dataclass
 class ClientRecord:
+    """A known client: its durable record, its tensors while loaded, and its connection if it has one."""
+
     client_id: str
-    peer: Peer
-    num_samples: int
-    view: TensorDict  # the client's individual LoRA as the server reconstructed it
-    view_hash: str
-    updates: dict[int, str] = field(default_factory=dict)  # round -> hash of the accepted payload
+    disk: ClientRecordOnDisk
+    peer: Peer | None = None
+    view: TensorDict | None = None  # the client's individual LoRA as the server reconstructed it
+    # Downlink: per kind, the adapter exactly as the client holds it, and the error-feedback residual.
+    held: dict[str, TensorDict] | None = None
+    downlink_ef: ErrorFeedback = field(default_factory=ErrorFeedback)
     stats: dict[int, dict[str, float]] = field(default_factory=dict)
     aggregate_acks: dict[int, asyncio.Future[None]] = field(default_factory=dict)
-    # Downlink: per kind ("row", "global"), the adapter exactly as the client holds it, and the error-feedback
-    # residual of what compression has not delivered yet.
-    held: dict[str, TensorDict] = field(default_factory=dict)
-    held_hash: dict[int, str] = field(default_factory=dict)  # round -> hash the client must acknowledge
-    downlink_ef: ErrorFeedback = field(default_factory=ErrorFeedback)
+    held_hash_pending: dict[int, str] = field(default_factory=dict)  # round -> hash the client must acknowledge
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one durable commit at a time per client
+
+    @property
+    def view_hash(self) -> str:
+        return self.disk.view_hash
+
+    @property
+    def loaded(self) -> bool:
+        return self.view is not None
+
+    def unload(self) -> None:
+        self.view, self.held = None, None
+        self.downlink_ef.residual = {}
 
 
 @dataclass
@@ -77,6 +96,7 @@ class JobResult:
     ok: bool
     rounds_completed: int
     reason: str = ""
+    stopped: bool = False  # stopped by a signal with its state saved: a restart resumes it
 
 
 class AggregationServer:
@@ -84,35 +104,91 @@ class AggregationServer:
         self.cfg = cfg
         self.clock = clock
         self.machine = RoundMachine(cfg.policy, started_at=clock())
-        self.clients: dict[str, ClientRecord] = {}
+        self.records: dict[str, ClientRecord] = {}  # every client the job knows (on disk)
+        self.clients: dict[str, ClientRecord] = {}  # the connected ones
         self.schema: AdapterSchema | None = None
         self.base_fingerprint: str | None = None
         self._init_state: TensorDict | None = None
+        self.store = ServerStore(cfg.run_dir / "state")
+        self.metrics = ServerMetrics()
+        self._endpoint = MetricsEndpoint(self._metrics_text, self.status)
+        self.metrics_port: int | None = None
         self._transport = FedQuicServer(cfg.transport, cfg.tls, self._on_connect)
         self._done: asyncio.Future[JobResult] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pending: list[Action] = []
         self.port: int = 0
         self.history_path = cfg.run_dir / "history.jsonl"
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
+    def _restore(self) -> list[Action]:
+        """Load the job's durable state, if this run directory has one; return the actions to resume."""
+        job = self.store.load_job()
+        if job is None:
+            self.store.save_job(JobRecord(job_id=self.cfg.job.job_id))
+            return []
+        if job.job_id != self.cfg.job.job_id:
+            raise ConfigError(
+                f"{self.store.root} holds the state of job {job.job_id!r}, not {self.cfg.job.job_id!r}: "
+                "use another run directory (or the same job id to resume it)"
+            )
+        self.base_fingerprint = job.base_fingerprint
+        if job.adapter is not None:
+            self._set_schema(job.adapter)
+        for cid in self.store.client_ids():
+            disk = self.store.load_client(cid)
+            assert disk is not None
+            self.records[cid] = ClientRecord(cid, disk)
+        snap = job.round
+        received = {cid: snap.round for cid, r in self.records.items() if snap.round in r.disk.updates}
+        self.machine, actions = RoundMachine.restore(self.cfg.policy, snap, received, self.clock())
+        log.info(
+            "resumed job %s from %s: round %d (%s), %d known clients, %d updates of this round on disk",
+            job.job_id,
+            self.store.root,
+            snap.round,
+            snap.phase.value,
+            len(self.records),
+            len(received),
+        )
+        return actions
+
+    def _save_job(self) -> None:
+        self.store.save_job(
+            JobRecord(
+                job_id=self.cfg.job.job_id,
+                adapter=self.schema,
+                base_fingerprint=self.base_fingerprint,
+                round=self.machine.snapshot(),
+            )
+        )
+
     async def start(self) -> int:
         self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
         self._done = asyncio.get_running_loop().create_future()
+        resume = self._restore()
         self.port = await self._transport.start(self.cfg.host, self.cfg.port)
+        mcfg = self.cfg.metrics
+        if mcfg.enabled:
+            try:
+                self.metrics_port = await self._endpoint.start(mcfg.host, mcfg.port)
+            except OSError as exc:  # metrics are not worth refusing to run the job for
+                log.warning("metrics endpoint not started on %s:%d: %s", mcfg.host, mcfg.port, exc)
         if self.cfg.ready_file is not None:
-            _atomic_write(
-                self.cfg.ready_file,
-                json.dumps({"host": self.cfg.host, "port": self.port, "pid": os.getpid()}),
-            )
+            ready = {"host": self.cfg.host, "port": self.port, "pid": os.getpid(), "metrics_port": self.metrics_port}
+            _atomic_write(self.cfg.ready_file, json.dumps(ready))
         self._spawn(self._ticker())
         log.info(
-            "job %s: waiting for %d clients, %d rounds, federation=%s",
+            "job %s: listening on %s:%d for %d clients, %d rounds, federation=%s",
             self.cfg.job.job_id,
+            self.cfg.host,
+            self.port,
             self.cfg.policy.min_clients,
             self.cfg.policy.rounds,
             self.cfg.job.federation,
         )
+        self._apply(resume)
         return self.port
 
     async def run(self) -> JobResult:
@@ -125,16 +201,58 @@ class AggregationServer:
             await self.close()
 
     def request_stop(self, reason: str = "stopped by signal") -> None:
-        self._finish(JobResult(False, max(self.machine.round - 1, 0), reason))
+        """Graceful stop (SIGTERM): every acknowledged update is already on disk; save the round and go.
+
+        Connections are closed with SHUTTING_DOWN (not BYE), so clients keep their state and reconnect to the
+        restarted server.
+        """
+        if self._is_done():
+            return
+        with contextlib.suppress(OSError):
+            self._save_job()
+        log.info("%s: state saved in %s; restart with the same run directory to resume", reason, self.store.root)
+        self._finish(JobResult(False, self._rounds_completed(), reason, stopped=True))
+
+    def _rounds_completed(self) -> int:
+        from .rounds import Phase
+
+        return self.machine.round if self.machine.phase is Phase.FINISHED else max(self.machine.round - 1, 0)
 
     async def close(self) -> None:
+        code = 0x100 + int(ErrorCode.SHUTTING_DOWN)
         for rec in list(self.clients.values()):
-            with contextlib.suppress(Exception):
-                await rec.peer.aclose(0, "server shutting down")
+            if rec.peer is not None:
+                with contextlib.suppress(Exception):
+                    await rec.peer.aclose(code, "server shutting down")
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._transport.close()
+        await self._endpoint.close()
+
+    def status(self) -> dict[str, object]:
+        """What ``fedquic status`` shows (served as JSON on ``/status``)."""
+        m = self.metrics
+        return {
+            "job_id": self.cfg.job.job_id,
+            "healthy": not self._is_done() or bool(self._done and self._done.result().ok),
+            "phase": self.machine.phase.value,
+            "round": self.machine.round,
+            "rounds": self.cfg.policy.rounds,
+            "rounds_completed": m.rounds_completed,
+            "clients_connected": sorted(self.clients),
+            "clients_known": len(self.records),
+            "updates_accepted": m.updates_accepted,
+            "bytes_in": m.bytes_in,
+            "bytes_out": m.bytes_out,
+            "aggregate_seconds": round(m.aggregate_seconds, 6),
+            "rejected": dict(m.rejected),
+        }
+
+    def _metrics_text(self) -> str:
+        return render_prometheus(
+            self.metrics, connected=len(self.clients), known=len(self.records), phase=self.machine.phase.value
+        )
 
     def _spawn(self, coro: object) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
@@ -146,11 +264,14 @@ class AggregationServer:
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             log.error("server task failed: %r", exc, exc_info=exc)
-            self._finish(JobResult(False, max(self.machine.round - 1, 0), f"internal error: {exc!r}"))
+            self._finish(JobResult(False, self._rounds_completed(), f"internal error: {exc!r}"))
 
     def _finish(self, result: JobResult) -> None:
         if self._done is not None and not self._done.done():
             self._done.set_result(result)
+
+    def _is_done(self) -> bool:
+        return self._done is not None and self._done.done()
 
     async def _ticker(self) -> None:
         while True:
@@ -166,14 +287,17 @@ class AggregationServer:
             client_id_var.set(rec.client_id)
             while True:
                 msg = await peer.recv()
+                self.metrics.bytes_in += frame_size(msg.header, len(msg.body))
                 try:
-                    self._handle(rec, msg)
+                    await self._handle(rec, msg)
                 except ProtocolError as exc:
                     log.warning("refused %s: %s", msg.type.name, exc)
+                    self.metrics.reject(exc.code)
                     peer.send_error(exc)
         except FedQuicError as exc:
             if not isinstance(exc, TransportError):
                 log.warning("closing connection from %s: %s", peer.remote_address, exc)
+                self.metrics.reject(exc.code)
                 peer.send_error(exc)
                 await peer.aclose(0x100 + int(exc.code), str(exc)[:200])
             elif rec is not None and not self._is_done():
@@ -181,13 +305,38 @@ class AggregationServer:
         finally:
             if rec is not None and self.clients.get(rec.client_id) is rec:
                 del self.clients[rec.client_id]
+                rec.peer = None
                 for fut in rec.aggregate_acks.values():
                     if not fut.done():
                         fut.set_result(None)
+                rec.aggregate_acks.clear()
+                if not rec.lock.locked():
+                    rec.unload()  # its state is on disk; a round close loads what it needs
                 self._apply(self.machine.on_leave(rec.client_id, self.clock()))
 
-    def _is_done(self) -> bool:
-        return self._done is not None and self._done.done()
+    def _set_schema(self, schema: AdapterSchema) -> None:
+        self.schema = schema
+        self._init_state = init_lora_state(schema, self.cfg.job.init_seed)
+
+    def _default_held(self, kind: str) -> TensorDict:
+        assert self.schema is not None and self._init_state is not None
+        return zeros_state(self.schema) if kind == "row" else {k: v.copy() for k, v in self._init_state.items()}
+
+    def _load(self, rec: ClientRecord) -> None:
+        """Bring a client's tensors into memory from disk (or from the job's init for a new client)."""
+        if rec.loaded:
+            return
+        assert self._init_state is not None
+        d = rec.disk
+        view = self.store.read_tensors(d.client_id, d.view_file) if d.view_file else dict(self._init_state)
+        held = {
+            kind: self.store.read_tensors(d.client_id, d.held_files[kind])
+            if kind in d.held_files
+            else self._default_held(kind)
+            for kind in KINDS
+        }
+        rec.downlink_ef.residual = self.store.read_tensors(d.client_id, d.ef_file) if d.ef_file else {}
+        rec.view, rec.held = view, held
 
     async def _register(self, peer: Peer) -> ClientRecord:
         msg = await peer.recv(timeout=HANDSHAKE_TIMEOUT_S)
@@ -231,13 +380,13 @@ class AggregationServer:
         if not isinstance(join, Join):
             raise ProtocolError(f"expected JOIN, got {msg.type.name}", code=ErrorCode.UNEXPECTED_MESSAGE)
         if self.schema is None:
-            self.schema = join.adapter
-            self._init_state = init_lora_state(self.schema, job.init_seed)
+            self._set_schema(join.adapter)
+            self._save_job()
             log.info(
                 "adapter schema %s: %d tensors, %d parameters",
-                self.schema.fingerprint(),
-                len(self.schema.tensors),
-                self.schema.numel,
+                join.adapter.fingerprint(),
+                len(join.adapter.tensors),
+                join.adapter.numel,
             )
         elif join.adapter.fingerprint() != self.schema.fingerprint():
             raise SchemaMismatchError(
@@ -245,26 +394,77 @@ class AggregationServer:
                 f"job's {self.schema.fingerprint()} (rank and target modules are job-level)"
             )
         assert self._init_state is not None
-        view = {k: v.copy() for k, v in self._init_state.items()}
-        rec = ClientRecord(cid, peer, hello.num_samples, view, state_hash(view))
-        rec.held = {"row": zeros_state(self.schema), "global": {k: v.copy() for k, v in view.items()}}
+        init_hash = state_hash(self._init_state)
+        rec = self.records.get(cid)
+        if rec is None:
+            disk = ClientRecordOnDisk(client_id=cid, num_samples=hello.num_samples, view_hash=init_hash)
+            rec = ClientRecord(cid, disk)
+            await asyncio.to_thread(self.store.commit, disk, {}, None)
+            self.records[cid] = rec
+        async with rec.lock:
+            await asyncio.to_thread(self._load, rec)
         rec.downlink_ef.enabled = job.downlink_error_feedback
+        rec.peer = peer
         self.clients[cid] = rec
         peer.send(Ack(ref=MsgType.JOIN, round=self.machine.round, state_hash=rec.view_hash))
-        log.info("client %s joined (%d samples)", cid, hello.num_samples)
+        await self._reset_if_needed(rec, join, init_hash)
+        log.info("client %s joined (%d samples)%s", cid, hello.num_samples, " (resumed)" if join.resume else "")
         self._apply(self.machine.on_join(cid, self.clock()))
         return rec
 
+    async def _reset_if_needed(self, rec: ClientRecord, join: Join, init_hash: str) -> None:
+        """Send dense state wherever the client's differs from ours; wait for its ACKs before any round."""
+        assert rec.view is not None and rec.held is not None
+        peer = rec.peer
+        assert peer is not None
+        theirs_view = join.resume.view_hash if join.resume else init_hash
+        theirs_held = dict(join.resume.held) if join.resume else {}
+        sends: list[tuple[str, TensorDict]] = []
+        if theirs_view != rec.view_hash:
+            sends.append(("local", rec.view))
+        for kind in KINDS:
+            ours = state_hash(rec.held[kind])
+            if theirs_held.get(kind, state_hash(self._default_held(kind))) != ours:
+                sends.append((kind, rec.held[kind]))
+        if not sends:
+            return
+        log.info(
+            "client %s: state differs from the server's, sending a dense reset of %s",
+            rec.client_id,
+            ", ".join(k for k, _ in sends),
+        )
+        expected = {state_hash(state) for _, state in sends}
+        for kind, state in sends:
+            payload = await asyncio.to_thread(encode_payload, state, DENSE)
+            header = Aggregate(
+                round=self.machine.round, kind=kind, delta=False, contributors=0, manifest=payload.manifest
+            )
+            self.metrics.bytes_out += await peer.send_bulk(header, payload.body)
+        deadline = self.clock() + HANDSHAKE_TIMEOUT_S * 10
+        while expected:
+            msg = await peer.recv(timeout=max(deadline - self.clock(), 0.001))
+            h = msg.header
+            if isinstance(h, Ack) and h.ref is MsgType.AGGREGATE:
+                if h.state_hash not in expected:
+                    raise ProtocolError(
+                        "the client acknowledged a reset with a different state", code=ErrorCode.CONFLICTING_UPDATE
+                    )
+                expected.discard(h.state_hash)
+            elif not isinstance(h, (Metrics,)) and msg.type is not MsgType.HEARTBEAT:
+                raise ProtocolError(
+                    f"expected the ACK of a reset, got {msg.type.name}", code=ErrorCode.UNEXPECTED_MESSAGE
+                )
+
     # -- messages ----------------------------------------------------------------------------------
 
-    def _handle(self, rec: ClientRecord, msg: Message) -> None:
+    async def _handle(self, rec: ClientRecord, msg: Message) -> None:
         h = msg.header
         if isinstance(h, Update):
-            self._on_update(rec, h, msg.body)
+            await self._on_update(rec, h, msg.body)
         elif isinstance(h, Metrics):
             rec.stats.setdefault(h.round, {}).update(h.values)
         elif isinstance(h, Ack) and h.ref is MsgType.AGGREGATE:
-            expected = rec.held_hash.pop(h.round, None)
+            expected = rec.held_hash_pending.pop(h.round, None)
             if expected is not None and h.state_hash != expected:
                 log.error(
                     "round %d: the client holds aggregate %s, the server expected %s", h.round, h.state_hash, expected
@@ -279,22 +479,24 @@ class AggregationServer:
         elif msg.type is not MsgType.HEARTBEAT:
             raise ProtocolError(f"unexpected {msg.type.name} from a client", code=ErrorCode.UNEXPECTED_MESSAGE)
 
-    def _on_update(self, rec: ClientRecord, h: Update, body: bytes) -> None:
+    async def _on_update(self, rec: ClientRecord, h: Update, body: bytes) -> None:
         round_var.set(h.round)
+        peer = rec.peer
+        assert peer is not None
         if h.client_id != rec.client_id:
             raise ProtocolError(
                 f"UPDATE names client {h.client_id!r} on {rec.client_id!r}'s connection",
                 code=ErrorCode.IDENTITY_MISMATCH,
             )
         digest = hashlib.sha256(body).hexdigest()[:32]
-        prior = rec.updates.get(h.round)
+        prior = rec.disk.updates.get(h.round)
         if prior is not None:
             if prior != digest:
                 raise ProtocolError(
                     f"a different update for round {h.round} was already accepted",
                     code=ErrorCode.CONFLICTING_UPDATE,
                 )
-            rec.peer.send(Ack(ref=MsgType.UPDATE, round=h.round, state_hash=rec.view_hash))  # lost-ACK resend
+            peer.send(Ack(ref=MsgType.UPDATE, round=h.round, state_hash=rec.view_hash))  # lost-ACK resend
             return
         if h.base_hash != rec.view_hash:
             raise ProtocolError(
@@ -304,144 +506,219 @@ class AggregationServer:
         self.machine.check_update(rec.client_id, h.round)
         assert self.schema is not None
         self.schema.check_manifest(h.manifest, what=f"update from {rec.client_id}")
-        delta = decode_tensors(h.manifest, body, self.cfg.transport.limits)
-        for k, d in delta.items():
-            rec.view[k] = rec.view[k] + d
-        rec.view_hash = state_hash(rec.view)
-        rec.updates[h.round] = digest
-        rec.num_samples = h.num_samples
+        delta = await asyncio.to_thread(decode_tensors, h.manifest, body, self.cfg.transport.limits)
+        async with rec.lock:
+            await asyncio.to_thread(self._load, rec)
+            assert rec.view is not None
+            view = {k: rec.view[k] + delta[k] if k in delta else rec.view[k] for k in rec.view}
+            vhash = state_hash(view)
+            name = f"view-u{h.round}.safetensors"
+            disk = rec.disk.model_copy(
+                update={
+                    "view_hash": vhash,
+                    "view_file": name,
+                    "num_samples": h.num_samples,
+                    "updates": {**rec.disk.updates, h.round: digest},
+                }
+            )
+            # Acknowledged only once it is on disk: a crash after the ACK loses nothing.
+            await asyncio.to_thread(self.store.commit, disk, {name: view}, rec.disk)
+            rec.disk, rec.view = disk, view
         st = rec.stats.setdefault(h.round, {})
         st["bytes_up"] = float(frame_size(h, len(body)))
         st["fp32_up"] = float(fp32_nbytes(h.manifest))
-        rec.peer.send(Ack(ref=MsgType.UPDATE, round=h.round, state_hash=rec.view_hash))
+        self.metrics.updates_accepted += 1
+        if rec.peer is not None:
+            rec.peer.send(Ack(ref=MsgType.UPDATE, round=h.round, state_hash=vhash))
         log.info(
             "update accepted: %d bytes on the wire (%.1fx smaller than fp32)",
             st["bytes_up"],
             st["fp32_up"] / max(st["bytes_up"], 1.0),
         )
-        self._apply(self.machine.on_update(rec.client_id, h.round, self.clock()))
+        try:
+            self._apply(self.machine.on_update(rec.client_id, h.round, self.clock()))
+        except ProtocolError as exc:
+            # The round moved on while the update was written: it is on disk and in the client's view, so it
+            # reaches the next aggregate through the view.
+            log.info("update for round %d stored after the round moved on: %s", h.round, exc)
 
     # -- actions -----------------------------------------------------------------------------------
 
     def _apply(self, actions: list[Action]) -> None:
+        if not actions:
+            return
         for act in actions:
             if isinstance(act, StartRound):
                 self._start_round(act)
+            elif isinstance(act, ResumeRound):
+                self._send_round_start(act.client_id, act.round, act.deadline)
             elif isinstance(act, CloseRound):
                 self._spawn(self._close_round(act))
             elif isinstance(act, Finish):
+                self.metrics.rounds_completed = act.rounds_completed
                 self._say_bye(f"job complete after {act.rounds_completed} rounds")
                 self._finish(JobResult(True, act.rounds_completed))
             elif isinstance(act, Fail):
                 log.error("job failed: %s", act.reason)
                 self._say_bye(f"job failed: {act.reason}")
-                self._finish(JobResult(False, max(self.machine.round - 1, 0), act.reason))
+                self._finish(JobResult(False, self._rounds_completed(), act.reason))
+        self._save_job()
 
     def _start_round(self, act: StartRound) -> None:
         round_var.set(act.round)
-        job = self.cfg.job
-        deadline_s = max(act.deadline - self.clock(), 0.001)
         for cid in act.participants:
-            rec = self.clients.get(cid)
-            if rec is None:
-                continue
-            with contextlib.suppress(TransportError):
-                rec.peer.send(
-                    RoundStart(
-                        round=act.round,
-                        train=job.train,
-                        uplink=job.uplink,
-                        deadline_s=deadline_s,
-                    )
-                )
+            self._send_round_start(cid, act.round, act.deadline)
+        self.metrics.round = act.round
         log.info("round %d started with %d clients", act.round, len(act.participants))
+
+    def _send_round_start(self, cid: str, round_: int, deadline: float) -> None:
+        rec = self.clients.get(cid)
+        if rec is None or rec.peer is None:
+            return
+        job = self.cfg.job
+        with contextlib.suppress(TransportError):
+            rec.peer.send(
+                RoundStart(
+                    round=round_,
+                    train=job.train,
+                    uplink=job.uplink,
+                    deadline_s=max(deadline - self.clock(), 0.001),
+                )
+            )
 
     async def _close_round(self, act: CloseRound) -> None:
         round_var.set(act.round)
         t0 = time.perf_counter()
-        contributors = [c for c in act.contributors if c in self.clients]
-        payloads = await asyncio.to_thread(self._aggregate, contributors)
+        contributors = [c for c in act.contributors if c in self.records]
+        recs = [self.records[c] for c in contributors]
+        for rec in recs:
+            async with rec.lock:
+                await asyncio.to_thread(self._load, rec)
+        # Snapshot the views: a late (folded) update may replace a client's view while we aggregate.
+        states = [dict(r.view) for r in recs if r.view is not None]
+        weights = [self._weight(r) for r in recs]
+        targets = await asyncio.to_thread(self._aggregate, contributors, states, weights)
         agg_s = time.perf_counter() - t0
-        # Every client's payload is encoded and sent concurrently: one slow receiver does not hold up the others.
-        sent = await asyncio.gather(*(self._send_aggregate(act.round, cid, *entry) for cid, entry in payloads.items()))
+        self.metrics.aggregate_seconds += agg_s
+        # Every client's payload is encoded, persisted and sent concurrently: one slow receiver does not hold up
+        # the others. A client whose aggregate for this round is already on disk (a close redone after a crash)
+        # is skipped; it gets a dense reset when it rejoins.
+        sent = await asyncio.gather(*(self._send_aggregate(act.round, cid, *entry) for cid, entry in targets.items()))
         waits = [fut for fut in sent if fut is not None]
         if waits:
             # Delivery is the client's ACK, not our write returning.
             done, _ = await asyncio.wait(waits, timeout=self.cfg.policy.round_timeout_s)
             if len(done) < len(waits):
                 log.warning("%d clients did not acknowledge their aggregate", len(waits) - len(done))
+        for rec in recs:
+            if rec.peer is None and not rec.lock.locked():
+                rec.unload()
         self._write_history(act.round, contributors, agg_s, time.perf_counter() - t0)
+        self.metrics.rounds_completed = act.round
         self._apply(self.machine.on_aggregated(act.round, self.clock()))
+
+    def _weight(self, rec: ClientRecord) -> float:
+        job = self.cfg.job
+        if job.weighting == "samples":
+            return float(min(max(rec.disk.num_samples, 1), job.max_sample_weight))
+        return 1.0
 
     async def _send_aggregate(
         self, round_: int, cid: str, state: TensorDict, kind: str, n_contrib: int
     ) -> asyncio.Future[None] | None:
-        """Encode and send one client's aggregate; returns the future its ACK resolves (None if it is gone)."""
-        rec = self.clients.get(cid)
-        if rec is None:
+        """Encode, persist and send one client's aggregate; returns the future its ACK resolves (None: no wait)."""
+        rec = self.records[cid]
+        async with rec.lock:
+            if rec.disk.closed_round >= round_:
+                return None
+            await asyncio.to_thread(self._load, rec)
+            payload, held = await asyncio.to_thread(self._downlink_payload, rec, kind, state)
+            await asyncio.to_thread(self._commit_downlink, rec, round_, kind, held)
+        peer = rec.peer
+        if peer is None:
             return None
-        payload, held = await asyncio.to_thread(self._downlink_payload, rec, kind, state)
         header = Aggregate(round=round_, kind=kind, delta=True, contributors=n_contrib, manifest=payload.manifest)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         rec.aggregate_acks[round_] = fut
-        rec.held[kind] = held
-        rec.held_hash[round_] = state_hash(held)
-        if kind == "global":  # the global replaces the client's own adapter: that is now our view of it
-            rec.view = {k: v.copy() for k, v in held.items()}
-            rec.view_hash = state_hash(rec.view)
+        rec.held_hash_pending[round_] = state_hash(held)
         try:
-            n = await rec.peer.send_bulk(header, payload.body)
+            n = await peer.send_bulk(header, payload.body)
         except TransportError:
             fut.set_result(None)
             return None
+        self.metrics.bytes_out += n
         st = rec.stats.setdefault(round_, {})
         st["bytes_down"] = float(n)
         st["fp32_down"] = float(fp32_nbytes(payload.manifest))
         st["ef_down_residual_norm"] = rec.downlink_ef.residual_norm()
         return fut
 
+    def _commit_downlink(self, rec: ClientRecord, round_: int, kind: str, held: TensorDict) -> None:
+        """Persist what the client will hold after this round (and its residual) before it is sent."""
+        assert rec.held is not None
+        files: dict[str, TensorDict] = {f"{kind}-r{round_}.safetensors": held}
+        update: dict[str, object] = {
+            "closed_round": round_,
+            "held_hash": {**rec.disk.held_hash, kind: state_hash(held)},
+            "held_files": {**rec.disk.held_files, kind: f"{kind}-r{round_}.safetensors"},
+        }
+        if rec.downlink_ef.residual:
+            files[f"ef-r{round_}.safetensors"] = rec.downlink_ef.residual
+            update["ef_file"] = f"ef-r{round_}.safetensors"
+        if kind == "global":  # the global replaces the client's own adapter: that is now our view of it
+            files[f"view-g{round_}.safetensors"] = held
+            update["view_file"] = f"view-g{round_}.safetensors"
+            update["view_hash"] = state_hash(held)
+        disk = rec.disk.model_copy(update=update)
+        self.store.commit(disk, files, rec.disk)
+        rec.disk = disk
+        rec.held[kind] = held
+        if kind == "global":
+            rec.view = {k: v.copy() for k, v in held.items()}
+
     def _downlink_payload(self, rec: ClientRecord, kind: str, target: TensorDict) -> tuple[Payload, TensorDict]:
         """Encode (target − what the client holds) with the client's downlink error feedback.
 
         Returns the payload and the adapter the client will hold once it adds the decoded payload.
         """
+        assert rec.held is not None
         base = rec.held[kind]
         payload = rec.downlink_ef.compress({k: target[k] - base[k] for k in target}, self.cfg.job.downlink)
         return payload, {k: base[k] + payload.decoded[k] for k in base}
 
-    def _aggregate(self, contributors: list[str]) -> dict[str, tuple[TensorDict, str, int]]:
+    def _aggregate(
+        self, contributors: list[str], states: list[TensorDict], weights: list[float]
+    ) -> dict[str, tuple[TensorDict, str, int]]:
         """Per recipient: (state, kind, number of clients averaged). Pure numpy, runs in a thread."""
         job = self.cfg.job
         if job.federation == "local" or not contributors:
             return {}
-        recs = [self.clients[c] for c in contributors]
-        states = [r.view for r in recs]
         if job.clip_norm is not None:
             assert self._init_state is not None
             states = [clip_deviation(s, self._init_state, job.clip_norm) for s in states]
-        if job.weighting == "samples":
-            weights = [float(min(max(r.num_samples, 1), job.max_sample_weight)) for r in recs]
-        else:
-            weights = [1.0] * len(recs)
         out: dict[str, tuple[TensorDict, str, int]] = {}
         if job.federation == "fedavg":
             g = fedavg(states, weights)
-            for cid in self.clients:
-                out[cid] = (g, "global", len(recs))
+            for cid in {*contributors, *self.clients}:
+                out[cid] = (g, "global", len(states))
             return out
-        if len(recs) < 2:
-            # Privacy floor: a RoW built from one client would hand out that client's adapter alone.
-            log.warning("round closed with %d contributor(s): no Rest-of-World adapter is sent", len(recs))
+        if len(states) < job.min_row_contributors:
+            # Privacy floor: a RoW built from too few clients would hand out one client's adapter.
+            log.warning(
+                "round closed with %d contributor(s), fewer than %d: no Rest-of-World adapter is sent",
+                len(states),
+                job.min_row_contributors,
+            )
             return {}
         exact = job.row_mode == "exact"
         rows = leave_one_out_exact(states, weights) if exact else leave_one_out(states, weights)
         for cid, row in zip(contributors, rows, strict=True):
-            out[cid] = (row, "row", len(recs) - 1)
+            out[cid] = (row, "row", len(states) - 1)
         others = [c for c in self.clients if c not in out]
         if others:
             mean = exact_mean(states, weights) if exact else fedavg(states, weights)
             for cid in others:
-                out[cid] = (mean, "row", len(recs))
+                out[cid] = (mean, "row", len(states))
         return out
 
     def _write_history(self, round_: int, contributors: list[str], agg_s: float, close_s: float) -> None:
@@ -452,7 +729,7 @@ class AggregationServer:
             "contributors": contributors,
             "aggregate_s": round(agg_s, 6),
             "close_s": round(close_s, 6),
-            "clients": {cid: rec.stats.get(round_, {}) for cid, rec in sorted(self.clients.items())},
+            "clients": {cid: rec.stats.get(round_, {}) for cid, rec in sorted(self.records.items())},
         }
         with self.history_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -461,8 +738,9 @@ class AggregationServer:
 
     def _say_bye(self, reason: str) -> None:
         for rec in list(self.clients.values()):
-            with contextlib.suppress(TransportError):
-                rec.peer.send(Bye(reason=reason))
+            if rec.peer is not None:
+                with contextlib.suppress(TransportError):
+                    rec.peer.send(Bye(reason=reason))
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -36,7 +36,21 @@ class JobConfig(BaseModel):
     clip_norm: float | None = Field(default=None, gt=0)
     # "uniform" is the FedALT paper's mean; "samples" weights by reported sample counts (capped).
     weighting: Literal["uniform", "samples"] = "uniform"
+    # Privacy floor on reported sample counts used as weights.
     max_sample_weight: int = Field(default=1_000_000, ge=1)
+    # Privacy floor: no Rest-of-World adapter is sent unless at least this many clients contributed
+    # (with 2, leave-one-out hands each client the other's adapter).
+    min_row_contributors: int = Field(default=2, ge=2)
+
+
+class MetricsSettings(BaseModel):
+    """The Prometheus endpoint (``/metrics``, ``/status``, ``/healthz``); localhost only unless told otherwise."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=9464, ge=0, le=65535)
 
 
 class ServerConfig(BaseModel):
@@ -48,6 +62,8 @@ class ServerConfig(BaseModel):
     transport: TransportSettings = TransportSettings()
     policy: RoundPolicy = RoundPolicy()
     job: JobConfig = JobConfig()
+    metrics: MetricsSettings = MetricsSettings()
+    # History (history.jsonl) and durable state (state/): restarting with the same run_dir resumes the job.
     run_dir: Path = Path("runs/server")
-    # Written once listening: {"host":..., "port":..., "pid":...}; lets scripts bind to port 0.
+    # Written once listening: {"host", "port", "pid", "metrics_port"}; lets scripts bind to port 0.
     ready_file: Path | None = None

@@ -4,22 +4,37 @@ Inputs are events (a client joined or left, an update arrived, time passed, aggr
 outputs are actions for the daemon to carry out. No I/O, no tasks, no wall clock: tested by hand.
 
     phase        event          -> effect
-    WAITING      join           -> TRAINING(1) once min_clients have joined (StartRound)
+    WAITING      join           -> TRAINING(next) once min_clients have joined (StartRound with a sample)
     WAITING      tick           -> FAILED when the registration timeout passes (Fail)
-    TRAINING     join           -> the client waits for the next round (no action)
-    TRAINING     update         -> CLOSING once every participant has sent (CloseRound)
+    TRAINING     join           -> a sampled client that has not sent yet rejoins the round (ResumeRound);
+                                   anyone else waits for the next round
+    TRAINING     update(r)      -> CLOSING once every participant has sent (CloseRound)
+    TRAINING     update(<r)     -> late: refused (straggler "drop") or folded into the next close ("fold")
     TRAINING     leave          -> CLOSING if all remaining participants have sent
     TRAINING     tick           -> at the deadline: CLOSING with the updates at hand if they reach the
                                    quorum, else FAILED
-    CLOSING      aggregated     -> TRAINING(r+1) (StartRound) or FINISHED (Finish) after the last round
+    CLOSING      update(r)      -> late, as above
+    CLOSING      aggregated     -> FINISHED (Finish) after the last round; else TRAINING(r+1) if min_clients
+                                   are connected, else WAITING for them
     *            leave          -> the client is dropped from the joined set
+
+Sampling: each round draws max(min_clients, ceil(sample_fraction · joined)) of the joined clients with a
+generator seeded by (sample_seed, round), so a restarted server draws the same sample.
+
+A late update is one for a round that has already closed. With ``straggler="drop"`` it is refused
+(LATE_UPDATE): the client keeps its change and sends it as part of its next delta, so no training is lost.
+With ``"fold"`` it is accepted, and the client counts as a contributor of the next round that closes.
+
+:meth:`RoundMachine.snapshot` and :meth:`RoundMachine.restore` let the daemon persist and resume a round.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,21 +49,40 @@ class Phase(str, Enum):
     FAILED = "failed"
 
 
+class UpdateKind(str, Enum):
+    CURRENT = "current"
+    LATE = "late"  # for a closed round, accepted under straggler="fold"
+
+
 class RoundPolicy(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     rounds: int = Field(default=3, ge=1)
+    # Clients that must be connected before any round starts (also a floor for each round's sample).
     min_clients: int = Field(default=2, ge=1)
     registration_timeout_s: float = Field(default=600.0, gt=0)
     round_timeout_s: float = Field(default=600.0, gt=0)
     # Fraction of a round's participants whose updates close the round at its deadline.
     quorum: float = Field(default=1.0, gt=0, le=1)
+    # Client sampling: the fraction of connected clients asked to train each round.
+    sample_fraction: float = Field(default=1.0, gt=0, le=1)
+    sample_seed: int = Field(default=0, ge=0)
+    straggler: Literal["drop", "fold"] = "drop"
 
 
 @dataclass(frozen=True)
 class StartRound:
     round: int
     participants: tuple[str, ...]
+    deadline: float
+
+
+@dataclass(frozen=True)
+class ResumeRound:
+    """A sampled client came back before sending its update: hand it the open round again."""
+
+    client_id: str
+    round: int
     deadline: float
 
 
@@ -68,7 +102,18 @@ class Fail:
     reason: str
 
 
-Action = StartRound | CloseRound | Finish | Fail
+Action = StartRound | ResumeRound | CloseRound | Finish | Fail
+
+
+class RoundSnapshot(BaseModel):
+    """What the daemon persists to resume a round (received updates are recovered from the client store)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    round: int = Field(default=0, ge=0)
+    phase: Phase = Phase.WAITING
+    sampled: tuple[str, ...] = ()
+    folded: tuple[str, ...] = ()
 
 
 @dataclass
@@ -78,8 +123,10 @@ class RoundMachine:
     phase: Phase = Phase.WAITING
     round: int = 0
     joined: set[str] = field(default_factory=set)
-    participants: set[str] = field(default_factory=set)
+    sampled: set[str] = field(default_factory=set)  # drawn for this round
+    participants: set[str] = field(default_factory=set)  # sampled and still connected (or not yet back)
     received: dict[str, int] = field(default_factory=dict)  # client -> round of its update
+    folded: set[str] = field(default_factory=set)  # late updates that count at the next close
     deadline: float = math.inf
 
     # -- events ----------------------------------------------------------------------------------
@@ -87,7 +134,10 @@ class RoundMachine:
     def on_join(self, client_id: str, now: float) -> list[Action]:
         self.joined.add(client_id)
         if self.phase is Phase.WAITING and len(self.joined) >= self.policy.min_clients:
-            return [self._start(1, now)]
+            return [self._start(self.round + 1, now)]
+        if self.phase is Phase.TRAINING and client_id in self.sampled and client_id not in self.received:
+            self.participants.add(client_id)
+            return [ResumeRound(client_id, self.round, self.deadline)]
         return []
 
     def on_leave(self, client_id: str, now: float) -> list[Action]:
@@ -97,8 +147,16 @@ class RoundMachine:
             return self._maybe_close(now)
         return []
 
-    def check_update(self, client_id: str, round_: int) -> None:
-        """Raise unless an update from ``client_id`` for ``round_`` would be accepted now."""
+    def check_update(self, client_id: str, round_: int) -> UpdateKind:
+        """Classify an update from ``client_id`` for ``round_``; raise if it must be refused."""
+        closed = self.round - 1 if self.phase is Phase.TRAINING else self.round
+        if 1 <= round_ <= closed and self.phase in (Phase.TRAINING, Phase.CLOSING, Phase.WAITING):
+            if self.policy.straggler == "fold":
+                return UpdateKind.LATE
+            raise ProtocolError(
+                f"round {round_} closed before this update arrived; send the change with the next round",
+                code=ErrorCode.LATE_UPDATE,
+            )
         if self.phase is not Phase.TRAINING or round_ != self.round:
             raise ProtocolError(
                 f"round {round_} is not open (phase {self.phase.value}, round {self.round})",
@@ -108,9 +166,12 @@ class RoundMachine:
             raise ProtocolError(
                 f"{client_id} is not a participant of round {self.round}", code=ErrorCode.ROUND_NOT_OPEN
             )
+        return UpdateKind.CURRENT
 
     def on_update(self, client_id: str, round_: int, now: float) -> list[Action]:
-        self.check_update(client_id, round_)
+        if self.check_update(client_id, round_) is UpdateKind.LATE:
+            self.folded.add(client_id)
+            return []
         self.received[client_id] = round_
         return self._maybe_close(now)
 
@@ -118,7 +179,7 @@ class RoundMachine:
         if self.phase is Phase.WAITING and now - self.started_at > self.policy.registration_timeout_s:
             return [self._fail(f"only {len(self.joined)} of {self.policy.min_clients} clients joined in time")]
         if self.phase is Phase.TRAINING and now >= self.deadline:
-            need = math.ceil(self.policy.quorum * len(self.participants))
+            need = math.ceil(self.policy.quorum * len(self.sampled))
             if len(self.received) >= max(need, 1):
                 return [self._close()]
             return [self._fail(f"round {self.round}: {len(self.received)} updates by the deadline, quorum is {need}")]
@@ -130,16 +191,61 @@ class RoundMachine:
         if self.round >= self.policy.rounds:
             self.phase = Phase.FINISHED
             return [Finish(self.round)]
-        if len(self.joined) < 1:
-            return [self._fail("no clients left")]
+        if len(self.joined) < self.policy.min_clients:
+            self.phase = Phase.WAITING  # e.g. after a server restart, before the clients are back
+            self.started_at = now
+            return []
         return [self._start(self.round + 1, now)]
 
+    # -- persistence -----------------------------------------------------------------------------
+
+    def snapshot(self) -> RoundSnapshot:
+        return RoundSnapshot(
+            round=self.round, phase=self.phase, sampled=tuple(sorted(self.sampled)), folded=tuple(sorted(self.folded))
+        )
+
+    @classmethod
+    def restore(
+        cls, policy: RoundPolicy, snap: RoundSnapshot, received: dict[str, int], now: float
+    ) -> tuple[RoundMachine, list[Action]]:
+        """Rebuild the machine after a restart; ``received`` are the updates of ``snap.round`` on disk.
+
+        A training round resumes with a fresh deadline (its sampled clients rejoin it); a closing round
+        is closed again (the daemon's close is idempotent per client); a failed round is retried.
+        """
+        m = cls(policy, started_at=now, round=snap.round, folded=set(snap.folded))
+        received = {c: r for c, r in received.items() if r == snap.round}
+        if snap.phase is Phase.TRAINING:
+            m.phase = Phase.TRAINING
+            m.sampled = set(snap.sampled)
+            m.participants = set(snap.sampled)
+            m.received = received
+            m.deadline = now + policy.round_timeout_s
+            return m, m._maybe_close(now)
+        if snap.phase is Phase.CLOSING:
+            m.received = received
+            m.sampled = set(snap.sampled)
+            return m, [m._close()]
+        if snap.phase is Phase.FINISHED:
+            m.phase = Phase.FINISHED
+            return m, [Finish(snap.round)]
+        if snap.phase is Phase.FAILED and snap.round > 0:
+            m.round = snap.round - 1  # retry the failed round
+        return m, []
+
     # -- helpers -----------------------------------------------------------------------------------
+
+    def _sample(self, round_: int) -> set[str]:
+        pool = sorted(self.joined)
+        k = max(min(self.policy.min_clients, len(pool)), math.ceil(self.policy.sample_fraction * len(pool)))
+        rng = random.Random(f"{self.policy.sample_seed}:{round_}")
+        return set(rng.sample(pool, k))
 
     def _start(self, round_: int, now: float) -> StartRound:
         self.phase = Phase.TRAINING
         self.round = round_
-        self.participants = set(self.joined)
+        self.sampled = self._sample(round_)
+        self.participants = set(self.sampled)
         self.received = {}
         self.deadline = now + self.policy.round_timeout_s
         return StartRound(round_, tuple(sorted(self.participants)), self.deadline)
@@ -153,7 +259,9 @@ class RoundMachine:
 
     def _close(self) -> CloseRound:
         self.phase = Phase.CLOSING
-        return CloseRound(self.round, tuple(sorted(self.received)))
+        contributors = set(self.received) | self.folded
+        self.folded = set()
+        return CloseRound(self.round, tuple(sorted(contributors)))
 
     def _fail(self, reason: str) -> Fail:
         self.phase = Phase.FAILED

@@ -1,6 +1,17 @@
 import pytest
 from fedquic.common.errors import ErrorCode, ProtocolError
-from fedquic.server.rounds import CloseRound, Fail, Finish, Phase, RoundMachine, RoundPolicy, StartRound
+from fedquic.server.rounds import (
+    CloseRound,
+    Fail,
+    Finish,
+    Phase,
+    ResumeRound,
+    RoundMachine,
+    RoundPolicy,
+    RoundSnapshot,
+    StartRound,
+    UpdateKind,
+)
 
 
 def machine(**kw: object) -> RoundMachine:
@@ -68,3 +79,120 @@ def test_registration_timeout_fails_the_job() -> None:
     assert m.on_tick(4.0) == []
     [fail] = m.on_tick(6.0)
     assert isinstance(fail, Fail) and "1 of 2" in fail.reason
+
+
+def test_sampling_draws_a_seeded_fraction_with_min_clients_as_floor() -> None:
+    m = machine(min_clients=2, sample_fraction=0.25, rounds=5)
+    for c in "abcdefgh":
+        m.on_join(c, 0.0)  # round 1 started at the second join, with a and b
+    m.on_update("a", 1, 1.0)
+    m.on_update("b", 1, 1.0)
+    [start] = m.on_aggregated(1, 2.0)
+    assert isinstance(start, StartRound) and len(start.participants) == 2  # ceil(0.25 * 8)
+    assert set(start.participants) <= set("abcdefgh")
+    # the same seed and round draw the same sample (a restarted server agrees with itself)
+    again = machine(min_clients=8, sample_fraction=0.25)
+    for c in "abcdefgh":
+        again.on_join(c, 0.0)
+    assert len(again.participants) == 8  # min_clients is the floor
+    draws = {tuple(sorted(m._sample(r))) for r in range(2, 12)}
+    assert len(draws) > 1  # rounds draw different samples
+    assert m._sample(2) == set(start.participants)
+
+
+def test_a_sampled_client_that_comes_back_resumes_the_round() -> None:
+    m = machine()
+    m.on_join("a", 0.0)
+    m.on_join("b", 0.0)
+    assert m.on_leave("b", 1.0) == []  # a has not sent: the round stays open
+    assert m.on_join("b", 2.0) == [ResumeRound("b", 1, 10.0)]
+    m.on_update("a", 1, 3.0)
+    assert m.on_update("b", 1, 4.0) == [CloseRound(1, ("a", "b"))]
+    assert m.on_join("c", 5.0) == []  # not sampled: waits for the next round
+
+
+def test_late_update_is_refused_under_drop_and_folded_under_fold() -> None:
+    for policy in ("drop", "fold"):
+        m = machine(quorum=0.5, straggler=policy, rounds=3)
+        m.on_join("a", 0.0)
+        m.on_join("b", 0.0)
+        m.on_update("a", 1, 1.0)
+        assert m.on_tick(10.0) == [CloseRound(1, ("a",))]
+        if policy == "drop":
+            with pytest.raises(ProtocolError) as ei:
+                m.on_update("b", 1, 10.5)  # arrives while round 1 closes
+            assert ei.value.code is ErrorCode.LATE_UPDATE
+        else:
+            assert m.on_update("b", 1, 10.5) == []
+        m.on_aggregated(1, 11.0)
+        m.on_update("a", 2, 12.0)
+        closed = m.on_update("b", 2, 12.0)
+        assert closed == [CloseRound(2, ("a", "b"))]
+        m.on_aggregated(2, 13.0)
+        m.on_update("a", 3, 14.0)
+        if policy == "fold":
+            # a late round-2 update from b counts at round 3's close even though b sends nothing for round 3
+            m.on_leave("b", 14.5)
+            with pytest.raises(ProtocolError):
+                m.on_update("b", 4, 15.0)  # a future round is never "late"
+
+
+def test_fold_counts_a_late_update_at_the_next_close() -> None:
+    m = machine(quorum=0.5, straggler="fold", rounds=3)
+    m.on_join("a", 0.0)
+    m.on_join("b", 0.0)
+    m.on_update("a", 1, 1.0)
+    m.on_tick(10.0)
+    m.on_aggregated(1, 11.0)  # round 2 is open
+    assert m.check_update("b", 1) is UpdateKind.LATE
+    m.on_update("b", 1, 11.5)
+    m.on_update("a", 2, 12.0)
+    assert m.on_tick(21.0) == [CloseRound(2, ("a", "b"))]  # b contributes through its folded update
+
+
+def test_next_round_waits_for_min_clients() -> None:
+    m = machine(rounds=3)
+    m.on_join("a", 0.0)
+    m.on_join("b", 0.0)
+    m.on_update("a", 1, 1.0)
+    m.on_update("b", 1, 1.0)
+    m.on_leave("b", 1.5)
+    assert m.on_aggregated(1, 2.0) == []
+    assert m.phase is Phase.WAITING
+    [start] = m.on_join("b", 3.0)
+    assert isinstance(start, StartRound) and start.round == 2
+
+
+@pytest.mark.parametrize("phase", list(Phase))
+def test_snapshot_restore_resumes_each_phase(phase: Phase) -> None:
+    m = machine(rounds=3)
+    m.on_join("a", 0.0)
+    m.on_join("b", 0.0)
+    m.on_update("a", 1, 1.0)
+    m.phase = phase
+    snap = m.snapshot()
+    assert RoundSnapshot.model_validate_json(snap.model_dump_json()) == snap
+    r, actions = RoundMachine.restore(m.policy, snap, {"a": 1, "x": 0}, now=100.0)
+    if phase is Phase.TRAINING:
+        assert actions == [] and r.received == {"a": 1} and r.deadline == 110.0
+        assert r.on_join("b", 101.0) == [ResumeRound("b", 1, 110.0)]
+        assert r.on_update("b", 1, 102.0) == [CloseRound(1, ("a", "b"))]
+    elif phase is Phase.CLOSING:
+        assert actions == [CloseRound(1, ("a",))]
+        r.on_join("a", 101.0)
+        assert r.on_aggregated(1, 102.0) == []  # waits for min_clients before round 2
+        [start] = r.on_join("b", 103.0)
+        assert isinstance(start, StartRound) and start.round == 2
+    elif phase is Phase.FINISHED:
+        assert actions == [Finish(1)]
+    else:  # WAITING (round 1 closed) goes on with round 2; FAILED retries the failed round
+        assert actions == []
+        r.on_join("a", 101.0)
+        [start] = r.on_join("b", 101.0)
+        assert isinstance(start, StartRound) and start.round == (2 if phase is Phase.WAITING else 1)
+
+
+def test_restore_closes_a_training_round_whose_updates_are_all_on_disk() -> None:
+    snap = RoundSnapshot(round=2, phase=Phase.TRAINING, sampled=("a", "b"))
+    _, actions = RoundMachine.restore(RoundPolicy(rounds=3), snap, {"a": 2, "b": 2}, now=0.0)
+    assert actions == [CloseRound(2, ("a", "b"))]

@@ -1,0 +1,161 @@
+"""Durable server state: the job, the round, and each client's adapters, on disk.
+
+Layout under ``STATE_DIR`` (``RUN_DIR/state``)::
+
+    job.json                          job id, adapter schema, base fingerprint, round snapshot
+    clients/<id>/meta.json            the client's record: hashes, accepted updates, which files are current
+    clients/<id>/view-r<R>.safetensors      its individual LoRA as the server reconstructed it (after round R)
+    clients/<id>/row-r<R>.safetensors       the aggregate it holds (kind row/global) after round R's close
+    clients/<id>/ef-r<R>.safetensors        its downlink error-feedback residual after round R's close
+
+Every write is atomic: write a temporary file, fsync it, rename it over the target, fsync the directory.
+Tensor files are never overwritten: a new one gets a new name, and the ``meta.json`` rename is the commit
+point (the file it replaces is deleted afterwards), so a crash leaves either the old or the new record,
+never a mix. Tensors are safetensors; metadata is JSON. No pickle.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from ..common.adapter import AdapterSchema, TensorDict
+from ..common.errors import ConfigError
+from .rounds import RoundSnapshot
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+Kind = Literal["row", "global"]
+
+
+class JobRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: int = FORMAT_VERSION
+    job_id: str
+    adapter: AdapterSchema | None = None
+    base_fingerprint: str | None = None
+    round: RoundSnapshot = RoundSnapshot()
+
+
+class ClientRecordOnDisk(BaseModel):
+    """A client's durable record; tensor files are named relative to its directory."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    client_id: str
+    num_samples: int = 0
+    view_hash: str
+    view_file: str | None = None  # None: the job's shared initialisation
+    updates: dict[int, str] = Field(default_factory=dict)  # round -> digest of the accepted payload
+    held_hash: dict[Kind, str] = Field(default_factory=dict)
+    held_files: dict[Kind, str] = Field(default_factory=dict)  # absent: zeros (row) / the init (global)
+    ef_file: str | None = None
+    closed_round: int = 0  # the last round whose aggregate was computed for this client
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+class ServerStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.clients_dir = root / "clients"
+
+    # -- job ---------------------------------------------------------------------------------------
+
+    def load_job(self) -> JobRecord | None:
+        path = self.root / "job.json"
+        if not path.is_file():
+            return None
+        try:
+            rec = JobRecord.model_validate_json(path.read_bytes())
+        except ValidationError as exc:
+            raise ConfigError(f"{path} is not a fedquic server state file: {exc.errors()[0]['msg']}") from None
+        if rec.format != FORMAT_VERSION:
+            raise ConfigError(f"{path}: state format {rec.format}, this server reads {FORMAT_VERSION}")
+        return rec
+
+    def save_job(self, rec: JobRecord) -> None:
+        atomic_write_bytes(self.root / "job.json", rec.model_dump_json(indent=1).encode())
+
+    # -- clients -----------------------------------------------------------------------------------
+
+    def client_ids(self) -> list[str]:
+        if not self.clients_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.clients_dir.iterdir() if (p / "meta.json").is_file())
+
+    def load_client(self, client_id: str) -> ClientRecordOnDisk | None:
+        path = self.clients_dir / client_id / "meta.json"
+        if not path.is_file():
+            return None
+        return ClientRecordOnDisk.model_validate_json(path.read_bytes())
+
+    def read_tensors(self, client_id: str, name: str) -> TensorDict:
+        return dict(st_load((self.clients_dir / client_id / name).read_bytes()))
+
+    def commit(
+        self,
+        rec: ClientRecordOnDisk,
+        new_files: dict[str, TensorDict],
+        old: ClientRecordOnDisk | None,
+    ) -> None:
+        """Write ``new_files`` (never overwriting), then ``rec`` as the commit point, then drop stale files."""
+        d = self.clients_dir / rec.client_id
+        d.mkdir(parents=True, exist_ok=True)
+        for name, tensors in new_files.items():
+            data = st_save(dict(tensors))
+            tmp = d / (name + ".tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, d / name)
+        if new_files:
+            fsync_dir(d)  # the tensor files are durable before the record that names them
+        atomic_write_bytes(d / "meta.json", rec.model_dump_json(indent=1).encode())
+        if old is not None:
+            for stale in _files(old) - _files(rec):
+                (d / stale).unlink(missing_ok=True)
+
+    def drop_all(self) -> None:
+        """Forget every client (a new job in the same run directory)."""
+        for cid in self.client_ids():
+            d = self.clients_dir / cid
+            for p in d.iterdir():
+                p.unlink()
+            d.rmdir()
+
+
+def _files(rec: ClientRecordOnDisk) -> set[str]:
+    out = set(rec.held_files.values())
+    if rec.view_file:
+        out.add(rec.view_file)
+    if rec.ef_file:
+        out.add(rec.ef_file)
+    return out
