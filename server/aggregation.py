@@ -30,42 +30,92 @@ def _check(states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float])
         raise ValueError("weights must be non-negative with a positive sum")
 
 
+# Elements per step of the fused loops: big enough that numpy's per-call cost vanishes, small enough that the
+# temporaries stay in cache, so each pass streams its inputs from memory once.
+CHUNK = 1 << 16
+
+
+def _weighted_total(states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float], name: str) -> np.ndarray:
+    """Σ w_m X_m[name], accumulated in float64 chunk by chunk, rounded once to float32."""
+    shape = states[0][name].shape
+    n = int(np.prod(shape))
+    out = np.empty(n, dtype=np.float32)
+    acc = np.empty(min(CHUNK, n), dtype=np.float64)
+    tmp = np.empty(min(CHUNK, n), dtype=np.float32)
+    flats = [np.asarray(s[name], dtype=np.float32).reshape(-1) for s in states]
+    for i in range(0, n, CHUNK):
+        j = min(i + CHUNK, n)
+        a, t = acc[: j - i], tmp[: j - i]
+        a.fill(0.0)
+        for x, w in zip(flats, weights, strict=True):
+            np.multiply(x[i:j], w, out=t)
+            a += t
+        out[i:j] = a
+    return out.reshape(shape)
+
+
 def weighted_sum(states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> TensorDict:
     _check(states, weights)
-    out: TensorDict = {}
-    for name in states[0]:
-        acc = np.zeros_like(states[0][name], dtype=np.float64)
-        for s, w in zip(states, weights, strict=True):
-            acc += w * s[name]
-        out[name] = acc
-    return out
+    return {name: _weighted_total(states, weights, name) for name in states[0]}
 
 
 def fedavg(states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> TensorDict:
     """Weighted mean of all states (one shared payload)."""
     total = weighted_sum(states, weights)
-    w = float(sum(weights))
-    return {k: (v / w).astype(np.float32) for k, v in total.items()}
+    scale = np.float32(1.0 / float(sum(weights)))
+    for v in total.values():
+        v *= scale
+    return total
+
+
+class LeaveOneOut:
+    """Every client's Rest-of-World from one weighted total: RoW_k = (S − w_k X_k) / (W − w_k).
+
+    ``S`` costs one pass over all states; each row is then one fused pass (read S and X_k, write the row) done
+    on demand, so a server can compute, encode and send one client's RoW at a time in O(P) extra memory.
+    """
+
+    def __init__(self, states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> None:
+        _check(states, weights)
+        if len(states) < 2:
+            raise JobError("leave-one-out needs at least two contributing clients")
+        self.states = states
+        self.weights = [float(w) for w in weights]
+        self.w_total = float(sum(self.weights))
+        if any(self.w_total - w <= 0 for w in self.weights):
+            raise JobError("a client holds all the weight: no other clients to average")
+        self.total = weighted_sum(states, self.weights)
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def row(self, k: int) -> TensorDict:
+        rest = self.w_total - self.weights[k]
+        b, a = np.float32(1.0 / rest), np.float32(self.weights[k] / rest)
+        out: TensorDict = {}
+        tmp = np.empty(CHUNK, dtype=np.float32)
+        for name, total in self.total.items():
+            s = total.reshape(-1)
+            x = np.asarray(self.states[k][name], dtype=np.float32).reshape(-1)
+            o = np.empty_like(s)
+            for i in range(0, s.size, CHUNK):
+                j = min(i + CHUNK, s.size)
+                t = tmp[: j - i]
+                np.multiply(x[i:j], a, out=t)
+                np.multiply(s[i:j], b, out=o[i:j])
+                np.subtract(o[i:j], t, out=o[i:j])
+            out[name] = o.reshape(total.shape)
+        return out
 
 
 def leave_one_out(states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> list[TensorDict]:
-    """For each client k, the weighted mean of all other clients' states.
+    """For each client k, the weighted mean of all other clients' states (see :class:`LeaveOneOut`).
 
-    Needs at least two clients with positive weight apart from each k; the sum is accumulated in
-    float64 so that subtracting a client's own share does not cancel catastrophically.
+    The total is accumulated in float64 and rounded once, so subtracting a client's own share loses at most
+    float32 rounding of S relative to the rest's weight.
     """
-    _check(states, weights)
-    if len(states) < 2:
-        raise JobError("leave-one-out needs at least two contributing clients")
-    total = weighted_sum(states, weights)
-    w_total = float(sum(weights))
-    out: list[TensorDict] = []
-    for s, w in zip(states, weights, strict=True):
-        rest = w_total - w
-        if rest <= 0:
-            raise JobError("a client holds all the weight: no other clients to average")
-        out.append({k: ((total[k] - w * s[k]) / rest).astype(np.float32) for k in total})
-    return out
+    loo = LeaveOneOut(states, weights)
+    return [loo.row(k) for k in range(len(loo))]
 
 
 def lora_pairs(names: Iterable[str]) -> list[tuple[str, str]]:

@@ -49,7 +49,7 @@ from ..common.messages import (
 )
 from ..transport.aio import FedQuicServer, Peer
 from ..transport.framing import frame_size
-from .aggregation import clip_deviation, exact_mean, fedavg, leave_one_out, leave_one_out_exact
+from .aggregation import LeaveOneOut, clip_deviation, exact_mean, fedavg, leave_one_out_exact
 from .config import ServerConfig
 from .metrics import MetricsEndpoint, ServerMetrics, render_prometheus
 from .rounds import Action, CloseRound, Fail, Finish, ResumeRound, RoundMachine, StartRound
@@ -624,7 +624,7 @@ class AggregationServer:
         return 1.0
 
     async def _send_aggregate(
-        self, round_: int, cid: str, state: TensorDict, kind: str, n_contrib: int
+        self, round_: int, cid: str, make_state: Callable[[], TensorDict], kind: str, n_contrib: int
     ) -> asyncio.Future[None] | None:
         """Encode, persist and send one client's aggregate; returns the future its ACK resolves (None: no wait)."""
         rec = self.records[cid]
@@ -632,7 +632,8 @@ class AggregationServer:
             if rec.disk.closed_round >= round_:
                 return None
             await asyncio.to_thread(self._load, rec)
-            payload, held = await asyncio.to_thread(self._downlink_payload, rec, kind, state)
+            # The target (e.g. this client's leave-one-out row) is computed here, one client at a time.
+            payload, held = await asyncio.to_thread(lambda: self._downlink_payload(rec, kind, make_state()))
             await asyncio.to_thread(self._commit_downlink, rec, round_, kind, held)
         peer = rec.peer
         if peer is None:
@@ -688,19 +689,23 @@ class AggregationServer:
 
     def _aggregate(
         self, contributors: list[str], states: list[TensorDict], weights: list[float]
-    ) -> dict[str, tuple[TensorDict, str, int]]:
-        """Per recipient: (state, kind, number of clients averaged). Pure numpy, runs in a thread."""
+    ) -> dict[str, tuple[Callable[[], TensorDict], str, int]]:
+        """Per recipient: (its target state, computed on demand; kind; number of clients averaged).
+
+        Pure numpy, runs in a thread. Leave-one-out rows are produced per client when its payload is encoded,
+        so closing a round needs O(P) memory per client in flight, not O(N·P).
+        """
         job = self.cfg.job
         if job.federation == "local" or not contributors:
             return {}
         if job.clip_norm is not None:
             assert self._init_state is not None
             states = [clip_deviation(s, self._init_state, job.clip_norm) for s in states]
-        out: dict[str, tuple[TensorDict, str, int]] = {}
+        out: dict[str, tuple[Callable[[], TensorDict], str, int]] = {}
         if job.federation == "fedavg":
             g = fedavg(states, weights)
             for cid in {*contributors, *self.clients}:
-                out[cid] = (g, "global", len(states))
+                out[cid] = (lambda: g, "global", len(states))
             return out
         if len(states) < job.min_row_contributors:
             # Privacy floor: a RoW built from too few clients would hand out one client's adapter.
@@ -710,15 +715,19 @@ class AggregationServer:
                 job.min_row_contributors,
             )
             return {}
-        exact = job.row_mode == "exact"
-        rows = leave_one_out_exact(states, weights) if exact else leave_one_out(states, weights)
-        for cid, row in zip(contributors, rows, strict=True):
-            out[cid] = (row, "row", len(states) - 1)
+        if job.row_mode == "exact":
+            rows = leave_one_out_exact(states, weights)
+            for cid, row in zip(contributors, rows, strict=True):
+                out[cid] = (lambda row=row: row, "row", len(states) - 1)
+        else:
+            loo = LeaveOneOut(states, weights)
+            for k, cid in enumerate(contributors):
+                out[cid] = (lambda k=k: loo.row(k), "row", len(states) - 1)
         others = [c for c in self.clients if c not in out]
         if others:
-            mean = exact_mean(states, weights) if exact else fedavg(states, weights)
+            mean = exact_mean(states, weights) if job.row_mode == "exact" else fedavg(states, weights)
             for cid in others:
-                out[cid] = (mean, "row", len(states))
+                out[cid] = (lambda: mean, "row", len(states))
         return out
 
     def _write_history(self, round_: int, contributors: list[str], agg_s: float, close_s: float) -> None:

@@ -1,0 +1,86 @@
+"""A synthetic :class:`~fedquic.client.learner.Learner`: numpy only, deterministic, no model.
+
+Used where the network and the server are under test rather than learning: load and soak tests, the
+round benchmark (an update the size of a real LoRA state, trivial training), and crash/restart tests.
+Each round it moves its adapter by a seeded random step, so every update differs per client and round
+and is reproducible: a test can recompute exactly what the server must hold.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .common.adapter import AdapterSchema, TensorDict, init_lora_state
+from .common.messages import TrainSpec, Welcome
+
+
+def lora_schema(layers: int, dim: int, rank: int, modules: tuple[str, ...] = ("q_proj", "v_proj")) -> AdapterSchema:
+    """The adapter schema of rank-``rank`` LoRA on ``modules`` of ``layers`` square ``dim`` projections."""
+    state: TensorDict = {}
+    for i in range(layers):
+        for m in modules:
+            base = f"base_model.model.model.layers.{i}.self_attn.{m}"
+            state[f"{base}.lora_A.weight"] = np.zeros((rank, dim), np.float32)
+            state[f"{base}.lora_B.weight"] = np.zeros((dim, rank), np.float32)
+    return AdapterSchema.from_state(state)
+
+
+def schema_for_bytes(fp32_bytes: int, dim: int = 2048, rank: int = 16) -> AdapterSchema:
+    """A LoRA schema whose fp32 state is about ``fp32_bytes`` (e.g. 45 MB, a 7B model's q/v LoRA at r=16)."""
+    per_layer = 2 * 2 * rank * dim * 4  # q and v, A and B
+    return lora_schema(max(1, round(fp32_bytes / per_layer)), dim, rank)
+
+
+@dataclass
+class SyntheticLearner:
+    schema: AdapterSchema
+    seed: int = 0
+    samples: int = 100
+    step_scale: float = 1e-2
+    train_seconds: float = 0.0  # simulated training time
+    fingerprint: str = "5e7717e71c"
+    # Tests may hold a round's training until they release it (e.g. to kill the server meanwhile).
+    gates: dict[int, threading.Event] = field(default_factory=dict)
+    trained_rounds: list[int] = field(default_factory=list)
+    _local: TensorDict = field(default_factory=dict)
+    _row: TensorDict = field(default_factory=dict)
+
+    def base_fingerprint(self) -> str:
+        return self.fingerprint
+
+    def num_samples(self) -> int:
+        return self.samples
+
+    def attach(self, job: Welcome) -> AdapterSchema:
+        if not self._local:
+            self._local = init_lora_state(self.schema, job.init_seed)
+        return self.schema
+
+    def local_state(self) -> TensorDict:
+        return {k: v.copy() for k, v in self._local.items()}
+
+    def set_local_state(self, state: TensorDict) -> None:
+        self._local = {k: np.array(v, dtype=np.float32) for k, v in state.items()}
+
+    def set_row_state(self, state: TensorDict) -> None:
+        self._row = {k: np.array(v, dtype=np.float32) for k, v in state.items()}
+
+    def row_state(self) -> TensorDict:
+        return self._row
+
+    def train(self, round_: int, spec: TrainSpec) -> dict[str, float]:
+        gate = self.gates.get(round_)
+        if gate is not None:
+            gate.wait()
+        if self.train_seconds:
+            time.sleep(self.train_seconds)
+        rng = np.random.default_rng([self.seed, round_])
+        for k in sorted(self._local):
+            self._local[k] = self._local[k] + self.step_scale * rng.standard_normal(self._local[k].shape, np.float32)
+        self.trained_rounds.append(round_)
+        loss = 1.0 / (1 + len(self.trained_rounds))
+        return {"loss_before": loss * 1.1, "loss_after": loss}
