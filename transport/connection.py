@@ -25,6 +25,7 @@ from aioquic.quic.events import (
 from ..common.errors import ErrorCode, FedQuicError, ProtocolError
 from ..common.limits import DEFAULT_LIMITS, WireLimits
 from ..common.messages import Header, Message
+from .flow import cap_windows
 from .framing import FrameDecoder, encode_frame, encode_frame_head
 from .mtls import CertificateError, ClientCertVerifier, ClientIdentity, request_client_certificate
 
@@ -81,6 +82,7 @@ class FedQuicConnection:
         self, quic: QuicConnection, *, limits: WireLimits = DEFAULT_LIMITS, verifier: ClientCertVerifier | None = None
     ) -> None:
         self._quic = quic
+        cap_windows(quic)  # aioquic would grow its receive windows without bound
         self._verifier = verifier
         if verifier is not None:
             request_client_certificate(quic)

@@ -30,12 +30,15 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
 
 
 class Pair:
-    def __init__(self, pki: DevPki, loss: float, seed: int) -> None:
+    def __init__(self, pki: DevPki, loss: float, seed: int, window: int | None = None) -> None:
         ccfg = QuicConfiguration(is_client=True, alpn_protocols=[ALPN], server_name="localhost")
         ccfg.load_verify_locations(cafile=str(pki.ca_cert))
         ccfg.load_cert_chain(str(pki.client_cert("mem-client")), str(pki.client_key("mem-client")))
         scfg = QuicConfiguration(is_client=False, alpn_protocols=[ALPN])
         scfg.load_cert_chain(str(pki.server_cert), str(pki.server_key))
+        if window is not None:
+            for cfg in (ccfg, scfg):
+                cfg.max_data, cfg.max_stream_data = window, window // 2
         self.now = 0.0
         cq = QuicConnection(configuration=ccfg)
         sq = QuicConnection(
@@ -106,3 +109,37 @@ def test_messages_arrive_bit_exact_through_datagram_loss(pki: DevPki, loss: floa
     assert not bulk.on_control and all(m.on_control for m in msgs if m is not bulk)
     if loss:
         assert pair.dropped > 0  # the loss really happened, and QUIC recovered from it
+
+
+@pytest.mark.parametrize("capped", [True, False])
+def test_receive_windows_stay_bounded(pki: DevPki, capped: bool) -> None:
+    """aioquic alone doubles its windows without bound; with our cap the peer's credit never exceeds them."""
+    window = 256 << 10
+    pair = Pair(pki, 0.0, 0, window=window)
+    if not capped:  # drop the per-connection wrappers: aioquic's own doubling
+        for core in (pair.client, pair.server):
+            del core.quic._write_connection_limits
+            del core.quic._write_stream_limits
+    pair.run(lambda: any(isinstance(e, ConnectionReady) for e in pair.events["server"]))
+    body = random.Random(7).randbytes(8 << 20)
+    sid = pair.client.open_bulk(
+        Aggregate(round=1, contributors=0, manifest=Manifest(tensors=(), raw_size=len(body))), len(body)
+    )
+    pair.client.write_bulk(sid, body, end=True)
+    credit = {"conn": 0, "stream": 0}
+
+    def done() -> bool:
+        lim = pair.server.quic._local_max_data
+        credit["conn"] = max(credit["conn"], lim.sent - lim.used)
+        stream = pair.server.quic._streams.get(sid)
+        if stream is not None:
+            credit["stream"] = max(credit["stream"], stream.max_stream_data_local_sent - stream.receiver.highest_offset)
+        return any(m.message.type is MsgType.AGGREGATE for m in pair.messages("server"))
+
+    pair.run(done)
+    [bulk] = [m for m in pair.messages("server") if m.message.type is MsgType.AGGREGATE]
+    assert hashlib.sha256(bulk.message.body).digest() == hashlib.sha256(body).digest()
+    if capped:
+        assert credit["conn"] <= window and credit["stream"] <= window // 2
+    else:
+        assert credit["conn"] > 4 * window  # the unbounded growth the cap exists for
