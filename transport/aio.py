@@ -12,7 +12,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from aioquic.asyncio import QuicConnectionProtocol, connect, serve
@@ -23,6 +23,7 @@ from aioquic.quic.connection import QuicConnection
 from ..common.errors import ErrorCode, FedQuicError, TransportError
 from ..common.messages import Error, Header, Message
 from .connection import (
+    EARLY_DATA_TYPES,
     ConnectionReady,
     FedQuicConnection,
     MessageReceived,
@@ -33,6 +34,7 @@ from .connection import (
 from .framing import frame_size
 from .mtls import ClientCertVerifier, ClientIdentity
 from .settings import TlsFiles, TransportSettings
+from .tickets import TicketJar, TicketStore
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +65,11 @@ class Peer(QuicConnectionProtocol):
         settings: TransportSettings,
         on_ready: Callable[[Peer], None] | None = None,
         verifier: ClientCertVerifier | None = None,
+        tickets: TicketStore | None = None,
     ) -> None:
         super().__init__(quic, stream_handler)
         self.settings = settings
-        self.core = FedQuicConnection(quic, limits=settings.limits, verifier=verifier)
+        self.core = FedQuicConnection(quic, limits=settings.limits, verifier=verifier, tickets=tickets)
         self.identity: ClientIdentity | None = None
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
         self._on_ready = on_ready
@@ -76,6 +79,7 @@ class Peer(QuicConnectionProtocol):
         self.close_reason: str = ""
         self.close_code = 0
         self.session_resumed = False
+        self.early_data_accepted = False
         self._keepalive: asyncio.Task[None] | None = None
         self.socket_buffers: tuple[int, int] = (0, 0)
 
@@ -92,6 +96,7 @@ class Peer(QuicConnectionProtocol):
                 self._inbox.put_nowait(ev)
             elif isinstance(ev, ConnectionReady):
                 self.session_resumed = ev.session_resumed
+                self.early_data_accepted = ev.early_data_accepted
                 self.identity = ev.identity
                 self.ready.set()
                 self._keepalive = asyncio.ensure_future(self._keepalive_loop())
@@ -267,6 +272,8 @@ class FedQuicServer:
         self._on_connect = on_connect
         self._server: QuicServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Session tickets, single-use, bound to the verified client identity (resumption and 0-RTT).
+        self.tickets = TicketStore()
 
     async def start(self, host: str, port: int) -> int:
         cfg = _quic_config(self.settings, is_client=False, tls=self.tls)
@@ -277,8 +284,10 @@ class FedQuicServer:
                 "mutual TLS: client certificates must chain to %s (%d revoked)", self.tls.ca, len(verifier.revoked)
             )
 
+        tickets = self.tickets if verifier is not None else None
+
         def create(*args: Any, **kw: Any) -> Peer:
-            return Peer(*args, settings=self.settings, on_ready=self._spawn, verifier=verifier, **kw)
+            return Peer(*args, settings=self.settings, on_ready=self._spawn, verifier=verifier, tickets=tickets, **kw)
 
         self._server = await serve(host, port, configuration=cfg, create_protocol=create, retry=self.settings.retry)
         sock = self._server._transport.get_extra_info("socket")
@@ -312,19 +321,48 @@ class FedQuicServer:
 
 @contextlib.asynccontextmanager
 async def connect_peer(
-    host: str, port: int, settings: TransportSettings, tls: TlsFiles, server_name: str | None = None
+    host: str,
+    port: int,
+    settings: TransportSettings,
+    tls: TlsFiles,
+    server_name: str | None = None,
+    *,
+    tickets: TicketJar | None = None,
+    early: Sequence[Header] = (),
 ) -> AsyncIterator[Peer]:
-    """Connect, verify the server's certificate against ``tls.ca``, and yield the :class:`Peer`."""
-    cfg = _quic_config(settings, is_client=True, tls=tls, server_name=server_name or host)
+    """Connect, verify the server's certificate against ``tls.ca``, and yield the :class:`Peer`.
+
+    With a ``tickets`` jar the connection resumes the last session with this server when it can (and stores
+    the server's new tickets there); ``early`` messages (HELLO, HEARTBEAT only) are then sent as 0-RTT data,
+    before the handshake completes. Without a ticket they are sent once it completes.
+    """
+    name = server_name or host
+    for h in early:
+        if h.msg_type not in EARLY_DATA_TYPES:
+            raise ValueError(f"{h.msg_type.name} may not be sent in 0-RTT data (only HELLO and HEARTBEAT)")
+    cfg = _quic_config(settings, is_client=True, tls=tls, server_name=name)
+    if tickets is not None:
+        cfg.session_ticket = tickets.take(name)
 
     def create(*args: Any, **kw: Any) -> Peer:
         return Peer(*args, settings=settings, **kw)
 
     try:
-        cm = connect(host, port, configuration=cfg, create_protocol=create, wait_connected=False)
+        cm = connect(
+            host,
+            port,
+            configuration=cfg,
+            create_protocol=create,
+            wait_connected=False,
+            session_ticket_handler=tickets.store if tickets is not None else None,
+        )
         async with cm as proto:
             peer = proto
             assert isinstance(peer, Peer)
+            sent_early = cfg.session_ticket is not None and bool(early)
+            if sent_early:
+                for h in early:
+                    peer.core.send_control(h)
             peer.transmit()
             waits = [asyncio.ensure_future(peer.ready.wait()), asyncio.ensure_future(peer.closed.wait())]
             _, pending = await asyncio.wait(
@@ -339,6 +377,10 @@ async def connect_peer(
                     code=ErrorCode.TIMEOUT if not peer.closed.is_set() else ErrorCode.INTERNAL,
                 )
             peer.core.open_control()
+            if not sent_early:
+                for h in early:
+                    peer.core.send_control(h)
+                peer.transmit()
             yield peer
     except ConnectionError as exc:
         raise TransportError(f"cannot connect to {host}:{port}: {exc}") from exc

@@ -24,10 +24,14 @@ from aioquic.quic.events import (
 
 from ..common.errors import ErrorCode, FedQuicError, ProtocolError
 from ..common.limits import DEFAULT_LIMITS, WireLimits
-from ..common.messages import Header, Message
+from ..common.messages import Header, Message, MsgType
 from .flow import cap_windows
 from .framing import FrameDecoder, encode_frame, encode_frame_head
 from .mtls import CertificateError, ClientCertVerifier, ClientIdentity, request_client_certificate
+from .tickets import ServerTickets, TicketStore, resend_early_data_after_retry
+
+# The only messages a server accepts in 0-RTT data (replayable): neither changes state.
+EARLY_DATA_TYPES = frozenset({MsgType.HELLO, MsgType.HEARTBEAT})
 
 
 @dataclass(frozen=True)
@@ -79,13 +83,24 @@ class FedQuicConnection:
     """fedquic framing over one :class:`QuicConnection`."""
 
     def __init__(
-        self, quic: QuicConnection, *, limits: WireLimits = DEFAULT_LIMITS, verifier: ClientCertVerifier | None = None
+        self,
+        quic: QuicConnection,
+        *,
+        limits: WireLimits = DEFAULT_LIMITS,
+        verifier: ClientCertVerifier | None = None,
+        tickets: TicketStore | None = None,
     ) -> None:
         self._quic = quic
         cap_windows(quic)  # aioquic would grow its receive windows without bound
         self._verifier = verifier
+        self._tickets: ServerTickets | None = None
         if verifier is not None:
             request_client_certificate(quic)
+            if tickets is not None:  # resumption only where the ticket can carry a verified identity
+                self._tickets = ServerTickets(quic, tickets, verifier)
+        self.established = False  # the handshake completed: what arrives before is 0-RTT data
+        if quic.configuration.is_client:
+            resend_early_data_after_retry(quic)
         self._limits = limits
         self._is_client = quic.configuration.is_client
         self._streams: dict[int, _StreamState] = {}
@@ -158,10 +173,14 @@ class FedQuicConnection:
                 self._violated = True
                 return [ProtocolViolation(exc)]
         if isinstance(event, HandshakeCompleted):
+            self.established = True
             identity = None
             if self._verifier is not None:
                 try:
-                    identity = self._verifier.verify_connection(self._quic)
+                    if event.session_resumed and self._tickets is not None:
+                        identity = self._tickets.identity()
+                    else:
+                        identity = self._verifier.verify_connection(self._quic)
                 except CertificateError as exc:
                     self._violated = True
                     return [ProtocolViolation(exc)]
@@ -223,6 +242,12 @@ class FedQuicConnection:
                 raise ProtocolError("a bulk stream carries exactly one frame", code=ErrorCode.MALFORMED_FRAME)
             wire = st.bytes_received - before - st.decoder.buffered
             before += wire
+            if not self.established and not self._is_client and msg.type not in EARLY_DATA_TYPES:
+                # 0-RTT data can be replayed by anyone who captured it: only idempotent messages may ride in it.
+                raise ProtocolError(
+                    f"{msg.type.name} arrived in 0-RTT data (only HELLO and HEARTBEAT may)",
+                    code=ErrorCode.UNEXPECTED_MESSAGE,
+                )
             out.append(MessageReceived(sid, msg, wire, on_control=not st.bulk))
         if event.end_stream:
             if not st.decoder.idle:

@@ -33,11 +33,13 @@ def server_core(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
 
     pki = init_dev_pki(tmp_path_factory.mktemp("core-pki"))
 
-    def make(**limits: object) -> FedQuicConnection:
+    def make(established: bool = True, **limits: object) -> FedQuicConnection:
         cfg = QuicConfiguration(is_client=False)
         cfg.load_cert_chain(str(pki.server_cert), str(pki.server_key))
         quic = QuicConnection(configuration=cfg, original_destination_connection_id=bytes(8))
-        return FedQuicConnection(quic, limits=WireLimits(**limits))  # type: ignore[arg-type]
+        core = FedQuicConnection(quic, limits=WireLimits(**limits))  # type: ignore[arg-type]
+        core.established = established  # as after HandshakeCompleted (before it, data is 0-RTT)
+        return core
 
     return make
 
@@ -100,3 +102,21 @@ def test_resets_and_close_become_our_events(server_core) -> None:  # type: ignor
     assert ev == StreamAborted(uni(0), 7) and core.buffered_bytes() == 0
     [ev] = core.handle_event(ConnectionTerminated(error_code=0x105, frame_type=None, reason_phrase="bye"))
     assert ev == PeerClosed(0x105, "bye")
+
+
+def test_before_the_handshake_only_hello_and_heartbeat_are_accepted(server_core) -> None:  # type: ignore[no-untyped-def]
+    from aioquic.quic.events import StreamDataReceived
+    from fedquic.common.messages import SUPPORTED_VERSIONS, Ack, Heartbeat, Hello, MsgType
+    from fedquic.transport.connection import MessageReceived, ProtocolViolation
+    from fedquic.transport.framing import encode_frame
+
+    hello = Hello(versions=SUPPORTED_VERSIONS, client_id="c", base_fingerprint="ab", num_samples=1)
+    core = server_core(established=False)
+    data = encode_frame(hello) + encode_frame(Heartbeat(seq=1))
+    out = core.handle_event(StreamDataReceived(data=data, end_stream=False, stream_id=0))
+    assert [type(e) for e in out] == [MessageReceived, MessageReceived]
+    out = core.handle_event(
+        StreamDataReceived(data=encode_frame(Ack(ref=MsgType.UPDATE, round=1)), end_stream=False, stream_id=0)
+    )
+    [violation] = out
+    assert isinstance(violation, ProtocolViolation) and violation.error.code is ErrorCode.UNEXPECTED_MESSAGE
