@@ -506,7 +506,9 @@ class AggregationServer:
         self.machine.check_update(rec.client_id, h.round)
         assert self.schema is not None
         self.schema.check_manifest(h.manifest, what=f"update from {rec.client_id}")
+        t0 = time.perf_counter()
         delta = await asyncio.to_thread(decode_tensors, h.manifest, body, self.cfg.transport.limits)
+        t1 = time.perf_counter()
         async with rec.lock:
             await asyncio.to_thread(self._load, rec)
             assert rec.view is not None
@@ -527,6 +529,8 @@ class AggregationServer:
         st = rec.stats.setdefault(h.round, {})
         st["bytes_up"] = float(frame_size(h, len(body)))
         st["fp32_up"] = float(fp32_nbytes(h.manifest))
+        st["decode_s"] = t1 - t0
+        st["persist_s"] = time.perf_counter() - t1  # apply + write + fsync before the ACK
         self.metrics.updates_accepted += 1
         if rec.peer is not None:
             rec.peer.send(Ack(ref=MsgType.UPDATE, round=h.round, state_hash=vhash))
@@ -633,7 +637,9 @@ class AggregationServer:
                 return None
             await asyncio.to_thread(self._load, rec)
             # The target (e.g. this client's leave-one-out row) is computed here, one client at a time.
+            t0 = time.perf_counter()
             payload, held = await asyncio.to_thread(lambda: self._downlink_payload(rec, kind, make_state()))
+            encode_s = time.perf_counter() - t0
             await asyncio.to_thread(self._commit_downlink, rec, round_, kind, held)
         peer = rec.peer
         if peer is None:
@@ -649,6 +655,7 @@ class AggregationServer:
             return None
         self.metrics.bytes_out += n
         st = rec.stats.setdefault(round_, {})
+        st["downlink_encode_s"] = encode_s
         st["bytes_down"] = float(n)
         st["fp32_down"] = float(fp32_nbytes(payload.manifest))
         st["ef_down_residual_norm"] = rec.downlink_ef.residual_norm()
