@@ -3,23 +3,49 @@
 Uplink error feedback: each round the client sends C(Δ + e) with Δ its adapter's change since the last
 sync and e the residual of earlier rounds (:class:`~fedquic.common.feedback.ErrorFeedback`), and tracks
 ``view``, its adapter exactly as the server reconstructed it: in FedALT mode ``view + e == local``.
+
+Resilience (see docs/client.md):
+
+* **Checkpoint.** After every acknowledged UPDATE and every installed AGGREGATE the client state is written
+  atomically to ``run_dir/state`` (:mod:`fedquic.client.state`); a client restarted on the same job restores it
+  and sends ``Join(resume=SyncState(...))``.
+* **Reset.** The server answers JOIN with its own view hash; when it differs from ours it sends dense
+  AGGREGATEs (kind ``local``, maybe ``row``/``global``) that the client installs before it takes part in a round.
+* **Late updates.** An UPDATE refused with LATE_UPDATE or ROUND_NOT_OPEN is not an error: ``view`` and ``synced``
+  stay as they were (the change goes into the next round's delta) and the error-feedback residual is rolled back.
+* **Reconnect.** A connection lost after joining is re-established with exponential backoff and jitter, and
+  the client rejoins with ``resume`` from its in-memory state; refusals (certificate, identity, schema) are final.
+* **Ordering.** Messages that arrive while the client waits for a specific one (AGGREGATE, ROUND_START,
+  HEARTBEAT, METRICS while it waits for the ACK of its UPDATE) are queued and handled afterwards.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
 import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..common.adapter import AdapterSchema, TensorDict, init_lora_state, state_hash, zeros_state
 from ..common.codec import decode_tensors, fp32_nbytes
-from ..common.errors import ConfigError, ErrorCode, ProtocolError, RemoteError, SchemaMismatchError, TransportError
+from ..common.errors import (
+    ConfigError,
+    ErrorCode,
+    JobError,
+    ProtocolError,
+    RemoteError,
+    SchemaMismatchError,
+    TransportError,
+)
 from ..common.feedback import ErrorFeedback
 from ..common.logs import client_id_var, round_var
 from ..common.messages import (
@@ -29,21 +55,40 @@ from ..common.messages import (
     Bye,
     Error,
     Header,
+    Heartbeat,
     Hello,
     Join,
     Message,
     Metrics,
     MsgType,
     RoundStart,
+    SyncState,
     Update,
     Welcome,
 )
-from ..transport.aio import Peer, connect_peer
+from ..transport.aio import connect_peer
 from ..transport.framing import frame_size
 from ..transport.settings import TlsFiles, TransportSettings
+from ..transport.tickets import TicketJar
 from .learner import Learner
+from .state import ClientState, StateStore
 
 log = logging.getLogger(__name__)
+
+# Refusals that a new attempt cannot change.
+FINAL_CODES = frozenset(
+    {
+        ErrorCode.CERTIFICATE,
+        ErrorCode.IDENTITY_MISMATCH,
+        ErrorCode.SCHEMA_MISMATCH,
+        ErrorCode.UNSUPPORTED_VERSION,
+        ErrorCode.JOB_FULL,
+    }
+)
+# ERROR messages that mean "the server is going away or too slow", worth a reconnect.
+_RETRYABLE_REMOTE = frozenset({ErrorCode.SHUTTING_DOWN, ErrorCode.TIMEOUT})
+# An UPDATE refused with one of these came after its round closed: keep the change for the next round.
+LATE_CODES = frozenset({ErrorCode.LATE_UPDATE, ErrorCode.ROUND_NOT_OPEN})
 
 
 class ClientConfig(BaseModel):
@@ -57,11 +102,50 @@ class ClientConfig(BaseModel):
     transport: TransportSettings = TransportSettings()
     run_dir: Path = Path("runs/client")
     message_timeout_s: float = Field(default=3600.0, gt=0)
-    # Connecting (before the job is joined) is retried with exponential backoff and jitter, so clients may
-    # start before the server; a refused certificate or identity is not retried.
+    # Connecting is retried with exponential backoff and jitter, before the job is joined (clients may start
+    # before the server) and after (the server restarted): at most connect_attempts consecutive failures. A
+    # refused certificate, identity or schema is not retried.
     connect_attempts: int = Field(default=8, ge=1)
     backoff_initial_s: float = Field(default=0.5, gt=0)
     backoff_max_s: float = Field(default=30.0, gt=0)
+    # Write run_dir/state after every sync and resume from it on start.
+    checkpoint: bool = True
+    # Liveness: while waiting for the server, send a HEARTBEAT every heartbeat_s; if what we wrote on the control
+    # stream stays unacknowledged by the server's QUIC stack for liveness_timeout_s, the server is gone (killed,
+    # rebooted: a dead peer sends no close) and the client reconnects instead of waiting for QUIC's idle timeout.
+    heartbeat_s: float = Field(default=5.0, gt=0)
+    liveness_timeout_s: float = Field(default=30.0, gt=0)
+
+
+class MessagePeer(Protocol):
+    """What the loop needs from a connection (:class:`fedquic.transport.aio.Peer` is the real one)."""
+
+    session_resumed: bool
+
+    def send(self, header: Header, body: bytes = b"") -> int: ...
+
+    async def send_bulk(self, header: Header, body: bytes) -> int: ...
+
+    async def recv(self, timeout: float | None = None) -> Message: ...
+
+    async def aclose(self, code: int = 0, reason: str = "") -> None: ...
+
+
+Connector = Callable[["ClientConfig"], contextlib.AbstractAsyncContextManager[Any]]
+
+
+@contextlib.asynccontextmanager
+async def quic_connector(
+    cfg: ClientConfig, *, tickets: TicketJar | None = None, hello: Hello | None = None
+) -> AsyncIterator[MessagePeer]:
+    """Connect over QUIC; with a ticket from an earlier connection the session resumes and ``hello`` rides in
+    0-RTT data (HELLO is idempotent, so a replay of it changes nothing)."""
+    early = [hello] if hello is not None else []
+    async with connect_peer(
+        cfg.host, cfg.port, cfg.transport, cfg.tls, cfg.server_name, tickets=tickets, early=early
+    ) as peer:
+        peer.hello_sent = hello is not None  # type: ignore[attr-defined]
+        yield peer
 
 
 @dataclass
@@ -72,6 +156,7 @@ class RoundRecord:
     bytes_down: int = 0
     fp32_up: int = 0
     fp32_down: int = 0
+    accepted: bool = True  # False: the server refused the UPDATE as late (the change goes into the next one)
 
 
 @dataclass
@@ -81,58 +166,106 @@ class ClientResult:
     bye_reason: str = ""
 
 
+def is_retryable(exc: BaseException) -> bool:
+    """Whether a failed connection is worth another attempt."""
+    if isinstance(exc, TransportError):
+        return exc.code not in FINAL_CODES
+    if isinstance(exc, RemoteError):
+        return exc.code in _RETRYABLE_REMOTE
+    return False
+
+
+def _remote_error(h: Error) -> RemoteError:
+    code = ErrorCode(h.code) if h.code in ErrorCode._value2member_map_ else None
+    return RemoteError(f"server refused: {h.message}", code=code)
+
+
 class FederatedClient:
-    def __init__(self, cfg: ClientConfig, learner: Learner) -> None:
+    def __init__(self, cfg: ClientConfig, learner: Learner, *, connector: Connector | None = None) -> None:
         self.cfg = cfg
         self.learner = learner
+        # Session tickets from earlier connections to this server: a reconnect resumes (and sends HELLO in 0-RTT).
+        self.tickets = TicketJar()
+        self._connect = connector or (lambda cfg: quic_connector(cfg, tickets=self.tickets, hello=self._hello()))
         # view: our individual adapter exactly as the server reconstructed it (its hash versions the state);
         # synced: our adapter when we last synced; ef: what compression has not delivered yet.
         self.view: TensorDict = {}
         self.view_hash = ""
         self.synced: TensorDict = {}
+        self.synced_round = 0
         self.ef = ErrorFeedback()
         self.schema: AdapterSchema | None = None
+        self.job: Welcome | None = None
         self.held: dict[str, TensorDict] = {}
         self.joined = False
+        self.joins = 0  # successful JOINs (1 + the number of rejoins)
+        self.resets = 0  # `local` resets installed
+        self.late_rounds: list[int] = []  # rounds whose UPDATE the server refused as late
+        self.resumed_from_checkpoint: int | None = None  # the round restored from run_dir/state, if any
+        self.result: ClientResult | None = None
         self.rows_received: dict[int, TensorDict] = {}  # last RoW per round, for inspection and tests
         self.keep_rows = False
+        self._pending: deque[Message] = deque()
+        self._heartbeats = 0
+        self._heartbeat_ok = False
+        self._unanswered_since: float | None = None
+        self._store = StateStore(cfg.run_dir / "state") if cfg.checkpoint else None
+
+    # -- connection management -------------------------------------------------------------------------
 
     async def run(self) -> ClientResult:
         client_id_var.set(self.cfg.client_id)
         cfg = self.cfg
         delay = cfg.backoff_initial_s
-        for attempt in range(1, cfg.connect_attempts + 1):
+        failures = 0
+        while True:
+            joins = self.joins
             try:
                 return await self._run_once()
-            except TransportError as exc:
-                final = exc.code in (ErrorCode.CERTIFICATE, ErrorCode.IDENTITY_MISMATCH)
-                if self.joined or final or attempt == cfg.connect_attempts:
+            except (TransportError, RemoteError) as exc:
+                if not is_retryable(exc):
+                    raise
+                if self.joins > joins:  # this connection got as far as joining: count afresh
+                    failures, delay = 0, cfg.backoff_initial_s
+                failures += 1
+                if failures >= cfg.connect_attempts:
+                    log.error("giving up after %d consecutive failed connection attempts", failures)
                     raise
                 wait = delay * (1.0 + 0.5 * random.random())  # jitter: clients do not retry in lockstep
-                log.warning("connection attempt %d failed (%s); retrying in %.1f s", attempt, exc, wait)
+                what = "connection lost" if self.joined else "connection attempt failed"
+                log.warning("%s (%d/%d: %s); retrying in %.1f s", what, failures, cfg.connect_attempts, exc, wait)
                 await asyncio.sleep(wait)
                 delay = min(delay * 2, cfg.backoff_max_s)
-        raise AssertionError("unreachable")
 
     async def _run_once(self) -> ClientResult:
         cfg = self.cfg
-        async with connect_peer(cfg.host, cfg.port, cfg.transport, cfg.tls, cfg.server_name) as peer:
+        async with self._connect(cfg) as peer:
             log.info("connected to %s:%d%s", cfg.host, cfg.port, " (resumed)" if peer.session_resumed else "")
+            self._pending.clear()  # nothing queued on a dead connection is still meaningful
+            self._unanswered_since = None
+            self._heartbeat_ok = False
             job = await self._join(peer)
             self.joined = True
-            result = ClientResult(job_id=job.job_id)
+            self.joins += 1
+            if self.result is None:
+                self.result = ClientResult(job_id=job.job_id)
+            result = self.result
             while True:
-                msg = await self._recv(peer)
+                msg = await self._next(peer)
                 h = msg.header
                 if isinstance(h, RoundStart):
-                    result.rounds.append(await self._round(peer, h))
+                    self._record(await self._round(peer, h))
                 elif isinstance(h, Aggregate):
-                    self._install(peer, h, msg.body, result)
+                    await self._install(peer, h, msg.body)
                 elif isinstance(h, Bye):
                     result.bye_reason = h.reason
                     log.info("server said bye: %s", h.reason)
                     break
-                elif msg.type is not MsgType.HEARTBEAT:
+                elif isinstance(h, Error):
+                    raise _remote_error(h)
+                elif isinstance(h, Ack):
+                    log.warning("ignoring a stray ACK of %s for round %d", h.ref.name, h.round)
+                elif msg.type not in (MsgType.HEARTBEAT, MsgType.METRICS):
                     raise ProtocolError(
                         f"unexpected {msg.type.name} from the server", code=ErrorCode.UNEXPECTED_MESSAGE
                     )
@@ -143,63 +276,246 @@ class FederatedClient:
             await peer.aclose(0, "bye")
             return result
 
-    async def _recv(self, peer: Peer) -> Message:
-        msg = await peer.recv(timeout=self.cfg.message_timeout_s)
-        if isinstance(msg.header, Error):
-            code = ErrorCode(msg.header.code) if msg.header.code in ErrorCode._value2member_map_ else None
-            raise RemoteError(f"server refused: {msg.header.message}", code=code)
-        return msg
+    def _record(self, rec: RoundRecord) -> None:
+        assert self.result is not None
+        rounds = self.result.rounds
+        rounds[:] = [r for r in rounds if r.round != rec.round]  # a round re-run after a reconnect: keep the last
+        rounds.append(rec)
 
-    async def _expect(self, peer: Peer, kind: type[Header]) -> Message:
-        msg = await self._recv(peer)
+    # -- receiving -------------------------------------------------------------------------------------
+
+    async def _next(self, peer: MessagePeer) -> Message:
+        if self._pending:
+            return self._pending.popleft()
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + cfg.message_timeout_s
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TransportError("timed out waiting for a message", code=ErrorCode.TIMEOUT)
+            try:
+                return await asyncio.wait_for(peer.recv(), min(left, cfg.heartbeat_s))
+            except asyncio.TimeoutError:
+                self._check_liveness(peer, loop.time())
+
+    def _check_liveness(self, peer: MessagePeer, now: float) -> None:
+        """Called every heartbeat_s of silence: raise TransportError if the server's QUIC stack stopped answering."""
+        core = getattr(peer, "core", None)
+        sid = getattr(core, "control_stream_id", None)
+        if core is None or sid is None:  # not a QUIC peer: nothing to probe
+            return
+        if core.unacked_bytes(sid) > 0:  # the last heartbeat (heartbeat_s ago) is still not acknowledged
+            if self._unanswered_since is None:
+                self._unanswered_since = now - self.cfg.heartbeat_s
+            elif now - self._unanswered_since >= self.cfg.liveness_timeout_s:
+                self._unanswered_since = None
+                raise TransportError(
+                    f"the server acknowledged nothing for {self.cfg.liveness_timeout_s:.0f} s", code=ErrorCode.TIMEOUT
+                )
+        else:
+            self._unanswered_since = None
+        if self._heartbeat_ok:  # before the JOIN is acknowledged the server expects HELLO/JOIN only
+            self._heartbeats += 1
+            peer.send(Heartbeat(seq=self._heartbeats))
+
+    async def _wait_for(
+        self, peer: MessagePeer, match: Callable[[Message], bool], *, stop: type[Header] | None = None
+    ) -> Message:
+        """The next message ``match`` accepts, or an ERROR; everything else is queued for later, in order.
+
+        A message of type ``stop`` also ends the wait, but stays queued (after those that came before it).
+        """
+        deferred: list[Message] = []
+        try:
+            while True:
+                msg = await self._next(peer)
+                if match(msg) or isinstance(msg.header, Error):
+                    return msg
+                if stop is not None and isinstance(msg.header, stop):
+                    deferred.append(msg)
+                    return msg
+                if msg.type is not MsgType.HEARTBEAT:
+                    log.debug("queued %s while waiting", msg.type.name)
+                    deferred.append(msg)
+        finally:
+            self._pending.extendleft(reversed(deferred))
+
+    async def _expect(self, peer: MessagePeer, kind: type[Header]) -> Message:
+        msg = await self._next(peer)
+        if isinstance(msg.header, Error):
+            raise _remote_error(msg.header)
         if not isinstance(msg.header, kind):
             raise ProtocolError(f"expected {kind.__name__}, got {msg.type.name}", code=ErrorCode.UNEXPECTED_MESSAGE)
         return msg
 
-    async def _join(self, peer: Peer) -> Welcome:
-        learner = self.learner
-        peer.send(
-            Hello(
-                versions=SUPPORTED_VERSIONS,
-                client_id=self.cfg.client_id,
-                base_fingerprint=learner.base_fingerprint(),
-                num_samples=learner.num_samples(),
-            )
+    # -- joining ---------------------------------------------------------------------------------------
+
+    def _hello(self) -> Hello:
+        return Hello(
+            versions=SUPPORTED_VERSIONS,
+            client_id=self.cfg.client_id,
+            base_fingerprint=self.learner.base_fingerprint(),
+            num_samples=self.learner.num_samples(),
         )
+
+    async def _join(self, peer: MessagePeer) -> Welcome:
+        learner = self.learner
+        if not getattr(peer, "hello_sent", False):  # the QUIC connector sends it (in 0-RTT data when resuming)
+            peer.send(self._hello())
         job = (await self._expect(peer, Welcome)).header
         assert isinstance(job, Welcome)
-        schema = self.schema = await asyncio.to_thread(learner.attach, job)
+        schema = await asyncio.to_thread(learner.attach, job)
+        resume: SyncState | None = None
+        if self.job is not None:  # a rejoin: our in-memory state is the truth
+            if job.job_id != self.job.job_id:
+                raise JobError(f"the server now runs job {job.job_id!r}, not {self.job.job_id!r}")
+            if self.schema is None or schema.fingerprint() != self.schema.fingerprint():
+                raise SchemaMismatchError("the learner's adapter schema changed between connections")
+            resume = self._sync_state()
+        else:
+            self.job, self.schema = job, schema
+            if await asyncio.to_thread(self._restore, job, schema):
+                resume = self._sync_state()
+            else:
+                self._fresh_state(job, schema)
+        peer.send(Join(adapter=schema, resume=resume))
+        msg = await self._wait_for(peer, lambda m: isinstance(m.header, Ack) and m.header.ref is MsgType.JOIN)
+        if isinstance(msg.header, Error):
+            raise _remote_error(msg.header)
+        ack = msg.header
+        assert isinstance(ack, Ack)
+        self._heartbeat_ok = True
+        if ack.state_hash is not None and ack.state_hash != self.view_hash:
+            await self._await_reset(peer, ack.state_hash)
+        log.info(
+            "%s job %s: %s, %d rounds, %d adapter parameters%s",
+            "rejoined" if resume is not None else "joined",
+            job.job_id,
+            job.federation,
+            job.rounds,
+            schema.numel,
+            f", resuming after round {resume.round}" if resume is not None else "",
+        )
+        return job
+
+    def _fresh_state(self, job: Welcome, schema: AdapterSchema) -> None:
         self.view = init_lora_state(schema, job.init_seed)
         self.view_hash = state_hash(self.view)
         self.synced = {k: v.copy() for k, v in self.view.items()}
+        self.synced_round = 0
+        self.ef.residual = {}
         # what we hold of each kind of aggregate: the RoW starts at zero, the global at the shared init
         self.held = {"row": zeros_state(schema), "global": {k: v.copy() for k, v in self.view.items()}}
-        if state_hash(learner.local_state()) != self.view_hash:
+        if state_hash(self.learner.local_state()) != self.view_hash:
             # Averaging LoRA factors is only meaningful from a shared starting point.
             raise ConfigError(
                 "the learner's adapter does not start from the job's initialisation "
                 "(init_lora_state(schema, init_seed))"
             )
-        peer.send(Join(adapter=schema))
-        ack = (await self._expect(peer, Ack)).header
-        assert isinstance(ack, Ack)
-        if ack.state_hash != self.view_hash:
-            raise SchemaMismatchError("server and client disagree on the initial adapter")
-        log.info(
-            "joined job %s: %s, %d rounds, %d adapter parameters",
-            job.job_id,
-            job.federation,
-            job.rounds,
-            schema.numel,
-        )
-        return job
 
-    async def _round(self, peer: Peer, rs: RoundStart) -> RoundRecord:
+    def _sync_state(self) -> SyncState:
+        return SyncState(
+            round=self.synced_round,
+            view_hash=self.view_hash,
+            held={kind: state_hash(s) for kind, s in sorted(self.held.items())},  # type: ignore[misc]
+        )
+
+    async def _await_reset(self, peer: MessagePeer, server_hash: str) -> None:
+        """The server holds another view of our adapter: install its dense AGGREGATEs until we agree."""
+        log.warning("the server holds adapter state %s, we hold %s: waiting for its reset", server_hash, self.view_hash)
+        while self.view_hash != server_hash:
+            msg = await self._wait_for(peer, lambda m: isinstance(m.header, (Aggregate, RoundStart, Bye)))
+            h = msg.header
+            if isinstance(h, Error):
+                raise _remote_error(h)
+            if not isinstance(h, Aggregate):
+                raise SchemaMismatchError(
+                    f"the server holds adapter state {server_hash}, the client {self.view_hash}, "
+                    f"and it sent {msg.type.name} instead of a reset"
+                )
+            await self._install(peer, h, msg.body)
+            if h.kind == "local" and self.view_hash != server_hash:
+                raise SchemaMismatchError(
+                    f"the server's reset has state {self.view_hash}, but it acknowledged JOIN with {server_hash}"
+                )
+
+    # -- checkpoint ------------------------------------------------------------------------------------
+
+    def _snapshot(self) -> ClientState:
+        assert self.job is not None and self.schema is not None
+        extra_fn = getattr(self.learner, "extra_state", None)
+        return ClientState(
+            job_id=self.job.job_id,
+            client_id=self.cfg.client_id,
+            round=self.synced_round,
+            schema_fingerprint=self.schema.fingerprint(),
+            base_fingerprint=self.learner.base_fingerprint(),
+            federation=self.job.federation,
+            local=self.learner.local_state(),
+            view=self.view,
+            synced=self.synced,
+            residual=dict(self.ef.residual),
+            held=dict(self.held),
+            extra=extra_fn() if extra_fn is not None else {},
+        )
+
+    async def _checkpoint(self) -> None:
+        if self._store is None or self.job is None:
+            return
+        store = self._store
+
+        def write() -> None:
+            store.save(self._snapshot())
+
+        await asyncio.to_thread(write)
+
+    def _restore(self, job: Welcome, schema: AdapterSchema) -> bool:
+        """Load run_dir/state if it belongs to this job, client, schema and base model; False otherwise."""
+        if self._store is None:
+            return False
+        ckpt = self._store.load()
+        if ckpt is None:
+            return False
+        mine = {
+            "job id": (ckpt.job_id, job.job_id),
+            "client id": (ckpt.client_id, self.cfg.client_id),
+            "adapter schema": (ckpt.schema_fingerprint, schema.fingerprint()),
+            "base model": (ckpt.base_fingerprint, self.learner.base_fingerprint()),
+            "federation": (ckpt.federation, job.federation),
+        }
+        differs = [f"{what} {old!r} != {new!r}" for what, (old, new) in mine.items() if old != new]
+        if differs:
+            log.warning("ignoring the checkpoint in %s: %s", self._store.dir, "; ".join(differs))
+            return False
+        for what, state in (("local", ckpt.local), ("view", ckpt.view), ("synced", ckpt.synced), *ckpt.held.items()):
+            schema.check_state(state, what=f"checkpointed {what} adapter")
+        self.learner.set_local_state(ckpt.local)
+        if job.federation == "fedalt" and "row" in ckpt.held:
+            self.learner.set_row_state(ckpt.held["row"])
+        load_extra = getattr(self.learner, "load_extra_state", None)
+        if load_extra is not None:
+            load_extra(ckpt.extra)
+        elif ckpt.extra:
+            log.warning("the checkpoint holds learner state the learner cannot load (no load_extra_state)")
+        self.view, self.view_hash = ckpt.view, ckpt.view_hash
+        self.synced = ckpt.synced
+        self.synced_round = ckpt.round
+        self.ef.residual = dict(ckpt.residual)
+        self.held = {"row": zeros_state(schema), "global": init_lora_state(schema, job.init_seed), **ckpt.held}
+        self.resumed_from_checkpoint = ckpt.round
+        log.info("restored client state of job %s after round %d from %s", job.job_id, ckpt.round, self._store.dir)
+        return True
+
+    # -- rounds ----------------------------------------------------------------------------------------
+
+    async def _round(self, peer: MessagePeer, rs: RoundStart) -> RoundRecord:
         round_var.set(rs.round)
         t0 = time.perf_counter()
         metrics = await asyncio.to_thread(self.learner.train, rs.round, rs.train)
         local = self.learner.local_state()
         delta = {k: local[k] - self.synced[k] for k in self.synced}
+        residual_before = dict(self.ef.residual)  # arrays are replaced, never mutated: a shallow copy suffices
         payload = await asyncio.to_thread(self.ef.compress, delta, rs.uplink)
         manifest, body = payload.manifest, payload.body
         new_view = {k: self.view[k] + payload.decoded[k] for k in self.view}
@@ -208,7 +524,6 @@ class FederatedClient:
             "round_s": time.perf_counter() - t0,
             "ef_residual_norm": self.ef.residual_norm(),
         }
-        peer.send(Metrics(round=rs.round, values=metrics))
         header = Update(
             round=rs.round,
             client_id=self.cfg.client_id,
@@ -216,47 +531,92 @@ class FederatedClient:
             base_hash=self.view_hash,
             manifest=manifest,
         )
-        n = await peer.send_bulk(header, body)
-        ack = (await self._expect(peer, Ack)).header
-        assert isinstance(ack, Ack)
+        record = RoundRecord(rs.round, metrics, fp32_up=fp32_nbytes(manifest))
+        try:
+            peer.send(Metrics(round=rs.round, values=metrics))
+            record.bytes_up = await peer.send_bulk(header, body)
+            msg = await self._wait_for(
+                peer,
+                lambda m: isinstance(m.header, Ack) and m.header.ref is MsgType.UPDATE and m.header.round == rs.round,
+                stop=Bye,  # the job ended without acknowledging: the main loop handles the BYE
+            )
+        except BaseException:
+            # Not acknowledged: whatever the server did with it, a rejoin settles (its view hash tells).
+            self.ef.residual = residual_before
+            raise
+        h = msg.header
+        if isinstance(h, (Error, Bye)):
+            self.ef.residual = residual_before
+            if isinstance(h, Bye):
+                record.accepted = False
+                return record
+            err = _remote_error(h)
+            if err.code not in LATE_CODES:
+                raise err
+            # The round closed without us: view and synced stay, so this round's change is in the next delta.
+            record.accepted = False
+            self.late_rounds.append(rs.round)
+            log.warning("round %d: update refused as late (%s); its change goes into the next one", rs.round, h.message)
+            await self._checkpoint()
+            return record
+        assert isinstance(h, Ack)
         self.view, self.view_hash = new_view, state_hash(new_view)
         self.synced = local
-        if ack.ref is not MsgType.UPDATE or ack.state_hash != self.view_hash:
+        if h.state_hash != self.view_hash:
             raise ProtocolError("server acknowledged a different adapter state", code=ErrorCode.CONFLICTING_UPDATE)
+        self.synced_round = rs.round
+        await self._checkpoint()
         log.info(
             "round %d: loss %.4f -> %.4f, sent %d bytes (%.1fx smaller than fp32)",
             rs.round,
             metrics.get("loss_before", float("nan")),
             metrics.get("loss_after", float("nan")),
-            n,
-            fp32_nbytes(manifest) / max(n, 1),
+            record.bytes_up,
+            record.fp32_up / max(record.bytes_up, 1),
         )
-        return RoundRecord(rs.round, metrics, bytes_up=n, fp32_up=fp32_nbytes(manifest))
+        return record
 
-    def _install(self, peer: Peer, h: Aggregate, body: bytes, result: ClientResult) -> None:
+    async def _install(self, peer: MessagePeer, h: Aggregate, body: bytes | bytearray) -> None:
         round_var.set(h.round)
         assert self.schema is not None
         self.schema.check_manifest(h.manifest, what=f"{h.kind} adapter for round {h.round}")
         decoded = decode_tensors(h.manifest, body, self.cfg.transport.limits)
-        if h.delta:  # downlink error feedback: add the change to what we hold
-            base = self.held[h.kind]
-            state = {k: base[k] + decoded[k] for k in base}
-        else:
+        if h.kind == "local":
+            if h.delta:
+                raise ProtocolError("a `local` AGGREGATE must be dense (delta=false)", code=ErrorCode.BAD_HEADER)
             state = decoded
-        self.held[h.kind] = state
-        if h.kind == "row":
-            self.learner.set_row_state(state)
-        else:  # fedavg: the global adapter replaces the local one, and is what the server now holds
-            self.learner.set_local_state(state)
-            self.view, self.view_hash = state, state_hash(state)
-            self.synced = state
-        if self.keep_rows:
-            self.rows_received[h.round] = state
+            if state_hash(state) != self.view_hash:
+                # The server's copy of our adapter is the truth: adopt it, drop what it never received.
+                self.learner.set_local_state(state)
+                self.view, self.view_hash = state, state_hash(state)
+                self.synced = {k: v.copy() for k, v in state.items()}
+                self.ef.residual = {}
+                self.resets += 1
+                log.warning("adapter reset to the server's copy (round %d)", h.round)
+            # else: we already agree; our unsent local progress stays.
+        else:
+            if h.delta:  # downlink error feedback: add the change to what we hold
+                base = self.held[h.kind]
+                state = {k: base[k] + decoded[k] for k in base}
+            else:
+                state = decoded
+            self.held[h.kind] = state
+            if h.kind == "row":
+                self.learner.set_row_state(state)
+            else:  # fedavg: the global adapter replaces the local one, and is what the server now holds
+                self.learner.set_local_state(state)
+                self.view, self.view_hash = state, state_hash(state)
+                self.synced = state
+            if self.keep_rows:
+                self.rows_received[h.round] = state
+        self.synced_round = max(self.synced_round, h.round)
+        await self._checkpoint()
         peer.send(Ack(ref=MsgType.AGGREGATE, round=h.round, state_hash=state_hash(state)))
-        for rec in result.rounds:
-            if rec.round == h.round:
-                rec.fp32_down = fp32_nbytes(h.manifest)
-                rec.bytes_down = frame_size(h, len(body))
+        if self.result is not None:
+            for rec in self.result.rounds:
+                if rec.round == h.round:
+                    rec.fp32_down = fp32_nbytes(h.manifest)
+                    rec.bytes_down = frame_size(h, len(body))
         log.info("installed %s adapter for round %d (%d contributors)", h.kind, h.round, h.contributors)
 
     def _save(self, result: ClientResult) -> None:
@@ -266,5 +626,15 @@ class FederatedClient:
                 f.write(json.dumps(asdict(rec)) + "\n")
 
 
-async def run_client(cfg: ClientConfig, learner: Learner) -> ClientResult:
-    return await FederatedClient(cfg, learner).run()
+async def run_client(cfg: ClientConfig, learner: Learner, *, connector: Connector | None = None) -> ClientResult:
+    return await FederatedClient(cfg, learner, connector=connector).run()
+
+
+__all__ = [
+    "ClientConfig",
+    "ClientResult",
+    "FederatedClient",
+    "RoundRecord",
+    "is_retryable",
+    "run_client",
+]

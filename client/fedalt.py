@@ -99,6 +99,13 @@ class _Gate:
         return scale
 
 
+def _peft_task_type(model: nn.Module) -> str | None:
+    """CAUSAL_LM for causal LMs. Other models (classifiers, vision-language models) get peft's generic PeftModel:
+    peft's SEQ_CLS type would make the classification head trainable and part of the adapter, but the head is
+    part of the frozen base here, as every client must share it."""
+    return "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None
+
+
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
     # clone() so the array never aliases a live parameter.
     return t.detach().to("cpu", torch.float32).clone().numpy()
@@ -140,7 +147,7 @@ class FedALTModel:
             lora_dropout=lora.dropout,
             target_modules=targets,
             bias="none",
-            task_type="CAUSAL_LM",
+            task_type=_peft_task_type(base_model),
         )
         try:
             self.model: nn.Module = get_peft_model(base_model, config, adapter_name=LOCAL)

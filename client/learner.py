@@ -36,11 +36,17 @@ class Learner(Protocol):
     def set_local_state(self, state: TensorDict) -> None: ...
 
     def set_row_state(self, state: TensorDict) -> None:
-        """Install a new frozen Rest-of-World adapter."""
+        """Install a new frozen Rest-of-World adapter (only called in ``fedalt`` jobs)."""
         ...
 
     def train(self, round_: int, spec: TrainSpec) -> dict[str, float]:
         """Train locally for one round; return metrics (at least ``loss_before``, ``loss_after``)."""
         ...
 
-    # Optional: ``save(out_dir: Path) -> None`` is called once the job ends, to write the trained adapters.
+    # Optional methods, looked up with getattr (a learner without them works):
+    #
+    # * ``save(out_dir: Path) -> None``: called once the job ends, to write the trained adapters.
+    # * ``extra_state() -> TensorDict`` and ``load_extra_state(state: TensorDict) -> None``: learner state that
+    #   is neither the individual LoRA nor the Rest-of-World adapter but must survive a restart (the FedALT
+    #   mixers; an optimizer state if the learner keeps one across rounds), as float32 numpy arrays. The app
+    #   writes it into the client checkpoint after every sync and hands it back on restart.

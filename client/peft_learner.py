@@ -1,17 +1,24 @@
 """The built-in :class:`~fedquic.client.learner.Learner`: a local 4-bit base model with peft LoRA adapters
-and the FedALT mixer, trained on the client's own data."""
+and the FedALT mixer, trained on the client's own data, evaluated on a held-out part of it each round, run
+according to a device profile (:mod:`fedquic.client.profiles`)."""
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..common.adapter import AdapterSchema, TensorDict
 from ..common.errors import ConfigError
 from ..common.messages import TrainSpec, Welcome
+from .profiles import DeviceProfile, resolve_profile
+
+if TYPE_CHECKING:
+    from .data import Example
 
 log = logging.getLogger(__name__)
 
@@ -20,16 +27,24 @@ class PeftLearnerConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     model_path: Path
-    task: str | None = None
+    task: str | None = None  # synthetic data: a task of fedquic.client.data (e.g. "reverse", "mc-reverse", "label")
     data_path: Path | None = None
     num_examples: int = Field(default=256, ge=1)
     data_seed: int = 0
-    quantization: Literal["nf4", "int8", "none"] = "nf4"
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    gradient_checkpointing: bool = True
+    # Device profile (fedquic.client.profiles) and field-by-field overrides of it; None: the profile's value.
+    profile: str = "default"
+    quantization: Literal["nf4", "int8", "none"] | None = None
+    compute_dtype: Literal["float32", "bfloat16"] | None = None
+    gradient_checkpointing: bool | None = None
+    device: str | None = None
+    micro_batch_size: int | None = Field(default=None, ge=1)
     max_len: int = Field(default=48, ge=2)
     threads: int = Field(default=0, ge=0)
-    device: str = "cpu"
+    # Held out from training and evaluated after each round (loss_eval, acc_exact, acc_mc, acc_cls): at most
+    # this many examples and at most a tenth of the data; 0 turns it off.
+    eval_samples: int = Field(default=32, ge=0)
+    eval_max_new_tokens: int | None = Field(default=None, ge=1)  # None: longest reference answer + 1
+    progress: bool = True  # a progress bar over each round's steps, when stderr is a terminal
 
     @model_validator(mode="after")
     def _one_data_source(self) -> PeftLearnerConfig:
@@ -37,34 +52,63 @@ class PeftLearnerConfig(BaseModel):
             raise ValueError("give exactly one of task (synthetic data) or data_path (JSONL)")
         return self
 
+    def device_profile(self) -> DeviceProfile:
+        return resolve_profile(
+            self.profile,
+            quantization=self.quantization,
+            compute_dtype=self.compute_dtype,
+            gradient_checkpointing=self.gradient_checkpointing,
+            device=self.device,
+            micro_batch_size=self.micro_batch_size,
+        )
+
+
+def held_out_split(examples: list[Example], k: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, held-out): ``min(k, len // 10)`` examples drawn with a seeded permutation are held out."""
+    k = min(k, len(examples) // 10)
+    if k <= 0:
+        return list(examples), []
+    order = np.random.default_rng([seed, 0xE7A1]).permutation(len(examples))
+    held = set(order[:k].tolist())
+    return [ex for i, ex in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
 
 class PeftLearner:
     def __init__(self, cfg: PeftLearnerConfig) -> None:
         import torch
 
-        from .data import load_jsonl, make_examples
+        from .data import load_jsonl, make_task_examples
         from .model import LoadSpec, base_model_fingerprint, load_base_model
 
         self.cfg = cfg
+        self.profile = cfg.device_profile()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.task is not None:
-            self.examples = make_examples(cfg.task, cfg.num_examples, cfg.data_seed)
+            examples = make_task_examples(cfg.task, cfg.num_examples, cfg.data_seed)
         else:
             assert cfg.data_path is not None
-            self.examples = load_jsonl(cfg.data_path)
-        if not self.examples:
+            examples = load_jsonl(cfg.data_path)
+        if not examples:
             raise ConfigError("the client has no training examples")
+        self.examples, self.eval_examples = held_out_split(examples, cfg.eval_samples, cfg.data_seed)
         self._fingerprint = base_model_fingerprint(cfg.model_path)
         spec = LoadSpec(
-            quantization=cfg.quantization,
-            compute_dtype=cfg.compute_dtype,
-            gradient_checkpointing=cfg.gradient_checkpointing,
-            device=cfg.device,
+            quantization=self.profile.quantization,
+            compute_dtype=self.profile.compute_dtype,
+            gradient_checkpointing=self.profile.gradient_checkpointing,
+            device=self.profile.device,
         )
         self.base_model, self.tokenizer = load_base_model(cfg.model_path, spec)
         self.fam = None  # the FedALTModel, built once the job's LoRA settings are known
-        log.info("loaded %s (%s), %d examples", cfg.model_path, cfg.quantization, len(self.examples))
+        log.info(
+            "loaded %s (profile %s: %s), %d training and %d held-out examples",
+            cfg.model_path,
+            cfg.profile,
+            self.profile.model_dump(),
+            len(self.examples),
+            len(self.eval_examples),
+        )
 
     def base_fingerprint(self) -> str:
         return self._fingerprint
@@ -106,15 +150,44 @@ class PeftLearner:
     def set_row_state(self, state: TensorDict) -> None:
         self._model().set_row_state(state)
 
+    def extra_state(self) -> TensorDict:
+        """The learned mixers (router weights): personal, never aggregated, but part of the client checkpoint.
+
+        The built-in trainer re-creates its optimizer every round, so there is no optimizer state to add."""
+        return self._model().mixer_state()
+
+    def load_extra_state(self, state: TensorDict) -> None:
+        if state:
+            self._model().set_mixer_state(state)
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics (see :func:`fedquic.client.evaluate.evaluate`); empty without held-out data."""
+        from .evaluate import evaluate
+
+        if not self.eval_examples:
+            return {}
+        t0 = time.perf_counter()
+        out = evaluate(
+            self._model(),
+            self.tokenizer,
+            self.eval_examples,
+            max_len=self.cfg.max_len,
+            batch_size=self.profile.micro_batch_size or 8,
+            max_new_tokens=self.cfg.eval_max_new_tokens,
+        )
+        out["eval_s"] = time.perf_counter() - t0
+        return out
+
     def train(self, round_: int, spec: TrainSpec) -> dict[str, float]:
         from .data import tokenize_examples
+        from .progress import TrainProgress
         from .trainer import TrainConfig, evaluate_loss, train_local
 
         fam = self._model()
         if spec.local_steps == 0:
             batches = tokenize_examples(self.tokenizer, self.examples[:32], self.cfg.max_len)
             loss = evaluate_loss(fam, batches)
-            return {"loss_before": loss, "loss_after": loss, "train_s": 0.0, "steps": 0.0}
+            return {"loss_before": loss, "loss_after": loss, "train_s": 0.0, "steps": 0.0, **self.evaluate()}
         cfg = TrainConfig(
             steps=spec.local_steps,
             lr=spec.lr,
@@ -122,20 +195,24 @@ class PeftLearner:
             max_len=self.cfg.max_len,
             seed=self.cfg.data_seed * 100_003 + round_,
             prox_mu=spec.prox_mu,
+            micro_batch_size=self.profile.micro_batch_size,
         )
         every = max(1, spec.local_steps // 4)
+        with TrainProgress(f"round {round_}", spec.local_steps, enabled=self.cfg.progress) as bar:
 
-        def progress(step: int, total: int, loss: float) -> None:
-            if step % every == 0 or step == total:
-                log.info("round %d: step %d/%d loss %.4f", round_, step, total, loss)
+            def progress(step: int, total: int, loss: float) -> None:
+                bar.update(step, total, loss)
+                if step % every == 0 or step == total:
+                    log.info("round %d: step %d/%d loss %.4f", round_, step, total, loss)
 
-        res = train_local(fam, self.examples, self.tokenizer, cfg, progress=progress)
+            res = train_local(fam, self.examples, self.tokenizer, cfg, progress=progress)
         return {
             "loss_before": res.loss_before,
             "loss_after": res.loss_after,
             "train_s": res.seconds,
             "steps": float(res.steps),
             "samples": float(res.samples),
+            **self.evaluate(),
         }
 
     def save(self, out_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""Local training of a :class:`FedALTModel` for one round.
+"""Local training of a :class:`FedALTModel` for one round (causal LM, classification or vision-language batches).
 
 Stateless between calls (the optimizer is re-created each round) and free of global state besides torch's own,
 so it can run in a worker thread via ``asyncio.to_thread``.
@@ -39,17 +39,26 @@ class TrainConfig:
     eval_samples: int = 32  # size of the fixed subset behind loss_before/loss_after
     max_grad_norm: float = 1.0  # 0 disables clipping
     prox_mu: float = 0.0  # FedProx: adds mu/2·‖w − w_round_start‖² over the trainable parameters
+    # At most this many examples per forward/backward (memory); each step still uses batch_size x grad_accum
+    # examples and gives the same gradient. None: batch_size.
+    micro_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_samples"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.micro_batch_size is not None and self.micro_batch_size <= 0:
+            raise ConfigError(f"micro_batch_size must be positive, got {self.micro_batch_size}")
         if self.max_len < 2:
             raise ConfigError(f"max_len must be >= 2, got {self.max_len}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
         if self.weight_decay < 0 or self.max_grad_norm < 0 or self.prox_mu < 0:
             raise ConfigError("weight_decay, max_grad_norm and prox_mu must be >= 0")
+
+    @property
+    def forward_batch(self) -> int:
+        return min(self.batch_size, self.micro_batch_size or self.batch_size)
 
 
 @dataclass
@@ -65,9 +74,16 @@ def _device(fam: FedALTModel) -> torch.device:
     return fam.trainable_parameters()[0].device
 
 
-def _loss_sum(fam: FedALTModel, batch: Batch) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over the labelled positions, and their count."""
-    logits = fam.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+def batch_loss(fam: FedALTModel, batch: Batch) -> tuple[torch.Tensor, int]:
+    """Summed loss of a batch and what it sums over: next-token cross-entropy over the labelled positions, or
+    for a classification batch (``class_labels``) the cross-entropy of each row's class. ``pixel_values`` are
+    passed to vision-language models."""
+    extra = {} if batch.pixel_values is None else {"pixel_values": batch.pixel_values}
+    logits = fam.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **extra).logits
+    if batch.class_labels is not None:
+        if logits.dim() != 2:
+            raise ConfigError("classification examples need a sequence-classification model")
+        return F.cross_entropy(logits.float(), batch.class_labels, reduction="sum"), len(batch)
     targets = batch.labels[:, 1:]
     n = int((targets != IGNORE_INDEX).sum())
     loss = F.cross_entropy(
@@ -88,7 +104,7 @@ def evaluate_loss(fam: FedALTModel, batches: Sequence[Batch]) -> float:
     try:
         with torch.no_grad():
             for batch in batches:
-                loss, n = _loss_sum(fam, batch.to(device))
+                loss, n = batch_loss(fam, batch.to(device))
                 total += float(loss)
                 count += n
     finally:
@@ -119,7 +135,7 @@ def train_local(
     pad = pad_id(tokenizer)
     encoded = [encode_example(tokenizer, ex, cfg.max_len) for ex in examples]
     eval_batches = tokenize_examples(
-        tokenizer, _eval_subset(examples, cfg.eval_samples), cfg.max_len, batch_size=cfg.batch_size
+        tokenizer, _eval_subset(examples, cfg.eval_samples), cfg.max_len, batch_size=cfg.forward_batch
     )
     loss_before = evaluate_loss(fam, eval_batches)
 
@@ -140,11 +156,13 @@ def train_local(
                     if not order:
                         order = rng.permutation(len(encoded)).tolist()
                     idx.append(order.pop())
-                micro.append(collate([encoded[i] for i in idx], pad).to(device))
+                step_size = cfg.forward_batch
+                for lo in range(0, len(idx), step_size):
+                    micro.append(collate([encoded[i] for i in idx[lo : lo + step_size]], pad).to(device))
             # Normalise by the tokens of the whole accumulated step, so grad_accum=k equals a k-times batch.
-            total_tokens = sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+            total_tokens = sum(b.target_count() for b in micro)
             for batch in micro:
-                loss, _ = _loss_sum(fam, batch)
+                loss, _ = batch_loss(fam, batch)
                 (loss / max(total_tokens, 1)).backward()
                 step_loss += float(loss.detach())
             if anchors:  # FedProx: the gradient of mu/2·‖w − w0‖², added directly (no graph needed)

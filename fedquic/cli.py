@@ -208,9 +208,25 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data", type=Path, help="JSONL file of {prompt, response} or {text} records")
     c.add_argument("--num-examples", type=int, default=256, help="synthetic examples to generate (default 256)")
     c.add_argument("--data-seed", type=int, default=0)
-    c.add_argument("--quantization", choices=("nf4", "int8", "none"), default="nf4", help="base model quantization")
-    c.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32")
-    c.add_argument("--no-gradient-checkpointing", action="store_true")
+    c.add_argument(
+        "--profile",
+        default="default",
+        help="device profile: default, edge (small micro-batches, checkpointing) or gpu (bf16, cuda); "
+        "the flags below override its fields",
+    )
+    c.add_argument("--quantization", choices=("nf4", "int8", "none"), default=None, help="base model quantization")
+    c.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=None)
+    c.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="recompute activations in the backward pass (default: the profile's choice)",
+    )
+    c.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: the profile's)")
+    c.add_argument("--micro-batch-size", type=int, default=None, help="split each batch (gradient accumulation)")
+    c.add_argument("--eval-samples", type=int, default=32, help="held-out examples evaluated each round (0: off)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar (also off when not on a terminal)")
+    c.add_argument("--no-checkpoint", action="store_true", help="do not checkpoint client state after each round")
     c.add_argument("--max-len", type=int, default=48, help="max tokens per example (default 48)")
     c.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     c.add_argument("--run-dir", type=Path, default=None, help="client state and round log (default runs/CLIENT_ID)")
@@ -401,9 +417,14 @@ def cmd_client(args: argparse.Namespace) -> int:
                 data_path=args.data,
                 num_examples=args.num_examples,
                 data_seed=args.data_seed,
+                profile=args.profile,
                 quantization=args.quantization,
                 compute_dtype=args.compute_dtype,
-                gradient_checkpointing=not args.no_gradient_checkpointing,
+                gradient_checkpointing=args.gradient_checkpointing,
+                device=args.device,
+                micro_batch_size=args.micro_batch_size,
+                eval_samples=args.eval_samples,
+                progress=not args.no_progress,
                 max_len=args.max_len,
                 threads=args.threads,
             )
@@ -416,6 +437,7 @@ def cmd_client(args: argparse.Namespace) -> int:
             tls=TlsFiles(ca=args.ca, cert=cert, key=key),
             transport=_transport(args),
             run_dir=run_dir,
+            checkpoint=not args.no_checkpoint,
         )
         result = _run_loop(run_client(cfg, learner), args.loop)
     except FedQuicError as exc:

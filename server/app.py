@@ -116,7 +116,7 @@ class AggregationServer:
         self._transport = FedQuicServer(cfg.transport, cfg.tls, self._on_connect)
         self._done: asyncio.Future[JobResult] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._pending: list[Action] = []
+        self._stopping = False
         self.port: int = 0
         self.history_path = cfg.run_dir / "history.jsonl"
 
@@ -208,6 +208,7 @@ class AggregationServer:
         """
         if self._is_done():
             return
+        self._stopping = True  # from here on, disconnects are not departures and nothing new starts
         with contextlib.suppress(OSError):
             self._save_job()
         log.info("%s: state saved in %s; restart with the same run directory to resume", reason, self.store.root)
@@ -303,16 +304,21 @@ class AggregationServer:
             elif rec is not None and not self._is_done():
                 log.info("client disconnected: %s", exc)
         finally:
-            if rec is not None and self.clients.get(rec.client_id) is rec:
-                del self.clients[rec.client_id]
-                rec.peer = None
-                for fut in rec.aggregate_acks.values():
-                    if not fut.done():
-                        fut.set_result(None)
-                rec.aggregate_acks.clear()
-                if not rec.lock.locked():
-                    rec.unload()  # its state is on disk; a round close loads what it needs
-                self._apply(self.machine.on_leave(rec.client_id, self.clock()))
+            if rec is not None and self.clients.get(rec.client_id) is rec and rec.peer is peer:
+                self._detach(rec)
+
+    def _detach(self, rec: ClientRecord) -> None:
+        """The client's connection is gone: forget the connection, keep its state (on disk)."""
+        del self.clients[rec.client_id]
+        rec.peer = None
+        for fut in rec.aggregate_acks.values():
+            if not fut.done():
+                fut.set_result(None)
+        rec.aggregate_acks.clear()
+        if not rec.lock.locked():
+            rec.unload()  # its state is on disk; a round close loads what it needs
+        if not self._stopping:  # a graceful stop closes every connection: those are not departures
+            self._apply(self.machine.on_leave(rec.client_id, self.clock()))
 
     def _set_schema(self, schema: AdapterSchema) -> None:
         self.schema = schema
@@ -355,8 +361,20 @@ class AggregationServer:
                 f"HELLO claims client id {cid!r} but the certificate is {peer.identity.client_id!r}",
                 code=ErrorCode.IDENTITY_MISMATCH,
             )
-        if cid in self.clients:
-            raise ProtocolError(f"client id {cid!r} is already connected", code=ErrorCode.IDENTITY_MISMATCH)
+        if self._stopping:
+            raise ProtocolError("the server is shutting down", code=ErrorCode.SHUTTING_DOWN)
+        stale = self.clients.get(cid)
+        if stale is not None:
+            if peer.identity is None:  # without a verified certificate, an id alone cannot take a session over
+                raise ProtocolError(f"client id {cid!r} is already connected", code=ErrorCode.IDENTITY_MISMATCH)
+            # The same certificate again: the old connection is dead on the client's side (its network changed
+            # or dropped before our idle timeout noticed). The new one replaces it.
+            log.info("client %s reconnected: replacing its previous connection", cid)
+            old_peer = stale.peer
+            self._detach(stale)
+            if old_peer is not None:
+                with contextlib.suppress(Exception):
+                    await old_peer.aclose(0x100 + int(ErrorCode.IDENTITY_MISMATCH), "replaced by a new connection")
         if self.base_fingerprint is None:
             self.base_fingerprint = hello.base_fingerprint
         elif hello.base_fingerprint != self.base_fingerprint:
@@ -549,7 +567,7 @@ class AggregationServer:
     # -- actions -----------------------------------------------------------------------------------
 
     def _apply(self, actions: list[Action]) -> None:
-        if not actions:
+        if not actions or self._stopping:
             return
         for act in actions:
             if isinstance(act, StartRound):

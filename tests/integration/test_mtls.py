@@ -122,3 +122,45 @@ async def test_hello_claiming_another_id_is_refused(pki: DevPki, tmp_path: Path)
         await server.close()
     assert server.clients == {}
     await asyncio.sleep(0)
+
+
+async def test_a_new_connection_with_the_same_certificate_replaces_a_stale_one(pki: DevPki, tmp_path: Path) -> None:
+    from fedquic.common.messages import Join, Welcome
+    from fedquic.server.config import MetricsSettings
+
+    from fedquic.synthetic import lora_schema
+
+    server = AggregationServer(
+        ServerConfig(
+            host="127.0.0.1",
+            port=0,
+            tls=TlsFiles(ca=pki.ca_cert, cert=pki.server_cert, key=pki.server_key),
+            policy=RoundPolicy(min_clients=2),
+            metrics=MetricsSettings(enabled=False),
+            run_dir=tmp_path / "server",
+        )
+    )
+    port = await server.start()
+    cert, key = issue_client_cert(pki, "edge-1")
+    tls = TlsFiles(ca=pki.ca_cert, cert=cert, key=key)
+    hello = Hello(versions=SUPPORTED_VERSIONS, client_id="edge-1", base_fingerprint="ab", num_samples=1)
+    schema = lora_schema(1, 16, 2)
+    try:
+        async with connect_peer("127.0.0.1", port, SETTINGS, tls, server_name="localhost") as old:
+            old.send(hello)
+            assert isinstance((await old.recv(timeout=5)).header, Welcome)
+            old.send(Join(adapter=schema))
+            assert isinstance((await old.recv(timeout=5)).header, Ack)
+            first = server.clients["edge-1"].peer
+            # the client's network changed: it dials again while the server still holds the old connection
+            async with connect_peer("127.0.0.1", port, SETTINGS, tls, server_name="localhost") as new:
+                new.send(hello)
+                assert isinstance((await new.recv(timeout=5)).header, Welcome)
+                new.send(Join(adapter=schema))
+                ack = (await new.recv(timeout=5)).header
+                assert isinstance(ack, Ack) and ack.ref is MsgType.JOIN
+                assert server.clients["edge-1"].peer is not first
+                with pytest.raises(TransportError):
+                    await old.recv(timeout=5)  # the stale connection is closed by the server
+    finally:
+        await server.close()

@@ -1,0 +1,256 @@
+"""Held-out evaluation: loss, exact-match accuracy of greedy generations, multiple-choice accuracy by option
+log-likelihood (the "logits method"), and classification accuracy.
+
+Every function takes a :class:`~fedquic.client.fedalt.FedALTModel` or a bare model (anything that maps
+``input_ids``/``attention_mask`` to an output with ``.logits``), runs without gradients in eval mode, and
+restores the model's train/eval mode afterwards. Sequences are right-padded and scored at each row's own
+positions; with a causal mask, padding after a row's last token changes none of its logits, so batched
+results equal one-at-a-time forward passes.
+
+Prompts are encoded as in training (:func:`fedquic.client.data.encode_example`): ``[bos] prompt``, then the
+response or option tokens, tokenized separately.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from fedquic.common.errors import ConfigError
+from torch import nn
+
+from .data import Example, pad_id, tokenize_examples
+
+log = logging.getLogger(__name__)
+
+
+def _module(model: Any) -> nn.Module:
+    from .fedalt import FedALTModel
+
+    return model.model if isinstance(model, FedALTModel) else model
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        module.train(was_training)
+
+
+def _device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def _prefix(tokenizer: Any, prompt: str) -> list[int]:
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return [*bos, *_ids(tokenizer, prompt)]
+
+
+def _right_pad(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def normalize_answer(text: str) -> str:
+    """Case-folded, surrounding whitespace removed, inner whitespace runs collapsed to one space."""
+    return " ".join(text.casefold().split())
+
+
+def greedy_generate(
+    model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 32, batch_size: int = 8
+) -> list[str]:
+    """Greedy continuation of each ``[bos] prompt`` until eos or ``max_new_tokens``; the decoded new text.
+
+    No KV cache: every step re-runs the (short) sequences, which keeps right padding exact for any model.
+    """
+    if max_new_tokens <= 0 or batch_size <= 0:
+        raise ConfigError("max_new_tokens and batch_size must be positive")
+    module = _module(model)
+    eos, pad = tokenizer.eos_token_id, pad_id(tokenizer)
+    device = _device(module)
+    outputs: list[str] = []
+    with _eval_mode(module):
+        for lo in range(0, len(prompts), batch_size):
+            seqs = [_prefix(tokenizer, p) for p in prompts[lo : lo + batch_size]]
+            new: list[list[int]] = [[] for _ in seqs]
+            active = list(range(len(seqs)))
+            for _ in range(max_new_tokens):
+                if not active:
+                    break
+                ids, mask = _right_pad([seqs[i] for i in active], pad, device)
+                logits = module(input_ids=ids, attention_mask=mask).logits
+                last = mask.sum(dim=1) - 1
+                nxt = logits[torch.arange(len(active), device=device), last].argmax(dim=-1).tolist()
+                still = []
+                for i, tok in zip(active, nxt, strict=True):
+                    if tok == eos:
+                        continue
+                    seqs[i].append(int(tok))
+                    new[i].append(int(tok))
+                    still.append(i)
+                active = still
+            outputs.extend(tokenizer.decode(n, skip_special_tokens=True) for n in new)
+    return outputs
+
+
+def exact_match_accuracy(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    max_new_tokens: int | None = None,
+    batch_size: int = 8,
+) -> float:
+    """Share of examples whose greedy generation equals the response after :func:`normalize_answer`.
+
+    ``max_new_tokens`` defaults to the longest reference response (in tokens) plus one for eos: a generation
+    that has not stopped by then cannot match.
+    """
+    if not examples:
+        return float("nan")
+    if max_new_tokens is None:
+        max_new_tokens = max(len(_ids(tokenizer, ex.response)) for ex in examples) + 1
+    outs = greedy_generate(
+        model, tokenizer, [ex.prompt for ex in examples], max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    hits = sum(normalize_answer(o) == normalize_answer(ex.response) for o, ex in zip(outs, examples, strict=True))
+    return hits / len(examples)
+
+
+def option_logprobs(
+    model: Any, tokenizer: Any, prompt: str, options: Sequence[str], *, batch_size: int = 16
+) -> list[float]:
+    """For each option, the sum over its tokens of log p(token | [bos] prompt, earlier option tokens)."""
+    return score_options(model, tokenizer, [(prompt, list(options))], batch_size=batch_size)[0]
+
+
+def score_options(
+    model: Any, tokenizer: Any, items: Sequence[tuple[str, Sequence[str]]], *, batch_size: int = 16
+) -> list[list[float]]:
+    """:func:`option_logprobs` for many (prompt, options) pairs, every (prompt, option) sequence batched."""
+    module = _module(model)
+    device = _device(module)
+    pad = pad_id(tokenizer)
+    rows: list[tuple[int, list[int], int]] = []  # (item, ids, where the option starts)
+    for i, (prompt, options) in enumerate(items):
+        prefix = _prefix(tokenizer, prompt)
+        if not prefix:
+            raise ConfigError("multiple-choice scoring needs a prompt or a bos token to condition on")
+        for opt in options:
+            opt_ids = _ids(tokenizer, opt)
+            if not opt_ids:
+                raise ConfigError(f"option {opt!r} has no tokens")
+            rows.append((i, [*prefix, *opt_ids], len(prefix)))
+    scores: list[float] = []
+    with _eval_mode(module):
+        for lo in range(0, len(rows), batch_size):
+            chunk = rows[lo : lo + batch_size]
+            ids, mask = _right_pad([r[1] for r in chunk], pad, device)
+            logp = F.log_softmax(module(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), dim=-1)
+            token_logp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [b, L-1]: log p(ids[t+1] | ..t)
+            for j, (_, seq, start) in enumerate(chunk):
+                scores.append(float(token_logp[j, start - 1 : len(seq) - 1].sum()))
+    out: list[list[float]] = [[] for _ in items]
+    for (i, _, _), s in zip(rows, scores, strict=True):
+        out[i].append(s)
+    return out
+
+
+def multiple_choice_accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], *, batch_size: int = 16) -> float:
+    """Share of examples whose highest-likelihood option (ties: the first) is the answer."""
+    mc = [ex for ex in examples if ex.options is not None]
+    if not mc:
+        return float("nan")
+    scores = score_options(model, tokenizer, [(ex.prompt, ex.options or ()) for ex in mc], batch_size=batch_size)
+    hits = sum(max(range(len(s)), key=s.__getitem__) == ex.answer for s, ex in zip(scores, mc, strict=True))
+    return hits / len(mc)
+
+
+def classification_accuracy(
+    model: Any, tokenizer: Any, examples: Sequence[Example], *, max_len: int = 256, batch_size: int = 16
+) -> float:
+    """Share of labelled examples a sequence-classification model assigns to their label."""
+    labelled = [ex for ex in examples if ex.label is not None]
+    if not labelled:
+        return float("nan")
+    module = _module(model)
+    device = _device(module)
+    hits = 0
+    with _eval_mode(module):
+        for batch in tokenize_examples(tokenizer, labelled, max_len, batch_size=batch_size):
+            b = batch.to(device)
+            logits = module(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+            if logits.dim() != 2:
+                raise ConfigError("classification accuracy needs a sequence-classification model")
+            assert b.class_labels is not None
+            hits += int((logits.argmax(dim=-1) == b.class_labels).sum())
+    return hits / len(labelled)
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    max_len: int = 48,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+) -> dict[str, float]:
+    """Every metric that applies to ``examples``: ``loss_eval`` always (for a causal LM: per response token;
+    for a classifier: per example), ``acc_exact`` on prompt/response examples, ``acc_mc`` on multiple-choice ones
+    and ``acc_cls`` on labelled ones. Metrics that do not apply are left out."""
+    from .fedalt import FedALTModel
+    from .trainer import batch_loss
+
+    if not examples:
+        return {}
+    module = _module(model)
+    kinds = {ex.kind for ex in examples}
+    out: dict[str, float] = {}
+    fam = model if isinstance(model, FedALTModel) else _Bare(module)
+    device = _device(module)
+    total, count = 0.0, 0
+    with _eval_mode(module):
+        for kind in sorted(kinds):  # a batch never mixes classification with token targets
+            subset = [ex for ex in examples if ex.kind == kind]
+            for batch in tokenize_examples(tokenizer, subset, max_len, batch_size=batch_size):
+                loss, n = batch_loss(fam, batch.to(device))  # type: ignore[arg-type]
+                total, count = total + float(loss), count + n
+    out["loss_eval"] = total / count if count else float("nan")
+    generation = [ex for ex in examples if ex.kind == "generation"]
+    if generation:
+        out["acc_exact"] = exact_match_accuracy(
+            model, tokenizer, generation, max_new_tokens=max_new_tokens, batch_size=batch_size
+        )
+    if "mc" in kinds:
+        out["acc_mc"] = multiple_choice_accuracy(model, tokenizer, examples, batch_size=batch_size)
+    if "label" in kinds:
+        out["acc_cls"] = classification_accuracy(model, tokenizer, examples, max_len=max_len, batch_size=batch_size)
+    return {k: v for k, v in out.items() if not math.isnan(v)}
+
+
+class _Bare:
+    """Duck-types the ``.model`` attribute that :func:`fedquic.client.trainer.batch_loss` reads."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.model = module

@@ -1,0 +1,125 @@
+"""Device profiles (by name, overridable field by field, never touching job-level LoRA settings), micro-batching
+with gradient accumulation, held-out metrics in the learner's round metrics, and the progress bar."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fedquic.client.data import make_examples
+from fedquic.client.fedalt import FedALTModel, LoraSpec
+from fedquic.client.peft_learner import PeftLearner, PeftLearnerConfig, held_out_split
+from fedquic.client.profiles import PROFILES, DeviceProfile, known_profiles, resolve_profile
+from fedquic.client.progress import TrainProgress
+from fedquic.client.trainer import TrainConfig, train_local
+from fedquic.common.errors import ConfigError
+from fedquic.common.messages import LoraJobSpec, TrainSpec, Welcome
+
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+
+def test_profiles_by_name_and_overrides() -> None:
+    assert {"default", "edge", "gpu"} <= set(known_profiles())
+    edge, gpu = resolve_profile("edge"), resolve_profile("gpu")
+    assert edge.gradient_checkpointing and edge.device == "cpu" and edge.micro_batch_size == 2
+    assert not gpu.gradient_checkpointing and gpu.compute_dtype == "bfloat16" and gpu.device == "cuda"
+    assert gpu.micro_batch_size is not None and gpu.micro_batch_size > edge.micro_batch_size
+    assert resolve_profile("default") == DeviceProfile()
+    # one field overridden, the others kept; None means "the profile's value"
+    mixed = resolve_profile("gpu", device="cuda:1", gradient_checkpointing=None, micro_batch_size=16)
+    assert (mixed.device, mixed.micro_batch_size) == ("cuda:1", 16)
+    assert mixed.compute_dtype == gpu.compute_dtype and mixed.gradient_checkpointing == gpu.gradient_checkpointing
+    assert PROFILES["gpu"] == gpu  # the registry is not modified by overrides
+
+
+def test_profiles_cannot_touch_job_level_settings() -> None:
+    for field in ("rank", "target_modules", "alpha"):
+        with pytest.raises(ConfigError, match="job-level"):
+            resolve_profile("edge", **{field: 4})
+    assert not {"rank", "alpha", "dropout", "target_modules"} & set(DeviceProfile.model_fields)
+    with pytest.raises(ConfigError, match="known profiles"):
+        resolve_profile("phone")
+    with pytest.raises(ConfigError):
+        resolve_profile("edge", micro_batch_size=0)
+    with pytest.raises(ConfigError):
+        resolve_profile("edge", quantization="fp8")
+
+
+def test_learner_config_resolves_its_profile(tmp_path: Path) -> None:
+    cfg = PeftLearnerConfig(model_path=tmp_path, task="copy", profile="edge", compute_dtype="bfloat16")
+    p = cfg.device_profile()
+    assert p.compute_dtype == "bfloat16" and p.micro_batch_size == 2 and p.gradient_checkpointing
+    with pytest.raises(ConfigError):
+        PeftLearnerConfig(model_path=tmp_path, task="copy", profile="nope").device_profile()
+
+
+def test_micro_batches_give_the_same_training(load_tiny) -> None:
+    examples = make_examples("reverse", 48, seed=0)
+
+    def run(micro: int | None) -> tuple[dict[str, np.ndarray], list[float]]:
+        model, tok = load_tiny(quantization="none", gradient_checkpointing=False)
+        fam = FedALTModel(model, LoraSpec(rank=4), init_seed=0, federation="fedavg")
+        losses: list[float] = []
+        cfg = TrainConfig(steps=3, batch_size=8, seed=5, micro_batch_size=micro, weight_decay=0.1)
+        res = train_local(fam, examples, tok, cfg, progress=lambda s, t, loss: losses.append(loss))
+        assert res.samples == 24
+        return fam.local_state(), losses
+
+    full, full_losses = run(None)
+    for micro in (2, 3):  # 3 does not divide 8: a last, smaller micro-batch
+        state, losses = run(micro)
+        assert losses == pytest.approx(full_losses, rel=1e-5)
+        for k in full:
+            np.testing.assert_allclose(state[k], full[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_held_out_split_is_disjoint_deterministic_and_bounded() -> None:
+    examples = make_examples("copy", 100, seed=0)
+    train, held = held_out_split(examples, 32, seed=1)
+    assert len(held) == 10 and len(train) == 90  # at most a tenth
+    assert set(train).isdisjoint(held) and sorted(train + held, key=examples.index) == examples
+    assert held_out_split(examples, 32, seed=1) == (train, held)
+    assert held_out_split(examples, 32, seed=2)[1] != held
+    assert held_out_split(examples, 3, seed=1)[1].__len__() == 3
+    assert held_out_split(examples, 0, seed=1) == (examples, [])
+    assert held_out_split(examples[:9], 32, seed=1) == (examples[:9], [])
+
+
+@pytest.mark.parametrize(("task", "metric"), [("reverse", "acc_exact"), ("mc-sort", "acc_mc")])
+def test_learner_reports_held_out_metrics(tiny_model_dir: Path, task: str, metric: str) -> None:
+    learner = PeftLearner(
+        PeftLearnerConfig(model_path=tiny_model_dir, task=task, num_examples=60, profile="edge", progress=False)
+    )
+    assert len(learner.eval_examples) == 6 and learner.num_samples() == 54
+    learner.attach(Welcome(version=1, job_id="j", rounds=1, init_seed=0, lora=LoraJobSpec(rank=4)))
+    metrics = learner.train(1, TrainSpec(local_steps=2, batch_size=4))
+    assert 0.0 <= metrics[metric] <= 1.0 and math.isfinite(metrics["loss_eval"]) and metrics["eval_s"] > 0
+    other = "acc_mc" if metric == "acc_exact" else "acc_exact"
+    assert other not in metrics
+    assert metrics["samples"] == 8.0  # the job's batch size, whatever the profile's micro-batch
+
+
+class FakeTty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_only_on_a_terminal() -> None:
+    quiet = io.StringIO()
+    with TrainProgress("round 1", 5, stream=quiet) as bar:
+        assert not bar.active
+        bar.update(1, 5, 2.0)
+    assert quiet.getvalue() == ""
+    tty = FakeTty()
+    with TrainProgress("round 7", 5, enabled=False, stream=tty) as bar:
+        assert not bar.active
+    assert tty.getvalue() == ""
+    with TrainProgress("round 7", 5, stream=tty) as bar:
+        assert bar.active
+        for step in range(1, 6):
+            bar.update(step, 5, 1.0 / step)
+    out = tty.getvalue()
+    assert "round 7" in out and "5/5" in out

@@ -1,0 +1,133 @@
+"""The client checkpoint: atomic, pickle-free, and a crash at any point leaves the previous one readable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fedquic.client.state import META_FILE, ClientState, StateStore, atomic_write_bytes
+from fedquic.common.adapter import state_hash
+from fedquic.common.errors import ConfigError
+from safetensors.numpy import load_file
+
+
+def make_state(round_: int, seed: int = 0, *, with_global: bool = False) -> ClientState:
+    rng = np.random.default_rng(seed)
+
+    def tensors() -> dict[str, np.ndarray]:
+        return {
+            "m.layers.0.q_proj.lora_A.weight": rng.standard_normal((2, 8)).astype(np.float32),
+            "m.layers.0.q_proj.lora_B.weight": rng.standard_normal((8, 2)).astype(np.float32),
+        }
+
+    held = {"row": tensors()}
+    if with_global:
+        held["global"] = tensors()
+    return ClientState(
+        job_id="job-1",
+        client_id="c1",
+        round=round_,
+        schema_fingerprint="abc",
+        base_fingerprint="def",
+        federation="fedalt",
+        local=tensors(),
+        view=tensors(),
+        synced=tensors(),
+        residual=tensors(),
+        held=held,
+        extra={"m.layers.0.q_proj.router.weight": rng.standard_normal((2, 8)).astype(np.float32)},
+    )
+
+
+def assert_states_equal(a: ClientState, b: ClientState) -> None:
+    assert (a.job_id, a.client_id, a.round, a.schema_fingerprint, a.base_fingerprint, a.federation) == (
+        b.job_id,
+        b.client_id,
+        b.round,
+        b.schema_fingerprint,
+        b.base_fingerprint,
+        b.federation,
+    )
+    for section, tensors in a.sections().items():
+        other = b.sections()[section]
+        assert set(tensors) == set(other), section
+        for k in tensors:
+            np.testing.assert_array_equal(tensors[k], other[k])
+
+
+def test_round_trip_and_metadata(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state")
+    assert store.load() is None
+    state = make_state(3, with_global=True)
+    path = store.save(state)
+    loaded = StateStore(tmp_path / "state").load()  # a new process
+    assert loaded is not None
+    assert_states_equal(state, loaded)
+    meta = json.loads((tmp_path / "state" / META_FILE).read_text())
+    assert meta["round"] == 3 and meta["view_hash"] == state_hash(state.view) == loaded.view_hash
+    assert meta["held"] == {"global": state_hash(state.held["global"]), "row": state_hash(state.held["row"])}
+    assert meta["job_id"] == "job-1" and meta["schema_fingerprint"] == "abc" and meta["base_fingerprint"] == "def"
+    assert meta["version"] == 1 and "optimizer" in meta
+    # a plain safetensors file (no pickle): any safetensors reader opens it
+    flat = load_file(str(path))
+    assert "local/m.layers.0.q_proj.lora_A.weight" in flat and "extra/m.layers.0.q_proj.router.weight" in flat
+
+
+def test_each_save_replaces_the_previous_one_and_cleans_up(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    first = store.save(make_state(1, seed=1))
+    second = store.save(make_state(2, seed=2))
+    assert first != second and not first.exists() and second.exists()
+    loaded = store.load()
+    assert loaded is not None and loaded.round == 2
+    assert_states_equal(loaded, make_state(2, seed=2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([META_FILE, second.name])
+
+
+def test_a_crash_mid_write_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.save(make_state(1, seed=1))
+    # A crash while writing the next generation: a half-written tensor file, a complete but uncommitted one,
+    # and a half-written checkpoint.json.tmp. None of them is referenced by checkpoint.json.
+    (tmp_path / "tensors-00000002.safetensors.tmp").write_bytes(b"\x00garbage")
+    (tmp_path / "tensors-00000003.safetensors").write_bytes(b"not even safetensors")
+    (tmp_path / f"{META_FILE}.tmp").write_text('{"format": "fedquic-client-state", "round": 9')
+    loaded = StateStore(tmp_path).load()
+    assert loaded is not None and loaded.round == 1
+    assert_states_equal(loaded, make_state(1, seed=1))
+    # the next save ignores the debris, commits, and removes it
+    StateStore(tmp_path).save(make_state(4, seed=4))
+    loaded = StateStore(tmp_path).load()
+    assert loaded is not None and loaded.round == 4
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+    assert len(list(tmp_path.glob("tensors-*.safetensors"))) == 1
+
+
+def test_a_damaged_checkpoint_is_refused_not_silently_used(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    path = store.save(make_state(1))
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="checksum"):
+        StateStore(tmp_path).load()
+    path.unlink()
+    with pytest.raises(ConfigError, match="missing"):
+        StateStore(tmp_path).load()
+    (tmp_path / META_FILE).write_text("{broken")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        StateStore(tmp_path).load()
+    (tmp_path / META_FILE).write_text('{"format": "something-else"}')
+    with pytest.raises(ConfigError, match="not a fedquic client checkpoint"):
+        StateStore(tmp_path).load()
+
+
+def test_atomic_write_never_exposes_a_partial_file(tmp_path: Path) -> None:
+    target = tmp_path / "f.bin"
+    atomic_write_bytes(target, b"old")
+    (tmp_path / "f.bin.tmp").write_bytes(b"partial")  # a writer that died before its rename
+    assert target.read_bytes() == b"old"
+    atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"new" and not (tmp_path / "f.bin.tmp").exists()
