@@ -235,6 +235,20 @@ class Batch:
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The tokens a response is conditioned on: the tokenizer's chat template (a user turn and the assistant
+    header) when it has one, else ``[bos] prompt``. Training and evaluation both encode prompts with this."""
+    if getattr(tokenizer, "chat_template", None) and prompt:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict) or hasattr(ids, "keys"):  # some versions return a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return [*bos, *(tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else [])]
+
+
 def encode_example(tokenizer: Any, example: Example, max_len: int) -> Encoded:
     """``[bos] prompt response [eos]`` with loss on ``response [eos]``.
 
@@ -245,10 +259,14 @@ def encode_example(tokenizer: Any, example: Example, max_len: int) -> Encoded:
     if eos is None:
         raise ConfigError("tokenizer has no eos token")
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompt = tokenizer(example.prompt, add_special_tokens=False)["input_ids"] if example.prompt else []
     if example.label is not None:  # classification: the text alone (its start kept), scored at its last token
-        ids = [*bos, *prompt][:max_len]
+        text = tokenizer(example.prompt, add_special_tokens=False)["input_ids"] if example.prompt else []
+        ids = [*bos, *text][:max_len]
         return Encoded(input_ids=ids, labels=[IGNORE_INDEX] * len(ids), label=example.label)
+    prompt = prompt_ids(tokenizer, example.prompt)
+    # prompt_ids already starts with bos (or the chat template's own start): keep it whole when cutting
+    head = 1 if prompt and bos and prompt[0] == bos[0] else 0
+    bos, prompt = prompt[:head], prompt[head:]
     response = [*tokenizer(example.response, add_special_tokens=False)["input_ids"], eos]
     overflow = len(bos) + len(prompt) + len(response) - max_len
     if overflow > 0:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from fedquic.common.errors import ConfigError
 from torch import nn
 
-from .data import Example, pad_id, tokenize_examples
+from .data import Example, pad_id, prompt_ids, tokenize_examples
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,7 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
 
 
 def _prefix(tokenizer: Any, prompt: str) -> list[int]:
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return [*bos, *_ids(tokenizer, prompt)]
+    return prompt_ids(tokenizer, prompt)  # as in training, chat template included
 
 
 def _right_pad(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

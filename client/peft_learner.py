@@ -5,6 +5,7 @@ according to a device profile (:mod:`fedquic.client.profiles`)."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -61,6 +62,14 @@ class PeftLearnerConfig(BaseModel):
             device=self.device,
             micro_batch_size=self.micro_batch_size,
         )
+
+
+def round_steps(spec: TrainSpec, n_examples: int) -> int:
+    """Optimizer steps this round: ``local_steps``, or ``ceil(local_epochs · n / batch_size)`` when epochs are set
+    (clients with more data then take more steps, as in FedAvg's E local epochs)."""
+    if spec.local_epochs is not None:
+        return max(1, math.ceil(spec.local_epochs * n_examples / spec.batch_size))
+    return spec.local_steps
 
 
 def held_out_split(examples: list[Example], k: int, seed: int) -> tuple[list[Example], list[Example]]:
@@ -184,21 +193,24 @@ class PeftLearner:
         from .trainer import TrainConfig, evaluate_loss, train_local
 
         fam = self._model()
-        if spec.local_steps == 0:
+        if spec.local_steps == 0 and spec.local_epochs is None:
             batches = tokenize_examples(self.tokenizer, self.examples[:32], self.cfg.max_len)
             loss = evaluate_loss(fam, batches)
             return {"loss_before": loss, "loss_after": loss, "train_s": 0.0, "steps": 0.0, **self.evaluate()}
+        steps = round_steps(spec, len(self.examples))
         cfg = TrainConfig(
-            steps=spec.local_steps,
+            steps=steps,
             lr=spec.lr,
             batch_size=spec.batch_size,
             max_len=self.cfg.max_len,
             seed=self.cfg.data_seed * 100_003 + round_,
             prox_mu=spec.prox_mu,
             micro_batch_size=self.profile.micro_batch_size,
+            schedule=spec.lr_schedule,
+            warmup_steps=spec.warmup_steps,
         )
-        every = max(1, spec.local_steps // 4)
-        with TrainProgress(f"round {round_}", spec.local_steps, enabled=self.cfg.progress) as bar:
+        every = max(1, steps // 4)
+        with TrainProgress(f"round {round_}", steps, enabled=self.cfg.progress) as bar:
 
             def progress(step: int, total: int, loss: float) -> None:
                 bar.update(step, total, loss)

@@ -42,6 +42,8 @@ class TrainConfig:
     # At most this many examples per forward/backward (memory); each step still uses batch_size x grad_accum
     # examples and gives the same gradient. None: batch_size.
     micro_batch_size: int | None = None
+    schedule: str = "constant"  # constant, linear or cosine decay to 0 over the round's steps
+    warmup_steps: int = 0  # linear warm-up from 0 before the schedule
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_samples"):
@@ -49,6 +51,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.micro_batch_size is not None and self.micro_batch_size <= 0:
             raise ConfigError(f"micro_batch_size must be positive, got {self.micro_batch_size}")
+        if self.schedule not in ("constant", "linear", "cosine"):
+            raise ConfigError(f"unknown lr schedule {self.schedule!r} (constant, linear, cosine)")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.max_len < 2:
             raise ConfigError(f"max_len must be >= 2, got {self.max_len}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -118,6 +124,19 @@ def _eval_subset(examples: Sequence[Example], k: int) -> list[Example]:
     return list(examples[::stride][:k])
 
 
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Learning-rate multiplier for optimizer step ``step`` (0-based): warm-up, then the schedule's decay."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.schedule == "constant":
+        return 1.0
+    span = max(cfg.steps - cfg.warmup_steps, 1)
+    frac = min((step - cfg.warmup_steps) / span, 1.0)
+    if cfg.schedule == "linear":
+        return 1.0 - frac
+    return 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
 def train_local(
     fam: FedALTModel,
     examples: Sequence[Example],
@@ -142,6 +161,7 @@ def train_local(
     rng = np.random.default_rng(cfg.seed)  # local generator: no shared RNG state between threads
     order: list[int] = []
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(cfg, i))
     anchors = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else []
     fam.model.train()
     start = time.perf_counter()
@@ -173,6 +193,7 @@ def train_local(
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
+            scheduler.step()
             mean = step_loss / max(total_tokens, 1)
             if not math.isfinite(mean):
                 log.warning("non-finite training loss at step %d", step)

@@ -63,6 +63,10 @@ class TrainSpec(BaseModel):
     lr: float = Field(default=3e-3, gt=0, le=10)
     batch_size: int = Field(default=8, ge=1, le=65_536)
     prox_mu: float = Field(default=0.0, ge=0, le=1e6)  # FedProx proximal term; 0 disables it
+    # Epochs over the client's own training data instead of a step count (steps = ceil(epochs · n / batch)).
+    local_epochs: float | None = Field(default=None, gt=0, le=1000)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"  # decay over the round's steps
+    warmup_steps: int = Field(default=0, ge=0, le=1_000_000)
 
 
 class Hello(Header):

@@ -74,6 +74,9 @@ SERVER_FLAGS: tuple[tuple[str, str], ...] = (
     ("lr", "job.train.lr"),
     ("batch_size", "job.train.batch_size"),
     ("prox_mu", "job.train.prox_mu"),
+    ("local_epochs", "job.train.local_epochs"),
+    ("lr_schedule", "job.train.lr_schedule"),
+    ("warmup_steps", "job.train.warmup_steps"),
     ("init_seed", "job.init_seed"),
     ("uplink", "job.uplink"),
     ("downlink", "job.downlink"),
@@ -127,6 +130,9 @@ def _add_server_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--lr", type=float, help="client learning rate (default 3e-3)")
     s.add_argument("--batch-size", type=int)
     s.add_argument("--prox-mu", type=float, help="FedProx proximal coefficient sent to clients (0: off)")
+    s.add_argument("--local-epochs", type=float, help="epochs over each client's data per round, instead of steps")
+    s.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), help="decay within each round")
+    s.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up steps at each round's start")
     s.add_argument("--init-seed", type=int, help="job seed for the shared adapter initialisation")
     s.add_argument(
         "--uplink",

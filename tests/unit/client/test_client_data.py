@@ -105,3 +105,24 @@ def test_batching(tok) -> None:
     assert [len(b) for b in batches] == [4, 4, 2]
     with pytest.raises(ConfigError):
         tokenize_examples(tok, [], max_len=1)
+
+
+def test_chat_template_formats_prompts_the_same_in_training_and_evaluation(tok) -> None:
+    import copy
+
+    from fedquic.client.data import prompt_ids
+    from fedquic.client.evaluate import _prefix
+
+    chat = copy.deepcopy(tok)
+    chat.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}"
+        "{% if add_generation_prompt %}<a>{% endif %}"
+    )
+    enc = encode_example(chat, Example("abc", "cba"), max_len=48)
+    n_prompt = sum(1 for t in enc.labels if t == IGNORE_INDEX)
+    assert chat.decode(enc.input_ids[1:n_prompt]) == "<u>abc</u><a>"  # the template wraps the user turn
+    assert enc.input_ids[0] == chat.bos_token_id
+    assert chat.decode([t for t in enc.labels if t != IGNORE_INDEX][:-1]) == "cba"
+    assert _prefix(chat, "abc") == prompt_ids(chat, "abc") == enc.input_ids[:n_prompt]
+    plain = encode_example(tok, Example("abc", "cba"), max_len=48)  # no template: [bos] prompt response eos
+    assert tok.decode(plain.input_ids[1:4]) == "abc"

@@ -86,3 +86,33 @@ def test_fedprox_term_keeps_parameters_closer_to_the_round_start(load_tiny) -> N
         return float(sum(np.square(end[k] - start[k]).sum() for k in start))
 
     assert drift(200.0) < 0.5 * drift(0.0)
+
+
+def test_lr_schedules_by_hand() -> None:
+    import math
+
+    from fedquic.client.trainer import TrainConfig, lr_factor
+
+    const = TrainConfig(steps=4)
+    assert [lr_factor(const, i) for i in range(4)] == [1.0, 1.0, 1.0, 1.0]
+    lin = TrainConfig(steps=5, schedule="linear", warmup_steps=1)
+    assert [lr_factor(lin, i) for i in range(5)] == [0.5, 1.0, 0.75, 0.5, 0.25]
+    cos = TrainConfig(steps=4, schedule="cosine")
+    assert [round(lr_factor(cos, i), 6) for i in range(4)] == [
+        1.0,
+        round(0.5 * (1 + math.cos(math.pi / 4)), 6),
+        0.5,
+        round(0.5 * (1 + math.cos(3 * math.pi / 4)), 6),
+    ]
+    with pytest.raises(ConfigError):
+        TrainConfig(schedule="exponential")
+
+
+def test_local_epochs_set_the_step_count_from_the_data_size() -> None:
+    from fedquic.client.peft_learner import round_steps
+    from fedquic.common.messages import TrainSpec
+
+    assert round_steps(TrainSpec(local_steps=7), 1000) == 7
+    assert round_steps(TrainSpec(local_epochs=1, batch_size=8), 100) == 13  # ceil(100 / 8)
+    assert round_steps(TrainSpec(local_epochs=0.5, batch_size=8), 100) == 7
+    assert round_steps(TrainSpec(local_epochs=0.01, batch_size=8), 10) == 1
