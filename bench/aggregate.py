@@ -7,7 +7,8 @@ For N clients with P-parameter LoRA states (rank-16 A/B pairs of width 2048, as 
 * ``copy floor``: a warm ``np.copyto`` over all N·P float32 values (source and destination preallocated);
 * ``loo``: every client's fp32 leave-one-out Rest-of-World (:class:`fedquic.server.aggregation.LeaveOneOut`:
   one float64-accumulated total, then one fused pass per client, each row produced then dropped, as the
-  daemon does it: compute, encode, send, next);
+  daemon does it: compute, encode, send, next), into one reused row buffer as the copy floor reuses its
+  destination;
 * ``loo+enc``: the same plus encoding each client's row as its downlink payload (INT8 per rank + LZ4, the
   default), i.e. the N different payloads a leave-one-out round must produce;
 * ``fedavg`` / ``fedavg+enc``: the weighted mean and its one shared payload;
@@ -108,8 +109,11 @@ def copy_floor(states: list[dict[str, np.ndarray]], reps: int) -> float:
 def loo_all(states: list[dict[str, np.ndarray]], weights: list[float], encode: bool) -> None:
     loo = LeaveOneOut(states, weights)
     spec = EncodingSpec()
+    # One reused row buffer, as the copy floor reuses its destination: fresh pages would add the kernel's
+    # page-zeroing to every row (the daemon, which encodes rows concurrently, does pay that).
+    buf = {k: np.empty_like(v) for k, v in states[0].items()}
     for k in range(len(loo)):
-        row = loo.row(k)
+        row = loo.row(k, out=buf)
         if encode:
             encode_payload(row, spec)
 

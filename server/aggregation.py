@@ -114,21 +114,22 @@ class LeaveOneOut:
             cached = self._scaled[rest] = {k: v * b for k, v in self.total.items()}
         return cached
 
-    def row(self, k: int) -> TensorDict:
+    def row(self, k: int, out: TensorDict | None = None) -> TensorDict:
+        """Client k's Rest-of-World; written into ``out`` (same names and shapes) when given, else new arrays."""
         rest = self.w_total - self.weights[k]
         scaled = self._scaled_total(rest)
         a = np.float32(-self.weights[k] / rest)
-        out: TensorDict = {}
+        result: TensorDict = {}
         for name, total in scaled.items():
             s = total.reshape(-1)
             x = np.asarray(self.states[k][name], dtype=np.float32).reshape(-1)
-            o = np.empty_like(s)
+            o = np.empty_like(s) if out is None else out[name].reshape(-1)
             for i in range(0, s.size, CHUNK):  # o = S/rest − (w_k/rest)·X_k, the chunk of o stays in cache
                 j = min(i + CHUNK, s.size)
                 np.multiply(x[i:j], a, out=o[i:j])
                 np.add(o[i:j], s[i:j], out=o[i:j])
-            out[name] = o.reshape(total.shape)
-        return out
+            result[name] = o.reshape(total.shape)
+        return result
 
 
 def leave_one_out(states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> list[TensorDict]:

@@ -119,3 +119,23 @@ def test_clip_deviation_by_hand() -> None:
     np.testing.assert_allclose(clipped["x"], [0.6, 0.8], rtol=1e-6)
     small = clip_deviation({"x": np.array([0.3, 0.4], np.float32)}, ref, 1.0)
     np.testing.assert_array_equal(small["x"], np.array([0.3, 0.4], np.float32))
+
+
+def test_leave_one_out_row_into_a_reused_buffer_equals_fresh_rows() -> None:
+    from fedquic.server.aggregation import LeaveOneOut
+
+    rng = np.random.default_rng(3)
+    states = [
+        {"a": rng.standard_normal((3, 100_000), dtype=np.float32), "b": rng.standard_normal(5, dtype=np.float32)}
+        for _ in range(4)
+    ]
+    weights = [1.0, 2.0, 2.0, 0.5]
+    loo = LeaveOneOut(states, weights)
+    buf = {k: np.empty_like(v) for k, v in states[0].items()}
+    for k in range(4):
+        fresh = loo.row(k)
+        into = loo.row(k, out=buf)
+        assert all(into[n] is not fresh[n] and np.array_equal(into[n], fresh[n]) for n in fresh)
+        others = [m for m in range(4) if m != k]
+        expect = sum(weights[m] * states[m]["a"].astype(np.float64) for m in others) / sum(weights[m] for m in others)
+        np.testing.assert_allclose(fresh["a"], expect, rtol=1e-5, atol=1e-6)
