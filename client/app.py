@@ -64,6 +64,8 @@ from ..common.messages import (
     RoundStart,
     SyncState,
     Update,
+    UploadGrant,
+    UploadRequest,
     Welcome,
 )
 from ..transport.aio import connect_peer
@@ -534,12 +536,22 @@ class FederatedClient:
         record = RoundRecord(rs.round, metrics, fp32_up=fp32_nbytes(manifest))
         try:
             peer.send(Metrics(round=rs.round, values=metrics))
-            record.bytes_up = await peer.send_bulk(header, body)
+            # Admission: the server grants upload slots, so it never takes more uploads at once than it can hold.
+            peer.send(UploadRequest(round=rs.round, nbytes=len(body)))
             msg = await self._wait_for(
                 peer,
-                lambda m: isinstance(m.header, Ack) and m.header.ref is MsgType.UPDATE and m.header.round == rs.round,
-                stop=Bye,  # the job ended without acknowledging: the main loop handles the BYE
+                lambda m: isinstance(m.header, UploadGrant) and m.header.round == rs.round,
+                stop=Bye,
             )
+            if isinstance(msg.header, UploadGrant):
+                record.bytes_up = await peer.send_bulk(header, body)
+                msg = await self._wait_for(
+                    peer,
+                    lambda m: isinstance(m.header, Ack)
+                    and m.header.ref is MsgType.UPDATE
+                    and m.header.round == rs.round,
+                    stop=Bye,  # the job ended without acknowledging: the main loop handles the BYE
+                )
         except BaseException:
             # Not acknowledged: whatever the server did with it, a rejoin settles (its view hash tells).
             self.ef.residual = residual_before

@@ -35,6 +35,8 @@ class MsgType(IntEnum):
     HEARTBEAT = 9
     METRICS = 10
     BYE = 11
+    UPLOAD_REQUEST = 12
+    UPLOAD_GRANT = 13
 
 
 class Header(BaseModel):
@@ -184,9 +186,40 @@ class Bye(Header):
     reason: str = Field(default="", max_length=1024)
 
 
+class UploadRequest(Header):
+    """Client -> server: an UPDATE of ``nbytes`` for ``round`` is ready; the client sends it once granted."""
+
+    msg_type = MsgType.UPLOAD_REQUEST
+    round: int = Field(ge=1, le=1_000_000)
+    nbytes: int = Field(ge=0, le=1 << 40)
+
+
+class UploadGrant(Header):
+    """Server -> client: an upload slot for ``round`` is the client's; it is held until the UPDATE is handled
+    or ``expires_s`` pass. Slots bound how many uploads (and bytes in flight) the server takes at once."""
+
+    msg_type = MsgType.UPLOAD_GRANT
+    round: int = Field(ge=1, le=1_000_000)
+    expires_s: float = Field(gt=0, le=7 * 24 * 3600)
+
+
 HEADER_TYPES: dict[MsgType, type[Header]] = {
     cls.msg_type: cls
-    for cls in (Hello, Welcome, Join, RoundStart, Update, Aggregate, Ack, Error, Heartbeat, Metrics, Bye)
+    for cls in (
+        Hello,
+        Welcome,
+        Join,
+        RoundStart,
+        Update,
+        Aggregate,
+        Ack,
+        Error,
+        Heartbeat,
+        Metrics,
+        Bye,
+        UploadRequest,
+        UploadGrant,
+    )
 }
 
 

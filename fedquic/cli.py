@@ -83,6 +83,7 @@ SERVER_FLAGS: tuple[tuple[str, str], ...] = (
     ("run_dir", "run_dir"),
     ("ready_file", "ready_file"),
     ("metrics_port", "metrics.port"),
+    ("upload_slots", "upload_slots"),
     ("max_datagram_size", "transport.max_datagram_size"),
 )
 
@@ -145,6 +146,7 @@ def _add_server_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--run-dir", type=Path, help="history and durable state; reuse it to resume (default runs/server)")
     s.add_argument("--ready-file", type=Path, help="write {host, port, pid, metrics_port} as JSON once listening")
     s.add_argument("--metrics-port", type=int, help="Prometheus /metrics port on localhost (default 9464; 0: any)")
+    s.add_argument("--upload-slots", type=int, help="clients allowed to upload at once (default 8)")
 
 
 def build_parser() -> argparse.ArgumentParser:

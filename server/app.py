@@ -45,6 +45,8 @@ from ..common.messages import (
     MsgType,
     RoundStart,
     Update,
+    UploadGrant,
+    UploadRequest,
     Welcome,
 )
 from ..transport.aio import FedQuicServer, Peer
@@ -77,6 +79,7 @@ class ClientRecord:
     aggregate_acks: dict[int, asyncio.Future[None]] = field(default_factory=dict)
     held_hash_pending: dict[int, str] = field(default_factory=dict)  # round -> hash the client must acknowledge
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one durable commit at a time per client
+    upload_done: dict[int, asyncio.Event] = field(default_factory=dict)  # round -> set when its slot frees
 
     @property
     def view_hash(self) -> str:
@@ -117,6 +120,7 @@ class AggregationServer:
         self._done: asyncio.Future[JobResult] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._upload_slots = asyncio.Semaphore(cfg.upload_slots)
         self.port: int = 0
         self.history_path = cfg.run_dir / "history.jsonl"
 
@@ -315,6 +319,8 @@ class AggregationServer:
             if not fut.done():
                 fut.set_result(None)
         rec.aggregate_acks.clear()
+        for done in rec.upload_done.values():
+            done.set()  # its slots go to the next clients
         if not rec.lock.locked():
             rec.unload()  # its state is on disk; a round close loads what it needs
         if not self._stopping:  # a graceful stop closes every connection: those are not departures
@@ -478,7 +484,14 @@ class AggregationServer:
     async def _handle(self, rec: ClientRecord, msg: Message) -> None:
         h = msg.header
         if isinstance(h, Update):
-            await self._on_update(rec, h, msg.body)
+            try:
+                await self._on_update(rec, h, msg.body)
+            finally:
+                done = rec.upload_done.get(h.round)
+                if done is not None:
+                    done.set()  # accepted or refused, the slot is free
+        elif isinstance(h, UploadRequest):
+            self._on_upload_request(rec, h)
         elif isinstance(h, Metrics):
             rec.stats.setdefault(h.round, {}).update(h.values)
         elif isinstance(h, Ack) and h.ref is MsgType.AGGREGATE:
@@ -496,6 +509,52 @@ class AggregationServer:
             log.warning("client reported error %d: %s", h.code, h.message)
         elif msg.type is not MsgType.HEARTBEAT:
             raise ProtocolError(f"unexpected {msg.type.name} from a client", code=ErrorCode.UNEXPECTED_MESSAGE)
+
+    def _on_upload_request(self, rec: ClientRecord, h: UploadRequest) -> None:
+        limit = self.cfg.transport.limits.max_body_bytes
+        if h.nbytes > limit:
+            raise ProtocolError(f"an update of {h.nbytes} bytes exceeds {limit}", code=ErrorCode.LIMIT_EXCEEDED)
+        assert rec.peer is not None
+        if h.round in rec.disk.updates:  # a resend after a lost ACK: answered from disk, it needs no slot
+            rec.peer.send(UploadGrant(round=h.round, expires_s=self.cfg.upload_slot_timeout_s))
+            return
+        self.machine.check_update(rec.client_id, h.round)  # refuse late or unknown rounds before any wait
+        if h.round in rec.upload_done:
+            return  # already queued or granted
+        rec.upload_done[h.round] = asyncio.Event()
+        task = asyncio.ensure_future(self._grant(rec, h.round))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _grant(self, rec: ClientRecord, round_: int) -> None:
+        """Wait for a free upload slot (FIFO), grant it, hold it until the update is handled or the slot expires."""
+        done = rec.upload_done[round_]
+        m = self.metrics
+        try:
+            m.uploads_waiting += 1
+            try:
+                await self._upload_slots.acquire()
+            finally:
+                m.uploads_waiting -= 1
+            try:
+                if rec.peer is None or done.is_set():
+                    return
+                m.uploads_in_flight += 1
+                m.uploads_in_flight_max = max(m.uploads_in_flight_max, m.uploads_in_flight)
+                try:
+                    with contextlib.suppress(TransportError):
+                        rec.peer.send(UploadGrant(round=round_, expires_s=self.cfg.upload_slot_timeout_s))
+                    try:
+                        await asyncio.wait_for(done.wait(), self.cfg.upload_slot_timeout_s)
+                    except asyncio.TimeoutError:
+                        log.warning("round %d: %s did not use its upload slot in time", round_, rec.client_id)
+                finally:
+                    m.uploads_in_flight -= 1
+            finally:
+                self._upload_slots.release()
+        finally:
+            if rec.upload_done.get(round_) is done:
+                del rec.upload_done[round_]
 
     async def _on_update(self, rec: ClientRecord, h: Update, body: bytes) -> None:
         round_var.set(h.round)

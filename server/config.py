@@ -63,6 +63,11 @@ class ServerConfig(BaseModel):
     policy: RoundPolicy = RoundPolicy()
     job: JobConfig = JobConfig()
     metrics: MetricsSettings = MetricsSettings()
+    # Admission control: at most this many clients upload at once (UPLOAD_REQUEST -> UPLOAD_GRANT, FIFO); the
+    # server's memory for uploads in flight is bounded by slots x the largest update. A slot is released when
+    # the update is handled, the client leaves, or upload_slot_timeout_s pass.
+    upload_slots: int = Field(default=8, ge=1, le=100_000)
+    upload_slot_timeout_s: float = Field(default=300.0, gt=0)
     # History (history.jsonl) and durable state (state/): restarting with the same run_dir resumes the job.
     run_dir: Path = Path("runs/server")
     # Written once listening: {"host", "port", "pid", "metrics_port"}; lets scripts bind to port 0.

@@ -31,6 +31,9 @@ class ServerMetrics:
     bytes_in: int = 0
     bytes_out: int = 0
     aggregate_seconds: float = 0.0
+    uploads_in_flight: int = 0
+    uploads_in_flight_max: int = 0
+    uploads_waiting: int = 0
     rejected: dict[str, int] = field(default_factory=dict)  # error code name -> count
 
     def reject(self, code: ErrorCode) -> None:
@@ -54,6 +57,8 @@ def render_prometheus(m: ServerMetrics, *, connected: int, known: int, phase: st
     metric("bytes_received_total", "counter", "Application bytes received (frames).", [("", m.bytes_in)])
     metric("bytes_sent_total", "counter", "Application bytes sent in aggregates and resets.", [("", m.bytes_out)])
     metric("aggregation_seconds_total", "counter", "Time spent aggregating.", [("", m.aggregate_seconds)])
+    metric("uploads_in_flight", "gauge", "Upload slots granted and not yet released.", [("", m.uploads_in_flight)])
+    metric("uploads_waiting", "gauge", "Clients waiting for an upload slot.", [("", m.uploads_waiting)])
     metric(
         "rejected_messages_total",
         "counter",

@@ -36,6 +36,8 @@ from fedquic.common.messages import (
     RoundStart,
     TrainSpec,
     Update,
+    UploadGrant,
+    UploadRequest,
     Welcome,
 )
 from fedquic.transport.framing import frame_size
@@ -75,6 +77,9 @@ class FakeConn:
             raise TransportError("connection closed: fake drop")
         if isinstance(header, Heartbeat):
             self.heartbeats += 1
+        if isinstance(header, UploadRequest):  # this fake server grants every upload slot at once
+            self.down.put_nowait(Message(UploadGrant(round=header.round, expires_s=60)))
+            return frame_size(header, 0)
         self.up.put_nowait(Message(header, bytes(body)))
         return frame_size(header, len(body))
 
