@@ -535,7 +535,8 @@ class FederatedClient:
         )
         record = RoundRecord(rs.round, metrics, fp32_up=fp32_nbytes(manifest))
         try:
-            peer.send(Metrics(round=rs.round, values=metrics))
+            # Metrics have their own stream: telemetry never queues in front of control messages.
+            await peer.send_bulk(Metrics(round=rs.round, values=metrics), b"")
             # Admission: the server grants upload slots, so it never takes more uploads at once than it can hold.
             peer.send(UploadRequest(round=rs.round, nbytes=len(body)))
             msg = await self._wait_for(
@@ -547,9 +548,9 @@ class FederatedClient:
                 record.bytes_up = await peer.send_bulk(header, body)
                 msg = await self._wait_for(
                     peer,
-                    lambda m: isinstance(m.header, Ack)
-                    and m.header.ref is MsgType.UPDATE
-                    and m.header.round == rs.round,
+                    lambda m: (
+                        isinstance(m.header, Ack) and m.header.ref is MsgType.UPDATE and m.header.round == rs.round
+                    ),
                     stop=Bye,  # the job ended without acknowledging: the main loop handles the BYE
                 )
         except BaseException:

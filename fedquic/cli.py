@@ -25,8 +25,8 @@ def _hostport(text: str) -> tuple[str, int]:
 
 
 def _run_loop(coro: object, loop_kind: str) -> object:
-    # uvloop is opt-in: measured here, uvloop + aioquic across processes fell to 1.5-3.5 MB/s because
-    # uvloop's millisecond timer granularity starves aioquic's pacer.
+    # uvloop is opt-in: it measured no faster than asyncio here, and an intermittent collapse with aioquic
+    # (1.5-6 MB/s) was seen; transport/aio.py corrects uvloop's 1 ms clock for aioquic's pacer (docs/benchmarks.md).
     if loop_kind == "uvloop":
         import uvloop
 

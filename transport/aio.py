@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 import ssl
 import time
@@ -54,6 +55,39 @@ def _tune_socket(sock: socket.socket | None, size: int) -> tuple[int, int]:
     )
 
 
+class _PreciseClockLoop:
+    """The event loop as aioquic sees it under uvloop: a precise clock, and timers that never fire early.
+
+    uvloop's ``loop.time()`` is libuv's cached clock, advancing in 1 ms steps, and its ``call_at`` rounds a delay
+    to the nearest millisecond. aioquic's pacer arms timers microseconds ahead; under uvloop they fire at once,
+    ``transmit()`` sees the same stale time, sends nothing and re-arms: about one empty wake-up per datagram
+    (measured: ~97% of pacing-timer fires early under uvloop, none under asyncio). This proxy gives aioquic
+    ``time.monotonic()`` (uvloop's clock shares its base and lags it by 0-1 ms) and rounds timer delays up, as
+    asyncio's epoll wait does. Everything else is the real loop.
+    """
+
+    __slots__ = ("_loop",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def time(self) -> float:
+        return time.monotonic()
+
+    def call_at(self, when: float, callback: Any, *args: Any, context: Any = None) -> asyncio.TimerHandle:
+        # Whole milliseconds from uvloop's own (lagging) clock: libuv fires once that clock reaches the deadline,
+        # and that clock never runs ahead of time.monotonic(), so the callback never runs before ``when``.
+        delay = math.ceil(max(when - self._loop.time(), 0.0) * 1000) / 1000
+        return self._loop.call_later(delay, callback, *args, context=context)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loop, name)
+
+
+def _on_uvloop(loop: asyncio.AbstractEventLoop) -> bool:
+    return type(loop).__module__.startswith("uvloop")
+
+
 class Peer(QuicConnectionProtocol):
     """One fedquic connection: receive messages in order, send control or bulk messages."""
 
@@ -68,6 +102,8 @@ class Peer(QuicConnectionProtocol):
         tickets: TicketStore | None = None,
     ) -> None:
         super().__init__(quic, stream_handler)
+        if _on_uvloop(self._loop):
+            self._loop = _PreciseClockLoop(self._loop)  # type: ignore[assignment]
         self.settings = settings
         self.core = FedQuicConnection(quic, limits=settings.limits, verifier=verifier, tickets=tickets)
         self.identity: ClientIdentity | None = None
