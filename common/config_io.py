@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -56,6 +56,7 @@ def load_config(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     defaults: Mapping[str, Any] | None = None,
+    finalize: Callable[[dict[str, Any]], None] | None = None,
 ) -> M:
     """Build ``model`` from defaults < TOML file < environment < overrides (dotted keys, e.g. ``policy.rounds``)."""
     tree: dict[str, Any] = {}
@@ -84,6 +85,8 @@ def load_config(
         dotted = tuple(key.split("."))
         _set(tree, dotted, value)
         source[dotted] = "--" + dotted[-1].replace("_", "-")
+    if finalize is not None:  # defaults derived from other values (e.g. file paths from an id)
+        finalize(tree)
     try:
         return model.model_validate(tree)
     except ValidationError as exc:
@@ -91,7 +94,11 @@ def load_config(
         loc = tuple(str(p) for p in err.get("loc", ()))
         where = next((source[loc[:i]] for i in range(len(loc), -1, -1) if loc[:i] in source), "defaults")
         msg = err.get("msg", "invalid")
-        raise ConfigError(f"{'.'.join(loc) or 'config'}: {msg} (from {where})") from None
+        if err.get("type") == "missing":
+            where = "not set in the config file, the environment or the flags"
+        else:
+            where = f"from {where}"
+        raise ConfigError(f"{'.'.join(loc) or 'config'}: {msg} ({where})") from None
 
 
 def to_toml(data: Mapping[str, Any]) -> str:

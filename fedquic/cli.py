@@ -149,6 +149,101 @@ def _add_server_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--upload-slots", type=int, help="clients allowed to upload at once (default 8)")
 
 
+# Client flags: (flag dest, dotted config key); None-valued flags are not given and do not override.
+CLIENT_FLAGS: tuple[tuple[str, str], ...] = (
+    ("client_id", "client.client_id"),
+    ("server_name", "client.server_name"),
+    ("ca", "client.tls.ca"),
+    ("cert", "client.tls.cert"),
+    ("key", "client.tls.key"),
+    ("run_dir", "client.run_dir"),
+    ("max_datagram_size", "client.transport.max_datagram_size"),
+    ("model", "learner.model_path"),
+    ("task", "learner.task"),
+    ("data", "learner.data_path"),
+    ("num_examples", "learner.num_examples"),
+    ("data_seed", "learner.data_seed"),
+    ("profile", "learner.profile"),
+    ("quantization", "learner.quantization"),
+    ("compute_dtype", "learner.compute_dtype"),
+    ("gradient_checkpointing", "learner.gradient_checkpointing"),
+    ("device", "learner.device"),
+    ("micro_batch_size", "learner.micro_batch_size"),
+    ("eval_samples", "learner.eval_samples"),
+    ("max_len", "learner.max_len"),
+    ("threads", "learner.threads"),
+)
+
+
+def _add_client_args(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--config", type=Path, help="client settings file (TOML; see `fedquic config show client`)")
+    c.add_argument("--server", type=_hostport, metavar="HOST:PORT", help="server address (default 127.0.0.1:4433)")
+    c.add_argument("--server-name", help="name in the server certificate (default: the host)")
+    c.add_argument("--ca", type=Path, help="CA that signed the server certificate (default certs/dev/ca.pem)")
+    c.add_argument(
+        "--cert", type=Path, help="client certificate for mutual TLS (default: CA_DIR/clients/CLIENT_ID.pem)"
+    )
+    c.add_argument("--key", type=Path, help="its private key (default: CA_DIR/clients/CLIENT_ID.key)")
+    c.add_argument("--client-id", help="this client's id (letters, digits, _ . -); required here or in the config")
+    c.add_argument(
+        "--model", type=Path, help="local model directory (no hub downloads); required here or in the config"
+    )
+    data = c.add_mutually_exclusive_group()
+    data.add_argument("--task", help="synthetic task for demos: copy, reverse, sort, mc-<task>, label, ...")
+    data.add_argument("--data", type=Path, help="JSONL of {prompt, response}, {text}, {prompt, options, answer}, ...")
+    c.add_argument("--num-examples", type=int, help="synthetic examples to generate (default 256)")
+    c.add_argument("--data-seed", type=int)
+    c.add_argument(
+        "--profile",
+        help="device profile: default, edge (small micro-batches, checkpointing) or gpu (bf16, cuda); "
+        "the flags below override its fields",
+    )
+    c.add_argument("--quantization", choices=("nf4", "int8", "none"), help="base model quantization")
+    c.add_argument("--compute-dtype", choices=("float32", "bfloat16"))
+    c.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="recompute activations in the backward pass (default: the profile's choice)",
+    )
+    c.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: the profile's)")
+    c.add_argument("--micro-batch-size", type=int, help="split each batch (gradient accumulation)")
+    c.add_argument("--eval-samples", type=int, help="held-out examples evaluated each round (default 32; 0: off)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar (also off when not on a terminal)")
+    c.add_argument("--no-checkpoint", action="store_true", help="do not checkpoint client state after each round")
+    c.add_argument("--max-len", type=int, help="max tokens per example (default 48)")
+    c.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    c.add_argument("--run-dir", type=Path, help="client state and round log (default runs/CLIENT_ID)")
+
+
+def _client_settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    import os
+
+    from .common.config_io import load_config
+    from .settings import ClientProcessConfig, derive_client_defaults
+
+    overrides: dict[str, object] = {
+        key: getattr(args, dest) for dest, key in CLIENT_FLAGS if getattr(args, dest, None) is not None
+    }
+    if args.server is not None:
+        overrides["client.host"], overrides["client.port"] = args.server
+    if args.task is not None:
+        overrides["learner.data_path"] = None  # a flag picks the data source over a config file's
+    if args.data is not None:
+        overrides["learner.task"] = None
+    if args.no_progress:
+        overrides["learner.progress"] = False
+    if args.no_checkpoint:
+        overrides["client.checkpoint"] = False
+    return load_config(
+        ClientProcessConfig,
+        path=args.config,
+        env=os.environ,
+        overrides=overrides,
+        finalize=derive_client_defaults,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedquic", description="Federated LoRA fine-tuning of 4-bit transformers over QUIC."
@@ -180,64 +275,28 @@ def build_parser() -> argparse.ArgumentParser:
     cf_sub = cf.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     cfs = cf_sub.add_parser(
         "show",
-        help="print the effective server configuration as TOML (file + environment + flags)",
-        description="Print the server configuration the same arguments would run with, as TOML: save it as a "
-        "starting --config file.",
+        help="print the effective configuration of `server` or `client` as TOML (file + environment + flags)",
+        description="Print the configuration the same arguments would run with, as TOML: save it as a "
+        "starting --config file. `fedquic config show server [server flags]`, `... client [client flags]`.",
     )
-    _add_server_args(cfs)
-    cfs.add_argument("--max-datagram-size", type=int, default=None)
-    cfs.set_defaults(func=cmd_config_show)
+    role = cfs.add_subparsers(dest="role", required=True, metavar="ROLE")
+    css = role.add_parser("server", help="the server's settings")
+    _add_server_args(css)
+    css.add_argument("--max-datagram-size", type=int, default=None)
+    css.set_defaults(func=cmd_config_show, settings=_server_settings)
+    csc = role.add_parser("client", help="a client's settings")
+    _add_client_args(csc)
+    csc.add_argument("--max-datagram-size", type=int, default=None)
+    csc.set_defaults(func=cmd_config_show, settings=_client_settings)
 
     c = sub.add_parser(
         "client",
         help="run one training client",
-        description="Run one client: load a local model in 4-bit, join the job, train each round.",
+        description="Run one client: load a local model in 4-bit, join the job, train each round. Settings come "
+        "from --config (TOML: [client] and [learner]), then FEDQUIC_CLIENT__* / FEDQUIC_LEARNER__* environment "
+        "variables, then these flags.",
     )
-    c.add_argument(
-        "--server",
-        type=_hostport,
-        default=("127.0.0.1", 4433),
-        metavar="HOST:PORT",
-        help="server address (default 127.0.0.1:4433)",
-    )
-    c.add_argument("--server-name", default=None, help="name in the server certificate (default: the host)")
-    c.add_argument("--ca", type=Path, default=Path("certs/dev/ca.pem"), help="CA that signed the server certificate")
-    c.add_argument(
-        "--cert",
-        type=Path,
-        default=None,
-        help="client certificate for mutual TLS (default: CA_DIR/clients/CLIENT_ID.pem)",
-    )
-    c.add_argument("--key", type=Path, default=None, help="its private key (default: CA_DIR/clients/CLIENT_ID.key)")
-    c.add_argument("--client-id", required=True, help="this client's id (letters, digits, _ . -)")
-    c.add_argument("--model", type=Path, required=True, help="local model directory (no hub downloads)")
-    data = c.add_mutually_exclusive_group(required=True)
-    data.add_argument("--task", help="synthetic task for demos: copy, reverse, sort, ...")
-    data.add_argument("--data", type=Path, help="JSONL file of {prompt, response} or {text} records")
-    c.add_argument("--num-examples", type=int, default=256, help="synthetic examples to generate (default 256)")
-    c.add_argument("--data-seed", type=int, default=0)
-    c.add_argument(
-        "--profile",
-        default="default",
-        help="device profile: default, edge (small micro-batches, checkpointing) or gpu (bf16, cuda); "
-        "the flags below override its fields",
-    )
-    c.add_argument("--quantization", choices=("nf4", "int8", "none"), default=None, help="base model quantization")
-    c.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=None)
-    c.add_argument(
-        "--gradient-checkpointing",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="recompute activations in the backward pass (default: the profile's choice)",
-    )
-    c.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: the profile's)")
-    c.add_argument("--micro-batch-size", type=int, default=None, help="split each batch (gradient accumulation)")
-    c.add_argument("--eval-samples", type=int, default=32, help="held-out examples evaluated each round (0: off)")
-    c.add_argument("--no-progress", action="store_true", help="no progress bar (also off when not on a terminal)")
-    c.add_argument("--no-checkpoint", action="store_true", help="do not checkpoint client state after each round")
-    c.add_argument("--max-len", type=int, default=48, help="max tokens per example (default 48)")
-    c.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    c.add_argument("--run-dir", type=Path, default=None, help="client state and round log (default runs/CLIENT_ID)")
+    _add_client_args(c)
     _add_common(c)
     c.set_defaults(func=cmd_client)
 
@@ -358,9 +417,9 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     from .common.errors import ConfigError
 
     try:
-        cfg = _server_settings(args)
+        cfg = args.settings(args)
     except ConfigError as exc:
-        raise SystemExit(f"fedquic config show: invalid configuration: {exc.args[0]}") from None
+        raise SystemExit(f"fedquic config show {args.role}: invalid configuration: {exc.args[0]}") from None
     print(to_toml(cfg.model_dump(mode="json")), end="")
     return 0
 
@@ -402,52 +461,24 @@ def _explain(exc: ValueError) -> str:
 
 def cmd_client(args: argparse.Namespace) -> int:
     _setup(args)
-    from .client.app import ClientConfig, run_client
-    from .client.peft_learner import PeftLearner, PeftLearnerConfig
-    from .common.errors import FedQuicError
-    from .transport.settings import TlsFiles
+    from .client.app import run_client
+    from .client.peft_learner import PeftLearner
+    from .common.errors import ConfigError, FedQuicError
 
-    host, port = args.server
-    run_dir = args.run_dir or Path("runs") / args.client_id
-    cert = args.cert or args.ca.parent / "clients" / f"{args.client_id}.pem"
-    key = args.key or args.ca.parent / "clients" / f"{args.client_id}.key"
-    for f, flag in ((args.ca, "--ca"), (cert, "--cert"), (key, "--key")):
-        if not f.is_file():
+    try:
+        cfg = _client_settings(args)
+    except ConfigError as exc:
+        raise SystemExit(f"fedquic client: invalid configuration: {exc.args[0]}") from None
+    tls = cfg.client.tls
+    for f, flag in ((tls.ca, "--ca"), (tls.cert, "--cert"), (tls.key, "--key")):
+        if f is None or not f.is_file():
             raise SystemExit(
                 f"fedquic client: {f} not found ({flag}); issue a client certificate with "
-                f"`fedquic certs issue {args.client_id} --dir {args.ca.parent}`"
+                f"`fedquic certs issue {cfg.client.client_id} --dir {tls.ca.parent}`"
             )
     try:
-        learner = PeftLearner(
-            PeftLearnerConfig(
-                model_path=args.model,
-                task=args.task,
-                data_path=args.data,
-                num_examples=args.num_examples,
-                data_seed=args.data_seed,
-                profile=args.profile,
-                quantization=args.quantization,
-                compute_dtype=args.compute_dtype,
-                gradient_checkpointing=args.gradient_checkpointing,
-                device=args.device,
-                micro_batch_size=args.micro_batch_size,
-                eval_samples=args.eval_samples,
-                progress=not args.no_progress,
-                max_len=args.max_len,
-                threads=args.threads,
-            )
-        )
-        cfg = ClientConfig(
-            client_id=args.client_id,
-            host=host,
-            port=port,
-            server_name=args.server_name,
-            tls=TlsFiles(ca=args.ca, cert=cert, key=key),
-            transport=_transport(args),
-            run_dir=run_dir,
-            checkpoint=not args.no_checkpoint,
-        )
-        result = _run_loop(run_client(cfg, learner), args.loop)
+        learner = PeftLearner(cfg.learner)
+        result = _run_loop(run_client(cfg.client, learner), args.loop)
     except FedQuicError as exc:
         log.error("%s", exc)
         return 2

@@ -55,3 +55,33 @@ def test_shown_config_reads_back_identically(tmp_path: Path) -> None:
     again = load_config(ServerConfig, path=f)
     assert again == cfg
     assert again.job.uplink.encoding is Encoding.TOPK and again.job.lora.target_modules == ("q_proj", "v_proj")
+
+
+def test_client_settings_derive_certificate_paths_and_round_trip(tmp_path: Path) -> None:
+    from fedquic.settings import ClientProcessConfig, derive_client_defaults
+
+    f = tmp_path / "client.toml"
+    f.write_text(
+        '[client]\nclient_id = "edge-7"\n[client.tls]\nca = "pki/ca.pem"\n[learner]\nmodel_path = "m"\ntask = "copy"\n'
+    )
+    cfg = load_config(
+        ClientProcessConfig, path=f, env={"FEDQUIC_LEARNER__PROFILE": "edge"}, finalize=derive_client_defaults
+    )
+    assert cfg.client.tls.cert == Path("pki/clients/edge-7.pem") and cfg.client.tls.key == Path(
+        "pki/clients/edge-7.key"
+    )
+    assert cfg.client.run_dir == Path("runs/edge-7")
+    assert cfg.learner.profile == "edge"
+    shown = tmp_path / "shown.toml"
+    shown.write_text(to_toml(cfg.model_dump(mode="json")))
+    assert load_config(ClientProcessConfig, path=shown, finalize=derive_client_defaults) == cfg
+    with pytest.raises(ConfigError, match=r"client\.client_id: Field required \(not set"):
+        load_config(
+            ClientProcessConfig,
+            overrides={"learner.model_path": "m", "learner.task": "copy"},
+            finalize=derive_client_defaults,
+        )
+    with pytest.raises(ConfigError, match="exactly one of task"):
+        load_config(
+            ClientProcessConfig, path=f, overrides={"learner.data_path": "d.jsonl"}, finalize=derive_client_defaults
+        )
