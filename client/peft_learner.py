@@ -128,6 +128,7 @@ class PeftLearner:
     def attach(self, job: Welcome) -> AdapterSchema:
         from .fedalt import FedALTModel, LoraSpec
 
+        self._rounds = job.rounds  # for the progress display ("round 3/10")
         key = (job.lora, job.init_seed, job.mixer, job.federation)
         if self.fam is not None:  # a reconnect to the same job (e.g. after a failed first attempt)
             if key != self._job_key:
@@ -210,7 +211,8 @@ class PeftLearner:
             warmup_steps=spec.warmup_steps,
         )
         every = max(1, steps // 4)
-        with TrainProgress(f"round {round_}", steps, enabled=self.cfg.progress) as bar:
+        label = f"round {round_}/{self._rounds}" if getattr(self, "_rounds", None) else f"round {round_}"
+        with TrainProgress(label, steps, enabled=self.cfg.progress) as bar:
 
             def progress(step: int, total: int, loss: float) -> None:
                 bar.update(step, total, loss)

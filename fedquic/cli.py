@@ -37,6 +37,7 @@ def _run_loop(coro: object, loop_kind: str) -> object:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     p.add_argument("--log-file", type=Path, help="write logs to this file instead of stderr")
+    p.add_argument("--quiet", action="store_true", help="warnings and errors only, no progress bars")
     p.add_argument(
         "--loop",
         choices=("asyncio", "uvloop"),
@@ -231,7 +232,7 @@ def _client_settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         overrides["learner.data_path"] = None  # a flag picks the data source over a config file's
     if args.data is not None:
         overrides["learner.task"] = None
-    if args.no_progress:
+    if args.no_progress or getattr(args, "quiet", False):
         overrides["learner.progress"] = False
     if args.no_checkpoint:
         overrides["client.checkpoint"] = False
@@ -349,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup(args: argparse.Namespace) -> None:
     from .common.logs import setup_logging
 
-    setup_logging(args.log_level, filename=str(args.log_file) if getattr(args, "log_file", None) else None)
+    level = "WARNING" if getattr(args, "quiet", False) else args.log_level
+    setup_logging(level, filename=str(args.log_file) if getattr(args, "log_file", None) else None)
 
 
 def _transport(args: argparse.Namespace):  # type: ignore[no-untyped-def]
