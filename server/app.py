@@ -223,12 +223,22 @@ class AggregationServer:
 
         return self.machine.round if self.machine.phase is Phase.FINISHED else max(self.machine.round - 1, 0)
 
-    async def close(self) -> None:
-        code = 0x100 + int(ErrorCode.SHUTTING_DOWN)
+    async def close(self, bye_grace_s: float = 10.0) -> None:
+        ended = self._is_done() and not self._stopping  # the job ended: every client was sent a BYE
+        if ended:
+            # A QUIC close discards unsent stream data: let the BYEs reach the clients first (on a lossy path they
+            # may need retransmissions), or a client would take the close for a crash and try to reconnect.
+            deadline = time.monotonic() + bye_grace_s
+            while time.monotonic() < deadline and any(
+                rec.peer is not None and rec.peer.core.unacked_bytes(rec.peer.core.control_stream_id) > 0
+                for rec in self.clients.values()
+            ):
+                await asyncio.sleep(0.05)
+        code, reason = (0, "job ended") if ended else (0x100 + int(ErrorCode.SHUTTING_DOWN), "server shutting down")
         for rec in list(self.clients.values()):
             if rec.peer is not None:
                 with contextlib.suppress(Exception):
-                    await rec.peer.aclose(code, "server shutting down")
+                    await rec.peer.aclose(code, reason)
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
