@@ -225,6 +225,12 @@ class FederatedClient:
             try:
                 return await self._run_once()
             except (TransportError, RemoteError) as exc:
+                if exc.code is ErrorCode.JOB_ENDED:  # the server closed at the end of the job: we are done too
+                    log.info("the server ended the job: %s", exc)
+                    result = self.result or ClientResult(job_id=self.job.job_id if self.job else "")
+                    result.bye_reason = result.bye_reason or str(exc)
+                    self._save(result)
+                    return result
                 if not is_retryable(exc):
                     raise
                 if self.joins > joins:  # this connection got as far as joining: count afresh

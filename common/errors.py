@@ -33,6 +33,8 @@ class ErrorCode(IntEnum):
     CERTIFICATE = 18
     # The round closed before the update came; the client keeps the change for its next update.
     LATE_UPDATE = 19
+    # The job is over: the server closes its connections with this code when it ends (a BYE may have been lost).
+    JOB_ENDED = 20
 
 
 class FedQuicError(Exception):

@@ -42,6 +42,7 @@ class SyntheticLearner:
     samples: int = 100
     step_scale: float = 1e-2
     train_seconds: float = 0.0  # simulated training time
+    slow_rounds: dict[int, float] = field(default_factory=dict)  # round -> simulated training time instead
     fingerprint: str = "5e7717e71c"
     # Tests may hold a round's training until they release it (e.g. to kill the server meanwhile).
     gates: dict[int, threading.Event] = field(default_factory=dict)
@@ -76,11 +77,73 @@ class SyntheticLearner:
         gate = self.gates.get(round_)
         if gate is not None:
             gate.wait()
-        if self.train_seconds:
-            time.sleep(self.train_seconds)
+        pause = self.slow_rounds.get(round_, self.train_seconds)
+        if pause:
+            time.sleep(pause)
         rng = np.random.default_rng([self.seed, round_])
         for k in sorted(self._local):
             self._local[k] = self._local[k] + self.step_scale * rng.standard_normal(self._local[k].shape, np.float32)
         self.trained_rounds.append(round_)
         loss = 1.0 / (1 + len(self.trained_rounds))
         return {"loss_before": loss * 1.1, "loss_after": loss}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A light client process (synthetic learner, no torch): for load, soak and crash tests and benchmarks.
+
+    python -m fedquic.synthetic --client-id c1 --server 127.0.0.1:4433 --certs certs/dev --run-dir runs/c1
+    """
+    import argparse
+    import asyncio
+    from pathlib import Path
+
+    from .client.app import ClientConfig, FederatedClient
+    from .common.logs import setup_logging
+    from .transport.settings import TlsFiles
+
+    ap = argparse.ArgumentParser(prog="python -m fedquic.synthetic", description=main.__doc__)
+    ap.add_argument("--client-id", required=True)
+    ap.add_argument("--server", default="127.0.0.1:4433", help="HOST:PORT")
+    ap.add_argument("--certs", type=Path, default=Path("certs/dev"), help="dir with ca.pem and clients/ID.{pem,key}")
+    ap.add_argument("--run-dir", type=Path, required=True)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-seconds", type=float, default=0.0)
+    ap.add_argument("--slow-round", action="append", default=[], metavar="R:SECONDS", help="train longer in round R")
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+    setup_logging(args.log_level)
+    host, _, port = args.server.rpartition(":")
+    cid = args.client_id
+    cfg = ClientConfig(
+        client_id=cid,
+        host=host,
+        port=int(port),
+        server_name="localhost",
+        tls=TlsFiles(
+            ca=args.certs / "ca.pem",
+            cert=args.certs / "clients" / f"{cid}.pem",
+            key=args.certs / "clients" / f"{cid}.key",
+        ),
+        run_dir=args.run_dir,
+        connect_attempts=20,
+        backoff_initial_s=0.2,
+        backoff_max_s=2.0,
+    )
+    slow = {int(r): float(t) for r, t in (x.split(":") for x in args.slow_round)}
+    learner = SyntheticLearner(
+        lora_schema(args.layers, args.dim, args.rank),
+        seed=args.seed,
+        train_seconds=args.train_seconds,
+        slow_rounds=slow,
+    )
+    client = FederatedClient(cfg, learner)
+    result = asyncio.run(client.run())
+    print(f"resumed_from_checkpoint={client.resumed_from_checkpoint} rounds={[r.round for r in result.rounds]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -234,7 +234,11 @@ class AggregationServer:
                 for rec in self.clients.values()
             ):
                 await asyncio.sleep(0.05)
-        code, reason = (0, "job ended") if ended else (0x100 + int(ErrorCode.SHUTTING_DOWN), "server shutting down")
+        code, reason = (
+            (0x100 + int(ErrorCode.JOB_ENDED), "job ended")
+            if ended
+            else (0x100 + int(ErrorCode.SHUTTING_DOWN), "server shutting down")
+        )
         for rec in list(self.clients.values()):
             if rec.peer is not None:
                 with contextlib.suppress(Exception):
@@ -242,7 +246,7 @@ class AggregationServer:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._transport.close()
+        await self._transport.close(code, reason)  # also reaches clients still registering
         await self._endpoint.close()
 
     def status(self) -> dict[str, object]:
@@ -315,6 +319,8 @@ class AggregationServer:
                 self.metrics.reject(exc.code)
                 peer.send_error(exc)
                 await peer.aclose(0x100 + int(exc.code), str(exc)[:200])
+            elif peer.refused_with is not None:  # a transport-level violation (frame limits, stream flood, ...)
+                self.metrics.reject(peer.refused_with)
             elif rec is not None and not self._is_done():
                 log.info("client disconnected: %s", exc)
         finally:
@@ -443,6 +449,8 @@ class AggregationServer:
         peer.send(Ack(ref=MsgType.JOIN, round=self.machine.round, state_hash=rec.view_hash))
         await self._reset_if_needed(rec, join, init_hash)
         log.info("client %s joined (%d samples)%s", cid, hello.num_samples, " (resumed)" if join.resume else "")
+        if self._is_done() and not self._stopping:  # it registered while the job ended: it missed the BYE
+            peer.send(Bye(reason="job already ended"))
         self._apply(self.machine.on_join(cid, self.clock()))
         return rec
 

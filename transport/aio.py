@@ -116,6 +116,7 @@ class Peer(QuicConnectionProtocol):
         self.close_code = 0
         self.session_resumed = False
         self.early_data_accepted = False
+        self.refused_with: ErrorCode | None = None  # set when we closed the connection over a protocol violation
         self._keepalive: asyncio.Task[None] | None = None
         self.socket_buffers: tuple[int, int] = (0, 0)
 
@@ -241,6 +242,9 @@ class Peer(QuicConnectionProtocol):
         # QUIC application error codes carry our numbered error code (0x100 + code).
         self._quic.close(error_code=0x100 + int(exc.code), reason_phrase=str(exc)[:200])
         self.transmit()
+        self.close_code = 0x100 + int(exc.code)
+        self.refused_with = exc.code
+        self._mark_closed(f"refused: {exc}")  # the application stops now, not after QUIC's draining period
 
     def _mark_closed(self, reason: str) -> None:
         if not self.closed.is_set():
@@ -308,6 +312,7 @@ class FedQuicServer:
         self._on_connect = on_connect
         self._server: QuicServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._peers: set[Peer] = set()
         # Session tickets, single-use, bound to the verified client identity (resumption and 0-RTT).
         self.tickets = TicketStore()
 
@@ -333,9 +338,11 @@ class FedQuicServer:
         return int(bound)
 
     def _spawn(self, peer: Peer) -> None:
+        self._peers.add(peer)
         task = asyncio.ensure_future(self._run(peer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _t: self._peers.discard(peer))
 
     async def _run(self, peer: Peer) -> None:
         try:
@@ -346,7 +353,10 @@ class FedQuicServer:
             log.exception("connection handler failed")
             await peer.aclose(0x100 + int(ErrorCode.INTERNAL), "internal error")
 
-    async def close(self) -> None:
+    async def close(self, code: int = 0, reason: str = "") -> None:
+        """Close every connection with application ``code`` (0x100 + an ErrorCode), then stop listening."""
+        live = [p for p in self._peers if not p.closed.is_set()]
+        await asyncio.gather(*(p.aclose(code, reason) for p in live), return_exceptions=True)
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,90 @@
+"""kill -9 a client process while it trains: the round closes without it on quorum at its deadline; the restarted
+client rejoins from its checkpoint (it replaces its dead connection), and the job and both processes end cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fedquic.common.codec import EncodingSpec
+from fedquic.common.messages import TrainSpec
+from fedquic.server.app import AggregationServer
+from fedquic.server.config import JobConfig, MetricsSettings, ServerConfig
+from fedquic.server.rounds import RoundPolicy
+from fedquic.transport.pki import issue_client_cert
+from fedquic.transport.settings import TlsFiles
+
+pytestmark = pytest.mark.reliability
+
+
+def client_proc(pki_root: Path, port: int, cid: str, run_dir: Path, log: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "fedquic.synthetic", "--client-id", cid, "--server", f"127.0.0.1:{port}"]
+    cmd += ["--certs", str(pki_root), "--run-dir", str(run_dir), *extra]
+    return subprocess.Popen(
+        cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+
+
+def accepted(server: AggregationServer, cid: str) -> set[int]:
+    rec = server.records.get(cid)
+    return set(rec.disk.updates) if rec else set()
+
+
+async def test_kill9_client_while_training(dev_pki, tmp_path: Path) -> None:
+    for cid in ("steady", "crashy"):
+        issue_client_cert(dev_pki, cid)
+    server = AggregationServer(
+        ServerConfig(
+            host="127.0.0.1",
+            port=0,
+            tls=TlsFiles(ca=dev_pki.ca_cert, cert=dev_pki.server_cert, key=dev_pki.server_key),
+            policy=RoundPolicy(rounds=3, min_clients=2, quorum=0.5, round_timeout_s=6, registration_timeout_s=60),
+            job=JobConfig(train=TrainSpec(local_steps=1), uplink=EncodingSpec.parse("int8")),
+            metrics=MetricsSettings(enabled=False),
+            run_dir=tmp_path / "server",
+        )
+    )
+    port = await server.start()
+    log = tmp_path / "clients.log"
+    steady = client_proc(dev_pki.root, port, "steady", tmp_path / "steady", log, "--seed", "1")
+    # crashy trains round 1 quickly, then takes 30 s over round 2: it is killed in the middle of it
+    crashy = client_proc(dev_pki.root, port, "crashy", tmp_path / "crashy", log, "--seed", "2", "--slow-round", "2:30")
+    job = asyncio.ensure_future(server.run())
+    try:
+        end = time.monotonic() + 60
+        while not (server.machine.round == 2 and "crashy" in server.machine.participants):
+            assert time.monotonic() < end and not job.done(), "round 2 did not start with both clients"
+            await asyncio.sleep(0.05)
+        assert accepted(server, "crashy") == {1}
+        await asyncio.sleep(0.5)
+        crashy.send_signal(signal.SIGKILL)  # in the middle of round 2's training
+        crashy.wait(10)
+        # round 2 closes without crashy at its deadline, on quorum (steady's update); the server has not even
+        # noticed the kill yet (a dead peer sends no close: QUIC's idle timeout would)
+        history_file = tmp_path / "server" / "history.jsonl"
+        while not (history_file.is_file() and len(history_file.read_text().splitlines()) >= 2):
+            assert time.monotonic() < end + 30 and not job.done(), "round 2 did not close without the killed client"
+            await asyncio.sleep(0.05)
+        restarted = client_proc(dev_pki.root, port, "crashy", tmp_path / "crashy", log, "--seed", "2")
+        result = await asyncio.wait_for(job, timeout=90)
+        assert restarted.wait(30) == 0 and steady.wait(30) == 0
+    finally:
+        for p in (steady, crashy):
+            if p.poll() is None:
+                p.kill()
+        if not job.done():
+            job.cancel()
+    assert result.ok and result.rounds_completed == 3
+    history = [json.loads(line) for line in (tmp_path / "server" / "history.jsonl").read_text().splitlines()]
+    assert history[1]["round"] == 2 and history[1]["contributors"] == ["steady"]
+    text = log.read_text()
+    assert "resumed_from_checkpoint=1" in text  # the restarted client came back from its round-1 checkpoint
+    got = accepted(server, "crashy")
+    assert 1 in got and 2 not in got  # round 2 was lost to the crash (its change stays in the client's state)
