@@ -17,7 +17,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..common.adapter import AdapterSchema, TensorDict, init_lora_state, state_hash, zeros_state
 from ..common.codec import EncodingSpec, Payload, decode_tensors, encode_payload, fp32_nbytes
@@ -55,7 +54,7 @@ from .aggregation import LeaveOneOut, clip_deviation, exact_mean, fedavg, leave_
 from .config import ServerConfig
 from .metrics import MetricsEndpoint, ServerMetrics, render_prometheus
 from .rounds import Action, CloseRound, Fail, Finish, ResumeRound, RoundMachine, StartRound
-from .store import ClientRecordOnDisk, JobRecord, Kind, ServerStore
+from .store import ClientRecordOnDisk, JobRecord, Kind, ServerStore, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +180,7 @@ class AggregationServer:
                 log.warning("metrics endpoint not started on %s:%d: %s", mcfg.host, mcfg.port, exc)
         if self.cfg.ready_file is not None:
             ready = {"host": self.cfg.host, "port": self.port, "pid": os.getpid(), "metrics_port": self.metrics_port}
-            _atomic_write(self.cfg.ready_file, json.dumps(ready))
+            atomic_write_bytes(self.cfg.ready_file, json.dumps(ready).encode())
         self._spawn(self._ticker())
         log.info(
             "job %s: listening on %s:%d for %d clients, %d rounds, federation=%s",
@@ -852,13 +851,6 @@ class AggregationServer:
             if rec.peer is not None:
                 with contextlib.suppress(TransportError):
                     rec.peer.send(Bye(reason=reason))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 async def serve_job(cfg: ServerConfig) -> JobResult:

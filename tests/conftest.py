@@ -20,3 +20,47 @@ def dev_pki(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
     from fedquic.transport.pki import init_dev_pki
 
     return init_dev_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def loopback_server(dev_pki, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Factory: an AggregationServer on 127.0.0.1, port 0, the dev PKI, no metrics endpoint, run dir in tmp_path."""
+    from fedquic.server.app import AggregationServer
+    from fedquic.server.config import MetricsSettings, ServerConfig
+    from fedquic.transport.settings import TlsFiles
+
+    def make(**cfg: object) -> AggregationServer:
+        return AggregationServer(
+            ServerConfig(
+                host="127.0.0.1",
+                port=0,
+                tls=TlsFiles(ca=dev_pki.ca_cert, cert=dev_pki.server_cert, key=dev_pki.server_key),
+                metrics=MetricsSettings(enabled=False),
+                run_dir=tmp_path / "server",
+                **cfg,  # type: ignore[arg-type]
+            )
+        )
+
+    return make
+
+
+@pytest.fixture
+def light_client(dev_pki, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Factory: a FederatedClient with its own client certificate, dialing 127.0.0.1:port, around ``learner``."""
+    from fedquic.client.app import ClientConfig, FederatedClient
+    from fedquic.transport.pki import issue_client_cert
+    from fedquic.transport.settings import TlsFiles
+
+    def make(cid: str, port: int, learner: object, **cfg: object) -> FederatedClient:
+        cert, key = issue_client_cert(dev_pki, cid)
+        config = ClientConfig(
+            client_id=cid,
+            port=port,
+            server_name="localhost",
+            tls=TlsFiles(ca=dev_pki.ca_cert, cert=cert, key=key),
+            run_dir=tmp_path / cid,
+            **cfg,  # type: ignore[arg-type]
+        )
+        return FederatedClient(config, learner)  # type: ignore[arg-type]
+
+    return make

@@ -11,7 +11,6 @@ import json
 import random
 import time
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,11 +180,9 @@ def test_fuzz_receive_path_100k(server_config: QuicConfiguration) -> None:
     assert sum(outcomes.values()) == 100_000
 
 
-async def test_live_server_keeps_serving_while_fuzzed(dev_pki, tmp_path: Path) -> None:
-    from fedquic.client.app import ClientConfig, FederatedClient
+async def test_live_server_keeps_serving_while_fuzzed(dev_pki, loopback_server, light_client) -> None:
     from fedquic.common.messages import TrainSpec
-    from fedquic.server.app import AggregationServer
-    from fedquic.server.config import JobConfig, MetricsSettings, ServerConfig
+    from fedquic.server.config import JobConfig
     from fedquic.server.rounds import RoundPolicy
     from fedquic.transport.aio import connect_peer
     from fedquic.transport.pki import issue_client_cert
@@ -193,31 +190,13 @@ async def test_live_server_keeps_serving_while_fuzzed(dev_pki, tmp_path: Path) -
 
     from fedquic.synthetic import SyntheticLearner
 
-    server = AggregationServer(
-        ServerConfig(
-            host="127.0.0.1",
-            port=0,
-            tls=TlsFiles(ca=dev_pki.ca_cert, cert=dev_pki.server_cert, key=dev_pki.server_key),
-            transport=TransportSettings(limits=LIMITS),
-            policy=RoundPolicy(rounds=2, min_clients=2, round_timeout_s=60),
-            job=JobConfig(train=TrainSpec(local_steps=1)),
-            metrics=MetricsSettings(enabled=False),
-            run_dir=tmp_path / "server",
-        )
+    server = loopback_server(
+        transport=TransportSettings(limits=LIMITS),
+        policy=RoundPolicy(rounds=2, min_clients=2, round_timeout_s=60),
+        job=JobConfig(train=TrainSpec(local_steps=1)),
     )
     port = await server.start()
-    good = []
-    for i in range(2):
-        cid = f"fz-good-{i}"
-        cert, key = issue_client_cert(dev_pki, cid)
-        cfg = ClientConfig(
-            client_id=cid,
-            port=port,
-            server_name="localhost",
-            tls=TlsFiles(ca=dev_pki.ca_cert, cert=cert, key=key),
-            run_dir=tmp_path / cid,
-        )
-        good.append(FederatedClient(cfg, SyntheticLearner(SCHEMA, seed=i, train_seconds=4.0)))
+    good = [light_client(f"fz-good-{i}", port, SyntheticLearner(SCHEMA, seed=i, train_seconds=4.0)) for i in range(2)]
     cert, key = issue_client_cert(dev_pki, "fz-bad")
     bad_tls = TlsFiles(ca=dev_pki.ca_cert, cert=cert, key=key)
     rng = random.Random(11)

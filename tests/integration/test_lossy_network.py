@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 
 import pytest
-from fedquic.client.app import ClientConfig, FederatedClient
 from fedquic.common.codec import EncodingSpec
 from fedquic.common.messages import TrainSpec
-from fedquic.server.app import AggregationServer
-from fedquic.server.config import JobConfig, MetricsSettings, ServerConfig
+from fedquic.server.config import JobConfig
 from fedquic.server.rounds import RoundPolicy
-from fedquic.transport.pki import issue_client_cert
-from fedquic.transport.settings import TlsFiles, TransportSettings
+from fedquic.transport.settings import TransportSettings
 
 from fedquic.chaos import ChaosRelay, Faults
 from fedquic.synthetic import SyntheticLearner, lora_schema
@@ -29,37 +25,26 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-async def test_a_job_through_a_lossy_relay_completes_bit_exact(dev_pki, tmp_path: Path, case: str) -> None:
+async def test_a_job_through_a_lossy_relay_completes_bit_exact(loopback_server, light_client, tmp_path, case) -> None:
     schema = lora_schema(layers=2, dim=256, rank=8)  # ~65 KB fp32 per update: many datagrams each way
-    server = AggregationServer(
-        ServerConfig(
-            host="127.0.0.1",
-            port=0,
-            tls=TlsFiles(ca=dev_pki.ca_cert, cert=dev_pki.server_cert, key=dev_pki.server_key),
-            policy=RoundPolicy(rounds=3, min_clients=2, round_timeout_s=120),
-            job=JobConfig(
-                train=TrainSpec(local_steps=1), uplink=EncodingSpec.parse("fp32"), downlink=EncodingSpec.parse("int8")
-            ),
-            metrics=MetricsSettings(enabled=False),
-            run_dir=tmp_path / "server",
-        )
+    server = loopback_server(
+        policy=RoundPolicy(rounds=3, min_clients=2, round_timeout_s=120),
+        job=JobConfig(
+            train=TrainSpec(local_steps=1), uplink=EncodingSpec.parse("fp32"), downlink=EncodingSpec.parse("int8")
+        ),
     )
     port = await server.start()
     relay = ChaosRelay(("127.0.0.1", port), CASES[case], seed=7)
     relay_port = await relay.start()
-    clients = []
-    for i in range(2):
-        cid = f"lossy-{case}-{i}"
-        cert, key = issue_client_cert(dev_pki, cid)
-        cfg = ClientConfig(
-            client_id=cid,
-            port=relay_port,
-            server_name="localhost",
-            tls=TlsFiles(ca=dev_pki.ca_cert, cert=cert, key=key),
+    clients = [
+        light_client(
+            f"lossy-{case}-{i}",
+            relay_port,
+            SyntheticLearner(schema, seed=i),
             transport=TransportSettings(connect_timeout_s=10),
-            run_dir=tmp_path / cid,
         )
-        clients.append(FederatedClient(cfg, SyntheticLearner(schema, seed=i)))
+        for i in range(2)
+    ]
     try:
         result, *_ = await asyncio.wait_for(asyncio.gather(server.run(), *(c.run() for c in clients)), timeout=240)
     finally:
