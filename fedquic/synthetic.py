@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     """A light client process (synthetic learner, no torch): for load, soak and crash tests and benchmarks.
 
     python -m fedquic.synthetic --client-id c1 --server 127.0.0.1:4433 --certs certs/dev --run-dir runs/c1
+
+    With ``--count N`` the process runs N clients concurrently on one event loop (ids ``ID-0`` .. ``ID-N-1``, run
+    directories under ``--run-dir``, seeds ``--seed + i``): how a load test reaches hundreds of clients without
+    hundreds of Python processes. Each client has its own QUIC connection, certificate and state.
     """
     import argparse
     import asyncio
@@ -99,10 +103,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from .client.app import ClientConfig, FederatedClient
     from .common.logs import setup_logging
-    from .transport.settings import TlsFiles
+    from .transport.settings import TlsFiles, TransportSettings
 
     ap = argparse.ArgumentParser(prog="python -m fedquic.synthetic", description=main.__doc__)
-    ap.add_argument("--client-id", required=True)
+    ap.add_argument("--client-id", required=True, help="client id (with --count: the prefix of the ids)")
+    ap.add_argument("--count", type=int, default=0, help="run this many clients in this process (ids ID-i)")
     ap.add_argument("--server", default="127.0.0.1:4433", help="HOST:PORT")
     ap.add_argument("--certs", type=Path, default=Path("certs/dev"), help="dir with ca.pem and clients/ID.{pem,key}")
     ap.add_argument("--run-dir", type=Path, required=True)
@@ -112,37 +117,61 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train-seconds", type=float, default=0.0)
     ap.add_argument("--slow-round", action="append", default=[], metavar="R:SECONDS", help="train longer in round R")
+    ap.add_argument("--connect-attempts", type=int, default=20)
+    ap.add_argument("--dgram", type=int, default=None, help="max QUIC datagram size (default: the transport's)")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
     setup_logging(args.log_level)
     host, _, port = args.server.rpartition(":")
-    cid = args.client_id
-    cfg = ClientConfig(
-        client_id=cid,
-        host=host,
-        port=int(port),
-        server_name="localhost",
-        tls=TlsFiles(
-            ca=args.certs / "ca.pem",
-            cert=args.certs / "clients" / f"{cid}.pem",
-            key=args.certs / "clients" / f"{cid}.key",
-        ),
-        run_dir=args.run_dir,
-        connect_attempts=20,
-        backoff_initial_s=0.2,
-        backoff_max_s=2.0,
-    )
     slow = {int(r): float(t) for r, t in (x.split(":") for x in args.slow_round)}
-    learner = SyntheticLearner(
-        lora_schema(args.layers, args.dim, args.rank),
-        seed=args.seed,
-        train_seconds=args.train_seconds,
-        slow_rounds=slow,
-    )
-    client = FederatedClient(cfg, learner)
-    result = asyncio.run(client.run())
-    print(f"resumed_from_checkpoint={client.resumed_from_checkpoint} rounds={[r.round for r in result.rounds]}")
-    return 0
+    transport = TransportSettings() if args.dgram is None else TransportSettings(max_datagram_size=args.dgram)
+    many = args.count > 0
+    ids = [f"{args.client_id}-{i}" for i in range(args.count)] if many else [args.client_id]
+
+    def make(i: int, cid: str) -> FederatedClient:
+        cfg = ClientConfig(
+            client_id=cid,
+            host=host,
+            port=int(port),
+            server_name="localhost",
+            tls=TlsFiles(
+                ca=args.certs / "ca.pem",
+                cert=args.certs / "clients" / f"{cid}.pem",
+                key=args.certs / "clients" / f"{cid}.key",
+            ),
+            transport=transport,
+            run_dir=args.run_dir / cid if many else args.run_dir,
+            connect_attempts=args.connect_attempts,
+            backoff_initial_s=0.2,
+            backoff_max_s=2.0,
+        )
+        learner = SyntheticLearner(
+            lora_schema(args.layers, args.dim, args.rank),
+            seed=args.seed + i,
+            train_seconds=args.train_seconds,
+            slow_rounds=slow,
+        )
+        return FederatedClient(cfg, learner)
+
+    clients = [make(i, cid) for i, cid in enumerate(ids)]
+
+    async def run_all() -> list[BaseException | None]:
+        outcomes = await asyncio.gather(*(c.run() for c in clients), return_exceptions=True)
+        return [o if isinstance(o, BaseException) else None for o in outcomes]
+
+    failures = 0
+    for c, err in zip(clients, asyncio.run(run_all()), strict=True):
+        if err is not None:
+            failures += 1
+            print(f"client={c.cfg.client_id} failed: {type(err).__name__}: {err}", flush=True)
+            continue
+        rounds = [r.round for r in c.result.rounds] if c.result else []
+        print(
+            f"client={c.cfg.client_id} resumed_from_checkpoint={c.resumed_from_checkpoint} rounds={rounds} "
+            f"view_hash={c.view_hash}",
+            flush=True,
+        )
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ from ..transport.aio import FedQuicServer, Peer
 from ..transport.framing import frame_size
 from .aggregation import LeaveOneOut, clip_deviation, exact_mean, fedavg, leave_one_out_exact
 from .config import ServerConfig
+from .memory import pin_mmap_threshold, trim
 from .metrics import MetricsEndpoint, ServerMetrics, render_prometheus
 from .rounds import Action, CloseRound, Fail, Finish, ResumeRound, RoundMachine, StartRound
 from .store import ClientRecordOnDisk, JobRecord, Kind, ServerStore, atomic_write_bytes
@@ -120,6 +121,7 @@ class AggregationServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._upload_slots = asyncio.Semaphore(cfg.upload_slots)
+        self._downlink_slots = asyncio.Semaphore(cfg.downlink_slots)
         self.port: int = 0
         self.history_path = cfg.run_dir / "history.jsonl"
 
@@ -168,6 +170,7 @@ class AggregationServer:
         )
 
     async def start(self) -> int:
+        pin_mmap_threshold()
         self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
         self._done = asyncio.get_running_loop().create_future()
         resume = self._restore()
@@ -265,6 +268,7 @@ class AggregationServer:
             "bytes_out": m.bytes_out,
             "aggregate_seconds": round(m.aggregate_seconds, 6),
             "rejected": dict(m.rejected),
+            "uploads_in_flight_max": m.uploads_in_flight_max,
         }
 
     def _metrics_text(self) -> str:
@@ -558,6 +562,8 @@ class AggregationServer:
                     return
                 m.uploads_in_flight += 1
                 m.uploads_in_flight_max = max(m.uploads_in_flight_max, m.uploads_in_flight)
+                # Wall-clock marks (with accepted_at) let a history reader measure the server's ingest rate.
+                rec.stats.setdefault(round_, {})["granted_at"] = time.time()
                 try:
                     with contextlib.suppress(TransportError):
                         rec.peer.send(UploadGrant(round=round_, expires_s=self.cfg.upload_slot_timeout_s))
@@ -625,6 +631,7 @@ class AggregationServer:
         st["fp32_up"] = float(fp32_nbytes(h.manifest))
         st["decode_s"] = t1 - t0
         st["persist_s"] = time.perf_counter() - t1  # apply + write + fsync before the ACK
+        st["accepted_at"] = time.time()
         self.metrics.updates_accepted += 1
         if rec.peer is not None:
             rec.peer.send(Ack(ref=MsgType.UPDATE, round=h.round, state_hash=vhash))
@@ -711,6 +718,7 @@ class AggregationServer:
         for rec in recs:
             if rec.peer is None and not rec.lock.locked():
                 rec.unload()
+        trim()  # this round's payloads and rows are gone: give their pages back
         self._write_history(act.round, contributors, agg_s, time.perf_counter() - t0)
         self.metrics.rounds_completed = act.round
         self._apply(self.machine.on_aggregated(act.round, self.clock()))
@@ -725,6 +733,15 @@ class AggregationServer:
         self, round_: int, cid: str, make_state: Callable[[], TensorDict], kind: str, n_contrib: int
     ) -> asyncio.Future[None] | None:
         """Encode, persist and send one client's aggregate; returns the future its ACK resolves (None: no wait)."""
+        # At most downlink_slots payloads are prepared and in flight at once: each holds a few copies of the
+        # adapter (target, delta, encoded body, what the client will hold), so the round's peak memory is bounded
+        # by the slots, not the number of clients.
+        async with self._downlink_slots:
+            return await self._send_aggregate_now(round_, cid, make_state, kind, n_contrib)
+
+    async def _send_aggregate_now(
+        self, round_: int, cid: str, make_state: Callable[[], TensorDict], kind: str, n_contrib: int
+    ) -> asyncio.Future[None] | None:
         rec = self.records[cid]
         async with rec.lock:
             if rec.disk.closed_round >= round_:

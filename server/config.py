@@ -68,6 +68,9 @@ class ServerConfig(BaseModel):
     # the update is handled, the client leaves, or upload_slot_timeout_s pass.
     upload_slots: int = Field(default=8, ge=1, le=100_000)
     upload_slot_timeout_s: float = Field(default=300.0, gt=0)
+    # Aggregates prepared and sent at once when a round closes (each holds a few copies of the adapter while
+    # in flight): bounds the close's peak memory; the sends share one CPU anyway.
+    downlink_slots: int = Field(default=8, ge=1, le=100_000)
     # History (history.jsonl) and durable state (state/): restarting with the same run_dir resumes the job.
     run_dir: Path = Path("runs/server")
     # Written once listening: {"host", "port", "pid", "metrics_port"}; lets scripts bind to port 0.

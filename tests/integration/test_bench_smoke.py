@@ -71,3 +71,13 @@ def test_round_bench_quick_prints_json() -> None:
         assert result[key] > 0, key
     rows = result["rows"]
     assert rows["int8"]["wire_ratio_up"] > 3.5 and rows["topk10"]["wire_ratio_up"] > 15
+
+
+def test_load_bench_quick_prints_json() -> None:
+    result = run_quick("load.py")
+    assert result["scale_ok"] and result["ingest_ok"], result
+    assert result["rejected"] == 0 and result["failed_clients"] == 0
+    assert result["round_s"] > 0 and result["server_cpu_s"] > 0 and result["server_rss_peak_mb"] > 0
+    rows = result["ingest_rows"]
+    assert rows["16"]["uploads_in_flight_max"] <= 8 < 16  # admission control: at most the slots upload at once
+    assert all(r["mb_s"] > 0 for r in rows.values())

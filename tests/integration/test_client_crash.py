@@ -4,12 +4,14 @@ client rejoins from its checkpoint (it replaces its dead connection), and the jo
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,83 @@ async def test_kill9_client_while_training(dev_pki, tmp_path: Path) -> None:
     assert "resumed_from_checkpoint=1" in text  # the restarted client came back from its round-1 checkpoint
     got = accepted(server, "crashy")
     assert 1 in got and 2 not in got  # round 2 was lost to the crash (its change stays in the client's state)
+
+
+async def test_kill9_client_during_its_upload(dev_pki, tmp_path: Path) -> None:
+    """Killed with part of a 31 MB update received: the half-received frame is dropped with the dead connection
+    (the restart replaces it), the upload slot is freed, the restarted client redoes the open round from its
+    checkpoint, and at the end the server's copy of each client's adapter is exactly the client's."""
+    for cid in ("steady", "crashy"):
+        issue_client_cert(dev_pki, cid)
+    server = AggregationServer(
+        ServerConfig(
+            host="127.0.0.1",
+            port=0,
+            tls=TlsFiles(ca=dev_pki.ca_cert, cert=dev_pki.server_cert, key=dev_pki.server_key),
+            policy=RoundPolicy(rounds=3, min_clients=2, quorum=0.5, round_timeout_s=60, registration_timeout_s=60),
+            job=JobConfig(train=TrainSpec(local_steps=1), uplink=EncodingSpec.parse("fp32")),
+            metrics=MetricsSettings(enabled=False),
+            run_dir=tmp_path / "server",
+        )
+    )
+    port = await server.start()
+    log = tmp_path / "clients.log"
+    big = ("--layers", "60", "--dim", "2048", "--rank", "16")  # 31 MB fp32 per update: ~1-3 s on the wire
+    steady = client_proc(dev_pki.root, port, "steady", tmp_path / "steady", log, "--seed", "1", *big)
+    crashy = client_proc(dev_pki.root, port, "crashy", tmp_path / "crashy", log, "--seed", "2", *big)
+    job = asyncio.ensure_future(server.run())
+    restarted: subprocess.Popen | None = None
+    try:
+        end = time.monotonic() + 90
+        while True:  # round 2, crashy holds an upload slot and part of its frame is in the server's buffers
+            rec = server.clients.get("crashy")
+            if (
+                server.machine.round == 2
+                and rec is not None
+                and rec.peer is not None
+                and "granted_at" in rec.stats.get(2, {})
+                and rec.peer.core.buffered_bytes() > 1 << 20
+            ):
+                break
+            assert time.monotonic() < end and not job.done(), "crashy's round-2 upload was never caught in flight"
+            await asyncio.sleep(0.005)
+        crashy.send_signal(signal.SIGKILL)
+        crashy.wait(10)
+        dead = weakref.ref(rec.peer)
+        mid = rec.peer.core.buffered_bytes()
+        assert accepted(server, "crashy") == {1} and mid > 0  # the server holds a partial frame, not an update
+        rec = None
+        restarted = client_proc(dev_pki.root, port, "crashy", tmp_path / "crashy", log, "--seed", "2", *big)
+        while True:  # the restart's connection replaces the dead one: its partial frame goes with it
+            new = server.clients.get("crashy")
+            if new is not None and new.peer is not None and new.peer is not dead():
+                break
+            assert time.monotonic() < end and not job.done(), "the restarted client did not reconnect"
+            await asyncio.sleep(0.01)
+        new = None
+        for _ in range(100):
+            gc.collect()
+            if dead() is None:
+                break
+            await asyncio.sleep(0.05)
+        assert dead() is None, "the dead connection (and the partial upload it buffered) is still referenced"
+        result = await asyncio.wait_for(job, timeout=120)
+        assert restarted.wait(30) == 0 and steady.wait(30) == 0
+    finally:
+        for p in (steady, crashy, restarted):
+            if p is not None and p.poll() is None:
+                p.kill()
+        if not job.done():
+            job.cancel()
+    assert result.ok and result.rounds_completed == 3
+    assert server.metrics.uploads_in_flight == 0
+    history = [json.loads(line) for line in (tmp_path / "server" / "history.jsonl").read_text().splitlines()]
+    assert [h["round"] for h in history] == [1, 2, 3]
+    assert "steady" in history[1]["contributors"]
+    print(f"killed with {mid} bytes buffered; contributors per round: {[h['contributors'] for h in history]}")
+    text = log.read_text()
+    assert "client=crashy resumed_from_checkpoint=1" in text  # the restart came back from its round-1 checkpoint
+    for cid in ("steady", "crashy"):
+        meta = json.loads((tmp_path / "server" / "state" / "clients" / cid / "meta.json").read_text())
+        last = [line for line in text.splitlines() if line.startswith(f"client={cid} ")][-1]
+        assert f"view_hash={meta['view_hash']}" in last, (cid, last, meta["view_hash"])

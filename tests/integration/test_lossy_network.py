@@ -20,7 +20,7 @@ pytestmark = pytest.mark.reliability
 
 CASES = {
     "loss5-delay50-reorder1": Faults(loss=0.05, delay_ms=25, jitter_ms=5, reorder=0.01, duplicate=0.01, corrupt=0.005),
-    "loss10": Faults(loss=0.10, delay_ms=5, reorder=0.01),
+    "loss10-delay100-reorder1": Faults(loss=0.10, delay_ms=50, jitter_ms=10, reorder=0.01),
 }
 
 
