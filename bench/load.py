@@ -59,9 +59,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory in MB: ``VmRSS`` (all), or ``RssAnon`` (anonymous: what the kernel cannot drop; the
+    server keeps client states as maps of their files, which count in VmRSS as page cache while touched)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return 0.0
 
@@ -76,6 +78,7 @@ class RunResult:
     round_s: float  # mean of rounds 2..R
     server_cpu_s: float
     server_rss_peak_mb: float
+    server_anon_peak_mb: float
     rejected: dict[str, int]
     failed_clients: int
     uploads_in_flight_max: int
@@ -122,7 +125,7 @@ def run_job(
     t0, t0_wall = time.monotonic(), time.time()
     workers: list[subprocess.Popen[bytes]] = []
     status: dict[str, Any] = {}
-    peak = cpu = 0.0
+    peak = anon = cpu = 0.0
     try:
         while not ready.is_file():
             if server.poll() is not None or time.monotonic() - t0 > 60:
@@ -154,6 +157,7 @@ def run_job(
                 raise RuntimeError(f"{name}: the job did not finish in time")
             try:
                 peak = max(peak, rss_mb(server.pid))
+                anon = max(anon, rss_mb(server.pid, "RssAnon"))
                 cpu = cpu_seconds(server.pid)
             except (FileNotFoundError, ProcessLookupError):
                 break
@@ -191,6 +195,7 @@ def run_job(
         round_s=sum(gaps) / len(gaps) if gaps else float("nan"),
         server_cpu_s=cpu,
         server_rss_peak_mb=peak,
+        server_anon_peak_mb=anon,
         rejected={str(k): int(v) for k, v in dict(status.get("rejected", {})).items()},
         failed_clients=failed,
         uploads_in_flight_max=int(status.get("uploads_in_flight_max", 0)),
@@ -263,6 +268,7 @@ def scale_part(pki: DevPki, work: Path, args: argparse.Namespace) -> dict[str, A
         "cpu_per_client_round_ratio": full.cpu_s_per_client_round / base.cpu_s_per_client_round,
         "server_rss_peak_mb": full.server_rss_peak_mb,
         "server_rss_peak_mb_base": base.server_rss_peak_mb,
+        "server_anon_peak_mb": full.server_anon_peak_mb,
         "rejected": sum(full.rejected.values()),
         "failed_clients": full.failed_clients,
         "scale_rows": {k: {kk: vv for kk, vv in asdict(v).items() if kk != "history"} for k, v in rows.items()},
@@ -276,7 +282,7 @@ def ingest_part(pki: DevPki, work: Path, args: argparse.Namespace) -> dict[str, 
     out: dict[str, Any] = {"payload_mb": layers * 2 * 2 * 16 * 1024 * 4 / 1e6, "ingest_rows": {}}
     print(
         f"{'clients':>7} {'slots':>5} {'ok':>3} {'MB/s':>6} {'x 1 cl':>6} {'window s':>8} {'round s':>8} "
-        f"{'RSS MB':>7} {'in flight':>9} {'srv CPU':>7}"
+        f"{'RSS MB':>7} {'anon MB':>7} {'in flight':>9} {'srv CPU':>7}"
     )
     base_rate = None
     for n, slots in sweep:
@@ -302,7 +308,7 @@ def ingest_part(pki: DevPki, work: Path, args: argparse.Namespace) -> dict[str, 
         print(
             f"{n:>7} {slots:>5} {'yes' if r.ok else 'NO':>3} {rate:>6.1f} {rate / base_rate:>6.2f} {window:>8.2f} "
             f"{r.round_s if r.round_s == r.round_s else r.wall_s:>8.2f} {r.server_rss_peak_mb:>7.1f} "
-            f"{r.uploads_in_flight_max:>9} {r.server_cpu_s / r.wall_s:>7.2f}",
+            f"{r.server_anon_peak_mb:>7.1f} {r.uploads_in_flight_max:>9} {r.server_cpu_s / r.wall_s:>7.2f}",
             flush=True,
         )
         key = f"{n}" if slots == 8 else f"{n}_noslots"
@@ -314,6 +320,7 @@ def ingest_part(pki: DevPki, work: Path, args: argparse.Namespace) -> dict[str, 
             "window_s": window,
             "round_s": r.round_s,
             "server_rss_peak_mb": r.server_rss_peak_mb,
+            "server_anon_peak_mb": r.server_anon_peak_mb,
             "server_cpu_util": r.server_cpu_s / r.wall_s,  # cores' worth of CPU the server used over the job
             "uploads_in_flight_max": r.uploads_in_flight_max,
             "failed_clients": r.failed_clients,
