@@ -136,6 +136,50 @@ def exact_match_accuracy(
     return hits / len(examples)
 
 
+def teacher_forced_correct(
+    model: Any, tokenizer: Any, examples: Sequence[Example], *, max_len: int = 48, batch_size: int = 64
+) -> list[bool]:
+    """Per example: whether every response token *and* the eos after it is the argmax given the true prefix.
+
+    This is exactly greedy exact match (no normalisation: case counts): greedy decoding reproduces
+    ``response + eos`` iff at each of those positions the argmax is the next reference token, and a greedy run
+    that stops early or continues differs at the first position where it deviates. One forward pass per batch
+    instead of one per generated token. Examples are encoded as in training (:func:`encode_example`); one that
+    ``max_len`` cuts (prompt or response) counts as wrong.
+    """
+    from .data import collate, encode_example
+
+    module = _module(model)
+    device = _device(module)
+    pad = pad_id(tokenizer)
+    out: list[bool] = []
+    with _eval_mode(module):
+        for lo in range(0, len(examples), batch_size):
+            chunk = examples[lo : lo + batch_size]
+            encoded = [encode_example(tokenizer, ex, max_len) for ex in chunk]
+            batch = collate(encoded, pad).to(device)
+            logits = module(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            pred = logits[:, :-1].argmax(dim=-1)  # prediction for position t+1
+            target = batch.labels[:, 1:]
+            scored = target != -100
+            ok = ((pred == target) | ~scored).all(dim=1)
+            for ex, e, good in zip(chunk, encoded, ok.tolist(), strict=True):
+                # cut by max_len (prompt or response): not the item asked, so not right
+                whole = len(e.input_ids) == len(_prefix(tokenizer, ex.prompt)) + len(_ids(tokenizer, ex.response)) + 1
+                out.append(bool(good) and whole)
+    return out
+
+
+def teacher_forced_accuracy(
+    model: Any, tokenizer: Any, examples: Sequence[Example], *, max_len: int = 48, batch_size: int = 64
+) -> float:
+    """Share of examples :func:`teacher_forced_correct` accepts (nan without examples)."""
+    if not examples:
+        return float("nan")
+    hits = teacher_forced_correct(model, tokenizer, examples, max_len=max_len, batch_size=batch_size)
+    return sum(hits) / len(hits)
+
+
 def option_logprobs(
     model: Any, tokenizer: Any, prompt: str, options: Sequence[str], *, batch_size: int = 16
 ) -> list[float]:

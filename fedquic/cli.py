@@ -1,4 +1,4 @@
-"""The ``fedquic`` command: ``server``, ``client``, ``certs``, ``demo``.
+"""The ``fedquic`` command: ``server``, ``client``, ``certs``, ``demo``, ``report``.
 
 Heavy packages are imported inside the commands: ``fedquic server`` never imports torch.
 """
@@ -344,6 +344,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
     d.add_argument("--log-level", default="INFO")
     d.set_defaults(func=cmd_demo)
+
+    rp = sub.add_parser(
+        "report",
+        help="a run's history as a table and plots (accuracy per round, accuracy vs MB sent)",
+        description="Read RUN_DIR/history.jsonl (a server run directory), or every history.jsonl below RUN_DIR "
+        "(e.g. a bench/federated.py run), print the per-variant table and write PNG plots and a JSON summary.",
+    )
+    rp.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    rp.add_argument("--out", type=Path, help="where plots and the JSON summary go (default RUN_DIR)")
+    rp.add_argument("--prefix", default="report", help="file name prefix of the outputs (default report)")
+    rp.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    rp.add_argument("--no-plots", action="store_true", help="table and JSON only (no matplotlib needed)")
+    rp.set_defaults(func=cmd_report)
     return parser
 
 
@@ -548,6 +561,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
             log_level=args.log_level,
         )
     )
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import report
+
+    try:
+        out = report(args.run_dir, args.out, prefix=args.prefix, plots=not args.no_plots)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"fedquic report: {exc}") from None
+    except ImportError as exc:
+        raise SystemExit(f"fedquic report: {exc} (install the `report` extra, or pass --no-plots)") from None
+    print(out["markdown"] if args.markdown else out["table"])
+    for p in out["plots"]:
+        print(f"wrote {p}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

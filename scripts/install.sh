@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install fedquic with the client and dev extras (idempotent).
+# Create .venv and install fedquic with the client, dev and report extras (idempotent).
 #
 #   PYTHON=python3.11 ./scripts/install.sh     # choose the interpreter (3.10+)
 #   TORCH_SPEC="" ./scripts/install.sh         # keep a torch you installed yourself (e.g. a CUDA build)
@@ -13,5 +13,5 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 # shellcheck disable=SC2086
-.venv/bin/python -m pip install --quiet $TORCH_SPEC -e '.[client,dev]'
+.venv/bin/python -m pip install --quiet $TORCH_SPEC -e '.[client,dev,report]'
 .venv/bin/fedquic --version

@@ -1,0 +1,87 @@
+"""bench/federated.py --quick end to end: 2 client processes, a fresh server per variant over loopback QUIC, the
+report's table, plots and JSON; then ``fedquic report`` on the same run directory gives the same table."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+pytest.importorskip("matplotlib")
+
+REPO = Path(__file__).resolve().parents[2]
+KEYS = (
+    "acc_local",
+    "acc_fedavg",
+    "acc_fedalt",
+    "acc_fedalt_topk10_ef",
+    "acc_fedalt_topk1_ef",
+    "acc_fedalt_topk1_noef",
+    "wire_ratio_topk10_ef",
+)
+
+
+def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "federated.py"),
+            "--quick",
+            "--json",
+            "--run-dir",
+            str(run),
+            "--cache",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for k in KEYS:
+        assert isinstance(out[k], float) and math.isfinite(out[k]), k
+        if k.startswith("acc_"):
+            assert 0.0 <= out[k] <= 100.0
+    rows = {r["variant"]: r for r in out["variants"]}
+    assert len(rows) == 9
+    # compression shows in the bytes: fp32 frames are a bit over the fp32 size (headers), int8 ~3-4x, top-k more
+    assert (
+        rows["fedalt"]["wire_ratio"] < 1.0 < rows["fedalt+int8"]["wire_ratio"] < rows["fedalt+topk10+ef"]["wire_ratio"]
+    )
+    assert rows["fedalt+topk10+ef"]["wire_ratio"] < rows["fedalt+topk1+ef"]["wire_ratio"]
+    assert rows["local"]["bytes_down"] == 0 and rows["fedalt"]["bytes_down"] > 0  # no aggregate without federation
+    for r in rows.values():
+        assert [c[0] for c in r["curve"]] == [0, 1, 2]  # base model, then after each of the 2 rounds
+        assert set(r["per_client"]) == {"c0", "c1"} and r["clients"] == {"c0": "copy", "c1": "reverse"}
+    # report files exist and parse
+    for p in out["plots"]:
+        assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((run / "federated_report.json").read_text())
+    assert [r["variant"] for r in saved["variants"]] == list(rows)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["acc_fedalt"] == out["acc_fedalt"] and set(summary["targets"]) >= {"ef_beats_noef"}
+    for job in (run / "jobs").iterdir():
+        hist = [json.loads(line) for line in (job / "server" / "history.jsonl").read_text().splitlines()]
+        assert [h["round"] for h in hist] == [1, 2, 3]  # 2 training rounds + the evaluation-only round
+        # intermediate rounds score the first 32 test items, the model after the last round all 64
+        assert [{c["n_test"] for c in h["clients"].values()} for h in hist] == [{32}, {32}, {64}]
+    # the user-facing command reads the same run the same way
+    rep = subprocess.run(
+        [sys.executable, "-m", "fedquic", "report", str(run), "--out", str(tmp_path / "rep")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    assert saved["table"] in rep.stdout
+    assert (tmp_path / "rep" / "report_acc_mb.png").is_file()
