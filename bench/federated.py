@@ -65,7 +65,7 @@ log = logging.getLogger("bench.federated")
 
 FAMILIES8 = ("copy", "reverse", "sort", "add", "kv", "close", "swapcase", "count")
 
-# variant -> JobConfig fields (and the client's uplink error feedback)
+# variant -> JobConfig fields
 VARIANTS: dict[str, dict[str, Any]] = {
     "local": {"federation": "local", "uplink": "fp32", "downlink": "fp32"},
     "fedavg": {"federation": "fedavg", "uplink": "fp32", "downlink": "fp32"},
@@ -350,7 +350,6 @@ async def worker_job(cmd: dict[str, Any]) -> dict[str, Any]:
         server_name="localhost",
         tls=TlsFiles(ca=pki.ca_cert, cert=pki.client_cert(cid), key=pki.client_key(cid)),
         run_dir=Path(cmd["run_dir"]),
-        uplink_error_feedback=cmd["uplink_ef"],
     )
     result = await FederatedClient(cfg, learner).run()
     return {
@@ -458,7 +457,7 @@ async def run_job(
     from fedquic.transport.settings import TlsFiles
 
     v = dict(VARIANTS[variant])
-    uplink_ef = v.pop("uplink_error_feedback", True)
+    uplink_ef = v.get("uplink_error_feedback", True)
     name = slug(variant, seed)
     job_dir = run_dir / "jobs" / name
     if job_dir.exists():
@@ -504,7 +503,6 @@ async def run_job(
             "max_len": st.max_len,
             "batch_size": st.batch_size,
             "train_rounds": st.rounds,
-            "uplink_ef": uplink_ef,
         }
         clients[f"c{w.index}"] = cmd["family"] if st.data == "families" else f"dir{w.index}"
         w.proc.stdin.write((json.dumps(cmd) + "\n").encode())  # type: ignore[union-attr]

@@ -117,9 +117,6 @@ class ClientConfig(BaseModel):
     # rebooted: a dead peer sends no close) and the client reconnects instead of waiting for QUIC's idle timeout.
     heartbeat_s: float = Field(default=5.0, gt=0)
     liveness_timeout_s: float = Field(default=30.0, gt=0)
-    # Uplink error feedback (EF-SGD): what compression drops is carried into the next update. Off only to measure
-    # what it buys (bench/federated.py's "topk1-noef"): without it, dropped values are lost for good.
-    uplink_error_feedback: bool = True
 
 
 class MessagePeer(Protocol):
@@ -198,7 +195,7 @@ class FederatedClient:
         self.view_hash = ""
         self.synced: TensorDict = {}
         self.synced_round = 0
-        self.ef = ErrorFeedback(enabled=cfg.uplink_error_feedback)
+        self.ef = ErrorFeedback()  # enabled or not as the job says (WELCOME)
         self.schema: AdapterSchema | None = None
         self.job: Welcome | None = None
         self.held: dict[str, TensorDict] = {}
@@ -376,6 +373,7 @@ class FederatedClient:
             peer.send(self._hello())
         job = (await self._expect(peer, Welcome)).header
         assert isinstance(job, Welcome)
+        self.ef.enabled = job.uplink_error_feedback
         schema = await asyncio.to_thread(learner.attach, job)
         resume: SyncState | None = None
         if self.job is not None:  # a rejoin: our in-memory state is the truth

@@ -93,6 +93,9 @@ class Welcome(Header):
     federation: Literal["fedalt", "fedavg", "local"] = "fedalt"
     mixer: Literal["fixed", "learned"] = "fixed"
     lora: LoraJobSpec = LoraJobSpec()
+    # Uplink error feedback (EF-SGD): what compression drops is carried into the client's next update. A job-level
+    # choice like the encoding itself; off only to measure what it buys (dropped values are then lost for good).
+    uplink_error_feedback: bool = True
 
 
 class SyncState(BaseModel):

@@ -416,6 +416,7 @@ class AggregationServer:
                 federation=job.federation,
                 mixer=job.mixer,
                 lora=job.lora,
+                uplink_error_feedback=job.uplink_error_feedback,
             )
         )
         msg = await peer.recv(timeout=HANDSHAKE_TIMEOUT_S * 10)  # the client builds its adapters first

@@ -26,7 +26,10 @@ class JobConfig(BaseModel):
     train: TrainSpec = TrainSpec()
     uplink: EncodingSpec = EncodingSpec()
     downlink: EncodingSpec = EncodingSpec()
-    # Downlink error feedback: each client is sent C(target − what it holds + residual), per client.
+    # Error feedback: what compression drops is carried into the next payload instead of being lost. Uplink: each
+    # client's UPDATE (the flag is sent in WELCOME); downlink: each client is sent C(target − what it holds +
+    # residual). Off only to measure what it buys.
+    uplink_error_feedback: bool = True
     downlink_error_feedback: bool = True
     # Rest-of-World construction: "factor-mean" averages A and B separately (the FedALT paper); "exact" takes
     # the mean of the products B·A and re-factors it to rank r by truncated SVD.

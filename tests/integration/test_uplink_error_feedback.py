@@ -1,4 +1,4 @@
-"""Uplink error feedback on and off (``ClientConfig.uplink_error_feedback``) through a real server over QUIC.
+"""Uplink error feedback on and off (``JobConfig.uplink_error_feedback``, sent in WELCOME) through a real server.
 
 With EF the client's view of its adapter as the server holds it plus the carried residual is exactly its local
 adapter; without it nothing is carried and whatever top-k dropped never reaches the server.
@@ -23,11 +23,16 @@ async def test_uplink_error_feedback_switch(loopback_server, light_client, ef: b
     schema = lora_schema(layers=2, dim=64, rank=4)
     server = loopback_server(
         policy=RoundPolicy(rounds=3, min_clients=2),
-        job=JobConfig(train=TrainSpec(local_steps=1), uplink=EncodingSpec.parse("topk1"), downlink_error_feedback=ef),
+        job=JobConfig(
+            train=TrainSpec(local_steps=1),
+            uplink=EncodingSpec.parse("topk1"),
+            uplink_error_feedback=ef,
+            downlink_error_feedback=ef,
+        ),
     )
     port = await server.start()
     learners = [SyntheticLearner(schema, seed=i) for i in range(2)]
-    clients = [light_client(f"ef-{ef}-{i}", port, lr, uplink_error_feedback=ef) for i, lr in enumerate(learners)]
+    clients = [light_client(f"ef-{ef}-{i}", port, lr) for i, lr in enumerate(learners)]
     result, *_ = await asyncio.wait_for(asyncio.gather(server.run(), *(c.run() for c in clients)), timeout=60)
     assert result.ok and result.rounds_completed == 3
     for client, learner in zip(clients, learners, strict=True):
