@@ -18,10 +18,9 @@ import pytest
 from fedquic.common.codec import EncodingSpec
 from fedquic.common.messages import TrainSpec
 from fedquic.server.app import AggregationServer
-from fedquic.server.config import JobConfig, MetricsSettings, ServerConfig
+from fedquic.server.config import JobConfig
 from fedquic.server.rounds import RoundPolicy
 from fedquic.transport.pki import issue_client_cert
-from fedquic.transport.settings import TlsFiles
 
 pytestmark = pytest.mark.reliability
 
@@ -39,19 +38,12 @@ def accepted(server: AggregationServer, cid: str) -> set[int]:
     return set(rec.disk.updates) if rec else set()
 
 
-async def test_kill9_client_while_training(dev_pki, tmp_path: Path) -> None:
+async def test_kill9_client_while_training(dev_pki, loopback_server, tmp_path: Path) -> None:
     for cid in ("steady", "crashy"):
         issue_client_cert(dev_pki, cid)
-    server = AggregationServer(
-        ServerConfig(
-            host="127.0.0.1",
-            port=0,
-            tls=TlsFiles(ca=dev_pki.ca_cert, cert=dev_pki.server_cert, key=dev_pki.server_key),
-            policy=RoundPolicy(rounds=3, min_clients=2, quorum=0.5, round_timeout_s=12, registration_timeout_s=60),
-            job=JobConfig(train=TrainSpec(local_steps=1), uplink=EncodingSpec.parse("int8")),
-            metrics=MetricsSettings(enabled=False),
-            run_dir=tmp_path / "server",
-        )
+    server = loopback_server(
+        policy=RoundPolicy(rounds=3, min_clients=2, quorum=0.5, round_timeout_s=12, registration_timeout_s=60),
+        job=JobConfig(train=TrainSpec(local_steps=1), uplink=EncodingSpec.parse("int8")),
     )
     port = await server.start()
     log = tmp_path / "clients.log"
@@ -93,22 +85,15 @@ async def test_kill9_client_while_training(dev_pki, tmp_path: Path) -> None:
     assert 1 in got and 2 not in got  # round 2 was lost to the crash (its change stays in the client's state)
 
 
-async def test_kill9_client_during_its_upload(dev_pki, tmp_path: Path) -> None:
+async def test_kill9_client_during_its_upload(dev_pki, loopback_server, tmp_path: Path) -> None:
     """Killed with part of a 31 MB update received: the half-received frame is dropped with the dead connection
     (the restart replaces it), the upload slot is freed, the restarted client redoes the open round from its
     checkpoint, and at the end the server's copy of each client's adapter is exactly the client's."""
     for cid in ("steady", "crashy"):
         issue_client_cert(dev_pki, cid)
-    server = AggregationServer(
-        ServerConfig(
-            host="127.0.0.1",
-            port=0,
-            tls=TlsFiles(ca=dev_pki.ca_cert, cert=dev_pki.server_cert, key=dev_pki.server_key),
-            policy=RoundPolicy(rounds=3, min_clients=2, quorum=0.5, round_timeout_s=60, registration_timeout_s=60),
-            job=JobConfig(train=TrainSpec(local_steps=1), uplink=EncodingSpec.parse("fp32")),
-            metrics=MetricsSettings(enabled=False),
-            run_dir=tmp_path / "server",
-        )
+    server = loopback_server(
+        policy=RoundPolicy(rounds=3, min_clients=2, quorum=0.5, round_timeout_s=60, registration_timeout_s=60),
+        job=JobConfig(train=TrainSpec(local_steps=1), uplink=EncodingSpec.parse("fp32")),
     )
     port = await server.start()
     log = tmp_path / "clients.log"
