@@ -132,8 +132,7 @@ def run_job(
                 raise RuntimeError(f"{name}: the server did not start (see {run / 'server.log'})")
             time.sleep(0.05)
         info = json.loads(ready.read_text())
-        share = [clients // procs + (1 if j < clients % procs else 0) for j in range(procs)]
-        for j, n in enumerate(share):
+        for j, n in enumerate(split(clients, procs)):
             if n == 0:
                 continue
             workers.append(
@@ -217,9 +216,13 @@ def ingest_rate(history: list[dict[str, Any]]) -> tuple[float, float]:
     return best
 
 
+def split(clients: int, procs: int) -> list[int]:
+    """How many clients each of ``procs`` processes runs (as even as possible)."""
+    return [clients // procs + (1 if j < clients % procs else 0) for j in range(procs)]
+
+
 def issue(pki: DevPki, name: str, clients: int, procs: int) -> None:
-    share = [clients // procs + (1 if j < clients % procs else 0) for j in range(procs)]
-    for j, n in enumerate(share):
+    for j, n in enumerate(split(clients, procs)):
         for i in range(n):
             issue_client_cert(pki, f"{name}-p{j}-{i}")
 
