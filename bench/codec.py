@@ -11,7 +11,8 @@ Gaussian with one log-normal scale per row (``exp(N(log 1e-3, 1))``), drawn from
 For each scheme (fp32, fp16, bf16, int8 per rank, int8-row, int8-block64, int8+nolz4, topk10, topk1,
 topk10+nolz4) it reports:
 
-* ``wire``: fp32 bytes / the whole UPDATE frame (16-byte prefix + JSON header carrying the manifest + body);
+* ``wire``: fp32 bytes / the whole UPDATE frame (16-byte prefix + JSON header carrying the manifest in its
+  compact, schema-referenced form, as clients send it + body);
 * ``body``: fp32 bytes / body bytes alone;
 * ``enc``/``dec``: ``encode_tensors`` / ``decode_tensors`` throughput in GB/s of fp32 input
   (4 * numel bytes / seconds), best of ``--reps`` after one warm-up; decode includes manifest validation,
@@ -23,7 +24,11 @@ topk10+nolz4) it reports:
 * ``faults e/d``: minor page faults per encode / decode call. Fresh output buffers that the kernel must fault
   in can double a timing; best-of-N in this (warm) process usually sees none for the int8 paths.
 
-It also reports what LZ4 buys (int8 vs int8+nolz4, topk10 vs topk10+nolz4), and an error-feedback check:
+It also reports the manifest on the learning benchmark's small adapter (``bench/federated.py``: hidden 192, MLP 512,
+4 layers, rank 8 on the same seven projections: 56 tensors, 116,736 values), where the header is a large part of
+a frame: JSON header bytes with the full and the compact manifest, body bytes, and the wire ratio of each, for
+topk10, topk1 and int8. It reports what LZ4 buys (int8 vs int8+nolz4, topk10 vs topk10+nolz4), and an
+error-feedback check:
 20 rounds of fresh deltas through :class:`ErrorFeedback` with topk1, comparing
 ||sum(sent) + residual - sum(delta)|| / ||sum(delta)|| (float rounding only: ~1e-7 or below) with the same
 channel without feedback (residual dropped).
@@ -64,10 +69,19 @@ try:
     import resource
 except ImportError:  # not on Windows
     resource = None  # type: ignore[assignment]
-from fedquic.common.codec import EncodingSpec, Manifest, decode_tensors, encode_tensors, fp32_nbytes
+from fedquic.common.adapter import AdapterSchema
+from fedquic.common.codec import (
+    CompactManifest,
+    EncodingSpec,
+    Manifest,
+    decode_tensors,
+    encode_tensors,
+    fp32_nbytes,
+    to_compact,
+)
 from fedquic.common.feedback import ErrorFeedback
 from fedquic.common.messages import Update
-from fedquic.transport.framing import frame_size
+from fedquic.transport.framing import frame_size, header_bytes
 
 HIDDEN = 2048
 INTERMEDIATE = 8192
@@ -100,17 +114,32 @@ SCHEMES: tuple[str, ...] = (
 
 TARGETS: dict[str, float] = {"topk10_ratio": 20.0, "topk1_ratio": 100.0, "roundtrip_vs_memcpy": 0.05}
 
+# The learning benchmark's adapter (bench/federated.py): hidden 192, MLP 512, 4 layers, rank 8.
+SMALL_HIDDEN, SMALL_MLP, SMALL_LAYERS, SMALL_RANK = 192, 512, 4, 8
+SMALL_PROJECTIONS: dict[str, tuple[str, int, int]] = {
+    "q_proj": ("self_attn", SMALL_HIDDEN, SMALL_HIDDEN),
+    "k_proj": ("self_attn", SMALL_HIDDEN, SMALL_HIDDEN),
+    "v_proj": ("self_attn", SMALL_HIDDEN, SMALL_HIDDEN),
+    "o_proj": ("self_attn", SMALL_HIDDEN, SMALL_HIDDEN),
+    "gate_proj": ("mlp", SMALL_HIDDEN, SMALL_MLP),
+    "up_proj": ("mlp", SMALL_HIDDEN, SMALL_MLP),
+    "down_proj": ("mlp", SMALL_MLP, SMALL_HIDDEN),
+}
+SMALL_SCHEMES: tuple[str, ...] = ("topk10", "topk1", "int8")
+
 State = dict[str, np.ndarray]
 
 
 # -- data ----------------------------------------------------------------------------------------------
 
 
-def lora_shapes(layers: int, rank: int) -> dict[str, tuple[int, int]]:
+def lora_shapes(
+    layers: int, rank: int, projections: Mapping[str, tuple[str, int, int]] = PROJECTIONS
+) -> dict[str, tuple[int, int]]:
     """peft-style tensor names -> shapes for a rank-``rank`` LoRA on every projection of ``layers`` layers."""
     shapes: dict[str, tuple[int, int]] = {}
     for i in range(layers):
-        for proj, (module, d_in, d_out) in PROJECTIONS.items():
+        for proj, (module, d_in, d_out) in projections.items():
             base = f"base_model.model.model.layers.{i}.{module}.{proj}"
             shapes[f"{base}.lora_A.weight"] = (rank, d_in)
             shapes[f"{base}.lora_B.weight"] = (d_out, rank)
@@ -182,10 +211,46 @@ def memcpy_gbps(state: Mapping[str, np.ndarray], reps: int) -> float:
     return nbytes / timed(copy, max(reps, 5), warmup=2)[0] / 1e9
 
 
-def update_frame_bytes(manifest: Manifest, body_len: int) -> int:
-    """Size of the UPDATE frame that carries this payload: prefix + JSON header (with manifest) + body."""
-    header = Update(round=1, client_id="client-0", num_samples=1000, base_hash="0" * 64, manifest=manifest)
-    return frame_size(header, body_len)
+def update_header(manifest: Manifest | CompactManifest) -> Update:
+    # base_hash as the client sends it: 32 hex digits (state_hash)
+    return Update(round=1, client_id="client-0", num_samples=1000, base_hash="0" * 32, manifest=manifest)
+
+
+def update_frame_bytes(manifest: Manifest, body_len: int, schema: AdapterSchema | None = None) -> int:
+    """Size of the UPDATE frame that carries this payload: prefix + JSON header (with manifest) + body; with a
+    schema, the manifest in the compact form a client sends (the full form where it cannot be expressed)."""
+    wire: Manifest | CompactManifest = manifest
+    if schema is not None:
+        wire = to_compact(manifest, schema) or manifest
+    return frame_size(update_header(wire), body_len)
+
+
+def small_adapter_manifests(seed: int) -> dict[str, dict[str, float]]:
+    """Header, body and wire ratio with the full and the compact manifest on the learning benchmark's adapter."""
+    shapes = lora_shapes(SMALL_LAYERS, SMALL_RANK, SMALL_PROJECTIONS)
+    rng = np.random.default_rng(seed)
+    state = {name: (rng.standard_normal(shape, dtype=np.float32) * np.float32(1e-3)) for name, shape in shapes.items()}
+    schema = AdapterSchema.from_state(state)
+    out: dict[str, dict[str, float]] = {}
+    for scheme in SMALL_SCHEMES:
+        manifest, body = encode_tensors(state, EncodingSpec.parse(scheme))
+        compact = to_compact(manifest, schema)
+        assert compact is not None
+        fp32 = fp32_nbytes(manifest)
+        full_frame = frame_size(update_header(manifest), len(body))
+        compact_frame = frame_size(update_header(compact), len(body))
+        out[scheme] = {
+            "tensors": len(state),
+            "fp32_bytes": fp32,
+            "header_full": len(header_bytes(update_header(manifest))),
+            "header_compact": len(header_bytes(update_header(compact))),
+            "body": len(body),
+            "frame_full": full_frame,
+            "frame_compact": compact_frame,
+            "ratio_full": fp32 / full_frame,
+            "ratio_compact": fp32 / compact_frame,
+        }
+    return out
 
 
 def errors(state: Mapping[str, np.ndarray], decoded: Mapping[str, np.ndarray]) -> tuple[float, float]:
@@ -228,7 +293,7 @@ def bench_scheme(scheme: str, state: State, reps: int, base_gbps: float) -> Sche
     manifest, body = encode_tensors(state, spec)
     decoded = decode_tensors(manifest, body)
     fp32 = fp32_nbytes(manifest)
-    frame = update_frame_bytes(manifest, len(body))
+    frame = update_frame_bytes(manifest, len(body), AdapterSchema.from_state(state))
     max_err, l2_err = errors(state, decoded)
     del decoded
     t_enc, f_enc = timed(lambda: encode_tensors(state, spec), reps)
@@ -362,6 +427,23 @@ def main(argv: list[str] | None = None) -> int:
         f"  topk10 : {tk10.wire_ratio:.3f} / {tk10_raw.wire_ratio:.3f} = x{tk10.wire_ratio / tk10_raw.wire_ratio:.3f}"
     )
 
+    small = small_adapter_manifests(args.seed)
+    first = next(iter(small.values()))
+    print()
+    print(
+        f"manifest on the learning benchmark's adapter ({first['tensors']} tensors, {first['fp32_bytes']:,} bytes "
+        "as fp32), bytes of the UPDATE header JSON, body and frame:"
+    )
+    print(
+        f"  {'scheme':<8}{'header full':>12}{'compact':>9}{'body':>9}{'frame full':>12}{'compact':>9}"
+        f"{'wire x full':>13}{'compact':>9}"
+    )
+    for scheme, m in small.items():
+        print(
+            f"  {scheme:<8}{m['header_full']:>12,}{m['header_compact']:>9,}{m['body']:>9,}{m['frame_full']:>12,}"
+            f"{m['frame_compact']:>9,}{m['ratio_full']:>13.2f}{m['ratio_compact']:>9.2f}"
+        )
+
     roundtrip = 1.0 / (1.0 / int8.encode_gbps + 1.0 / int8.decode_gbps)
     ef = ef_check(ef_layers, args.rank, args.ef_rounds, args.seed)
     print()
@@ -386,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
         "roundtrip_vs_memcpy": roundtrip / base,
         "lz4_gain_int8": int8.wire_ratio / int8_raw.wire_ratio,
         "lz4_gain_topk10": tk10.wire_ratio / tk10_raw.wire_ratio,
+        "small_topk10_ratio": small["topk10"]["ratio_compact"],
+        "small_topk10_ratio_full_manifest": small["topk10"]["ratio_full"],
     }
     checks = {k: {"value": summary[k], "target": t, "pass": summary[k] >= t} for k, t in TARGETS.items()}
     print()
@@ -406,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
                 "targets": checks,
                 "error_feedback": ef,
                 "schemes": {r.scheme: asdict(r) for r in results},
+                "small_adapter": small,
                 "config": {
                     "layers": layers,
                     "rank": args.rank,

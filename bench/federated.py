@@ -7,7 +7,8 @@ of one classification task with ``--data dirichlet``), each with a small trainin
 train rank-r LoRA adapters on a 4-bit (NF4) base model and federate through a real :class:`AggregationServer`
 over loopback QUIC with mutual TLS. Every variant runs the same rounds and local steps:
 
-``local`` (no federation), ``fedavg``, ``fedalt`` (learned mixer, factor-mean Rest-of-World),
+``local`` (no federation), ``fedavg``, ``fedalt`` (learned mixer starting at 0.9/0.1 in favour of the client's
+own adapter, ``JobConfig.mixer_init``; factor-mean Rest-of-World),
 ``fedalt-exact`` (RoW = SVD of the mean of products), ``fedalt-fixed-mix`` (mixer frozen at 0.5/0.5),
 ``fedalt+int8``, ``fedalt+topk10+ef``, ``fedalt+topk1+ef`` (top-k with error feedback both ways) and
 ``fedalt+topk1-noef`` (top-k 1%, error feedback off on the uplink and the downlink). ``local``, ``fedavg``

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..common.adapter import AdapterSchema, TensorDict, init_lora_state, state_hash, zeros_state
-from ..common.codec import decode_tensors, fp32_nbytes
+from ..common.codec import decode_tensors, expand, fp32_nbytes, to_compact
 from ..common.errors import (
     ConfigError,
     ErrorCode,
@@ -533,12 +533,14 @@ class FederatedClient:
             "round_s": time.perf_counter() - t0,
             "ef_residual_norm": self.ef.residual_norm(),
         }
+        assert self.schema is not None
         header = Update(
             round=rs.round,
             client_id=self.cfg.client_id,
             num_samples=self.learner.num_samples(),
             base_hash=self.view_hash,
-            manifest=manifest,
+            # schema-referenced: the server expands it with the schema agreed at JOIN (names, shapes, offsets)
+            manifest=to_compact(manifest, self.schema) or manifest,
         )
         record = RoundRecord(rs.round, metrics, fp32_up=fp32_nbytes(manifest))
         try:
@@ -599,8 +601,9 @@ class FederatedClient:
     async def _install(self, peer: MessagePeer, h: Aggregate, body: bytes | bytearray) -> None:
         round_var.set(h.round)
         assert self.schema is not None
-        self.schema.check_manifest(h.manifest, what=f"{h.kind} adapter for round {h.round}")
-        decoded = decode_tensors(h.manifest, body, self.cfg.transport.limits)
+        manifest = expand(h.manifest, self.schema, self.cfg.transport.limits)  # a compact one names no tensors
+        self.schema.check_manifest(manifest, what=f"{h.kind} adapter for round {h.round}")
+        decoded = decode_tensors(manifest, body, self.cfg.transport.limits)
         if h.kind == "local":
             if h.delta:
                 raise ProtocolError("a `local` AGGREGATE must be dense (delta=false)", code=ErrorCode.BAD_HEADER)
@@ -635,7 +638,7 @@ class FederatedClient:
         if self.result is not None:
             for rec in self.result.rounds:
                 if rec.round == h.round:
-                    rec.fp32_down = fp32_nbytes(h.manifest)
+                    rec.fp32_down = fp32_nbytes(manifest)
                     rec.bytes_down = frame_size(h, len(body))
         log.info("installed %s adapter for round %d (%d contributors)", h.kind, h.round, h.contributors)
 

@@ -3,7 +3,13 @@
 Per target linear layer::
 
     y = W x + a_loc(x) · B_loc A_loc x · s + a_row(x) · B_row A_row x · s,   s = alpha / r
-    (a_loc, a_row) = softmax(router(x)),   router = Linear(in_features, 2, bias=False)
+    (a_loc, a_row) = softmax(router(x)),   router = Linear(in_features, 2)
+
+The router's weight starts at zero and its bias at (logit(p), 0), p = ``mixer_init`` (default 0.9): the mixer
+starts as a per-layer constant p/(1-p) in favour of the client's own adapter and learns per token from there.
+The reference code (jmbian/FedALT) has no bias and a random weight, so it starts near 0.5/0.5, which halves
+the individual LoRA's output scale against local-only training while the RoW is still zero (round 1) or
+mostly another task's (see docs/benchmarks.md, learning quality); ``mixer_init=0.5`` reproduces that start.
 
 "local" is the trainable individual LoRA, "row" the frozen Rest-of-World LoRA replaced every round. peft sums
 the outputs of active adapters, so both stay ordinary peft adapters (standard parameter names, standard
@@ -18,6 +24,7 @@ peft.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -122,12 +129,15 @@ class FedALTModel:
         init_seed: int,
         mixer: Mixer = "fixed",
         federation: Federation = "fedalt",
+        mixer_init: float = 0.9,
     ) -> None:
         from peft import LoraConfig, get_peft_model
         from peft.tuners.lora import LoraLayer
 
         if mixer not in _MIXERS:
             raise ConfigError(f"mixer must be one of {list(_MIXERS)}, got {mixer!r}")
+        if not 0.0 < mixer_init < 1.0:
+            raise ConfigError(f"mixer_init (the local adapter's initial gate) must be in (0, 1), got {mixer_init}")
         if federation not in _FEDERATIONS:
             raise ConfigError(f"federation must be one of {list(_FEDERATIONS)}, got {federation!r}")
         if hasattr(base_model, "peft_config"):
@@ -138,6 +148,7 @@ class FedALTModel:
         self.lora = lora
         self.federation: Federation = federation
         self.mixer: Mixer = mixer
+        self.mixer_init = mixer_init
         self.init_seed = init_seed
 
         targets = list(lora.target_modules) if lora.target_modules else default_target_modules(base_model)
@@ -157,7 +168,7 @@ class FedALTModel:
             name: m for name, m in self.model.named_modules() if isinstance(m, LoraLayer)
         }
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self._routers: dict[str, nn.Linear] = {}
+        self._routers: dict[str, nn.Parameter] = {}  # "<layer>.router.weight|bias" -> parameter
 
         adapters = [LOCAL]
         if federation == "fedalt":
@@ -188,7 +199,7 @@ class FedALTModel:
             targets,
             lora.rank,
             self._schema.numel,
-            sum(r.weight.numel() for r in self._routers.values()),
+            sum(p.numel() for p in self._routers.values()),
         )
 
     # -- construction helpers --------------------------------------------------------------------------
@@ -199,10 +210,13 @@ class FedALTModel:
             router: nn.Linear | None = None
             if self.mixer == "learned":
                 device = layer.lora_A[LOCAL].weight.device
-                router = nn.Linear(layer.in_features, 2, bias=False, device=device, dtype=torch.float32)
-                nn.init.zeros_(router.weight)  # softmax(0, 0) = 0.5/0.5: starts as the fixed mixer
+                router = nn.Linear(layer.in_features, 2, bias=True, device=device, dtype=torch.float32)
+                nn.init.zeros_(router.weight)
+                with torch.no_grad():  # softmax((logit p, 0)) = (p, 1 - p) for every token at the start
+                    router.bias.copy_(torch.tensor([math.log(self.mixer_init / (1 - self.mixer_init)), 0.0]))
                 routers[name.replace(".", "__")] = router  # ModuleDict keys may not contain dots
-                self._routers[f"{name}.router.weight"] = router
+                self._routers[f"{name}.router.weight"] = router.weight
+                self._routers[f"{name}.router.bias"] = router.bias
             gate = _Gate(router)
             if router is not None:
                 self._hooks.append(layer.register_forward_pre_hook(gate.compute, with_kwargs=True))
@@ -259,8 +273,9 @@ class FedALTModel:
         self._load(ROW, state, what="RoW adapter")
 
     def mixer_state(self) -> TensorDict:
-        """Router weights (personal: kept by the client, never aggregated); empty without a learned mixer."""
-        return {k: _to_numpy(r.weight) for k, r in self._routers.items()}
+        """Router weights and biases (personal: kept by the client, never aggregated); empty without a learned
+        mixer."""
+        return {k: _to_numpy(p) for k, p in self._routers.items()}
 
     def set_mixer_state(self, state: Mapping[str, np.ndarray]) -> None:
         if not self._routers:
@@ -268,10 +283,10 @@ class FedALTModel:
                 raise ConfigError("this model has no learned mixer to load router weights into")
             return
         AdapterSchema.from_state(self.mixer_state()).check_state(state, what="mixer")
-        self._copy_into({k: r.weight for k, r in self._routers.items()}, state, what="mixer")
+        self._copy_into(self._routers, state, what="mixer")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [*self._params[LOCAL].values(), *(r.weight for r in self._routers.values())]
+        return [*self._params[LOCAL].values(), *self._routers.values()]
 
     # -- internals -------------------------------------------------------------------------------------
 

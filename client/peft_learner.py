@@ -129,7 +129,7 @@ class PeftLearner:
         from .fedalt import FedALTModel, LoraSpec
 
         self._rounds = job.rounds  # for the progress display ("round 3/10")
-        key = (job.lora, job.init_seed, job.mixer, job.federation)
+        key = (job.lora, job.init_seed, job.mixer, job.mixer_init, job.federation)
         if self.fam is not None:  # a reconnect to the same job (e.g. after a failed first attempt)
             if key != self._job_key:
                 raise ConfigError("this learner is attached to a job with other adapter settings")
@@ -142,7 +142,12 @@ class PeftLearner:
             target_modules=list(job.lora.target_modules) if job.lora.target_modules else None,
         )
         self.fam = FedALTModel(
-            self.base_model, lora, init_seed=job.init_seed, mixer=job.mixer, federation=job.federation
+            self.base_model,
+            lora,
+            init_seed=job.init_seed,
+            mixer=job.mixer,
+            mixer_init=job.mixer_init,
+            federation=job.federation,
         )
         return self.fam.schema()
 

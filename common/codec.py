@@ -7,11 +7,13 @@ Encodings, selectable per transfer with :class:`EncodingSpec`:
   tensor. ``auto`` puts one scale on each index of a 2-D tensor's *smaller* axis: for LoRA that is one
   scale per rank (A is r x in, B is out x r). Per-row scales on the tall B would cost 4/r of the
   payload (25% at r=16).
-* ``topk``: the k largest magnitudes, their positions as a bitmap or delta-coded (whichever is smaller)
-  and their values as fp32, fp16 or INT8.
+* ``topk``: the k largest magnitudes, their positions as a bitmap, delta-coded or Elias–Fano coded
+  (whichever is smallest) and their values as fp32, fp16 or INT8.
 
 The body (all tensors, back to back) is optionally LZ4-compressed as one block; it is stored as-is when
-LZ4 does not make it smaller. Decoding validates the whole manifest against :class:`WireLimits` and
+LZ4 does not make it smaller. Between peers that share an adapter schema the manifest travels in its
+compact form (:class:`CompactManifest`: no names, shapes, offsets or sizes; :func:`to_compact`,
+:func:`expand`). Decoding validates the whole manifest against :class:`WireLimits` and
 against itself before it allocates or decompresses anything, and decompresses with the declared size as
 a hard cap. The byte-level layout is in docs/protocol.md.
 """
@@ -22,13 +24,13 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import lz4.block
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
-from .errors import CodecError, ErrorCode
+from .errors import CodecError, ErrorCode, SchemaMismatchError
 from .limits import DEFAULT_LIMITS, WireLimits
 from .quant import (
     dequantize_int8,
@@ -41,6 +43,9 @@ from .quant import (
     to_bf16,
 )
 from .sparse import IndexFormat, decode_indices, encode_indices, index_nbytes, select_topk, topk_count
+
+if TYPE_CHECKING:  # adapter.py imports this module; expand() and to_compact() only call the schema's methods
+    from .adapter import AdapterSchema, TensorSpec
 
 
 class Encoding(str, Enum):
@@ -170,11 +175,10 @@ def fp32_nbytes(manifest: Manifest) -> int:
 # -- encoding ------------------------------------------------------------------------------------------
 
 
-def _int8_params(shape: tuple[int, ...], spec: EncodingSpec) -> tuple[int | None, int | None]:
-    """(scale_axis, block_size) for a dense INT8 tensor."""
-    g = spec.granularity
+def _int8_params(shape: tuple[int, ...], g: Granularity, block_size: int) -> tuple[int | None, int | None]:
+    """(scale_axis, block_size) for a dense INT8 tensor; a compact manifest's receiver re-derives them here."""
     if g is Granularity.BLOCK:
-        return None, spec.block_size
+        return None, block_size
     if len(shape) != 2 or g is Granularity.TENSOR:
         return None, None
     if g is Granularity.ROW:
@@ -205,7 +209,7 @@ def _encode_one(name: str, x: np.ndarray, spec: EncodingSpec, offset: int) -> tu
     elif enc is Encoding.BF16:
         parts = [to_bf16(x).tobytes()]
     elif enc is Encoding.INT8:
-        axis, block = _int8_params(shape, spec)
+        axis, block = _int8_params(shape, spec.granularity, spec.block_size)
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite input is refused just below
             parts = _int8_bytes(x, axis, block)
         # NaN and inf propagate into the max-abs scales: checking them replaces a pass over x
@@ -323,6 +327,210 @@ def check_manifest(manifest: Manifest, body_len: int, limits: WireLimits = DEFAU
         if rec.offset < end or rec.offset + rec.nbytes > manifest.raw_size:
             raise CodecError(f"{rec.name}: byte range overlaps another or lies outside the body")
         end = rec.offset + rec.nbytes
+
+
+# -- compact manifests ---------------------------------------------------------------------------------
+
+# One character per tensor for its index format in a compact manifest ("b" bitmap, "1"/"2"/"4" delta with
+# that many bytes per gap, "e" Elias–Fano): 56 tensors cost 56 bytes instead of ~1 KB of JSON strings.
+INDEX_CODES: dict[IndexFormat, str] = {
+    IndexFormat.BITMAP: "b",
+    IndexFormat.DELTA8: "1",
+    IndexFormat.DELTA16: "2",
+    IndexFormat.DELTA32: "4",
+    IndexFormat.ELIAS_FANO: "e",
+}
+_INDEX_FROM_CODE = {c: f for f, c in INDEX_CODES.items()}
+_MAX_COMPACT_TENSORS = 1 << 20  # the same static bound as Manifest.tensors; WireLimits apply in expand()
+
+
+class CompactManifest(BaseModel):
+    """A manifest that leaves out everything the adapter schema agreed at JOIN already says.
+
+    Tensors are implied: the schema's, in sorted name order (the order :func:`encode_tensors` writes), back to
+    back from offset 0, each of the size :func:`expected_nbytes` gives. Only what the schema cannot say is
+    sent; field names are short because this is every UPDATE's and AGGREGATE's header (docs/protocol.md 5.2):
+
+    * ``fp``: the schema's :meth:`AdapterSchema.fingerprint`; ``enc``: one encoding for every tensor;
+      ``comp``/``raw``: body compression and size after decompression, as in :class:`Manifest`;
+    * int8: ``gran`` (a :class:`Granularity`) and, for ``block``, ``bs``, the block size: each tensor's scale
+      axis is re-derived from its shape exactly as the sender's encoder chose it;
+    * topk: ``vals`` (value encoding), ``k`` (kept values per tensor) and ``ix`` (one :data:`INDEX_CODES`
+      character per tensor).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    fp: str = Field(min_length=1, max_length=128, pattern=r"^[0-9a-f]+$")
+    enc: Encoding
+    comp: Compression = Compression.NONE
+    raw: int = Field(ge=0)
+    gran: Granularity | None = None
+    bs: int | None = Field(default=None, ge=1, le=1 << 30)
+    vals: ValueEncoding | None = None
+    k: tuple[Annotated[int, Field(ge=0, le=1 << 40)], ...] | None = Field(default=None, max_length=_MAX_COMPACT_TENSORS)
+    ix: str | None = Field(default=None, max_length=_MAX_COMPACT_TENSORS, pattern=r"^[b124e]*$")
+
+    @model_validator(mode="after")
+    def _fields_fit_the_encoding(self) -> CompactManifest:
+        # Structural checks only (refused as BAD_HEADER when parsed); what needs the schema is in expand().
+        if (self.gran is not None) != (self.enc is Encoding.INT8):
+            raise ValueError("gran is required for int8 and refused otherwise")
+        if (self.bs is not None) != (self.gran is Granularity.BLOCK):
+            raise ValueError("bs is required for int8 blocks and refused otherwise")
+        topk = (self.vals, self.k, self.ix)
+        if self.enc is Encoding.TOPK and any(f is None for f in topk):
+            raise ValueError("topk needs vals, k and ix")
+        if self.enc is not Encoding.TOPK and any(f is not None for f in topk):
+            raise ValueError("vals, k and ix are for topk only")
+        return self
+
+
+def _manifest_form(value: object) -> str:
+    # The two forms share no required field: a full manifest always has "tensors", a compact one never does.
+    if isinstance(value, dict):
+        return "full" if "tensors" in value else "compact"
+    return "compact" if isinstance(value, CompactManifest) else "full"
+
+
+# What UPDATE and AGGREGATE carry: either form, told apart by the presence of "tensors".
+AnyManifest = Annotated[
+    Annotated[Manifest, Tag("full")] | Annotated[CompactManifest, Tag("compact")],
+    Discriminator(_manifest_form),
+]
+
+
+def _sorted_specs(schema: AdapterSchema) -> list[TensorSpec]:
+    # Sorted by name (Python's str order: code points, the same as UTF-8 bytes), whatever order JOIN listed.
+    return sorted(schema.tensors, key=lambda t: t.name)
+
+
+def _infer_int8(recs: tuple[TensorRecord, ...]) -> tuple[Granularity, int | None] | None:
+    """A granularity (and block size) that re-derives every record's scale fields, or None."""
+    first = recs[0].block_size
+    if first is not None:
+        candidates = [(Granularity.BLOCK, first)]
+    else:
+        candidates = [(g, None) for g in (Granularity.AUTO, Granularity.ROW, Granularity.COLUMN, Granularity.TENSOR)]
+    for g, bs in candidates:
+        if all(_int8_params(r.shape, g, bs or 0) == (r.scale_axis, r.block_size) for r in recs):
+            return g, bs
+    return None
+
+
+def to_compact(manifest: Manifest, schema: AdapterSchema) -> CompactManifest | None:
+    """The compact form of ``manifest`` for a peer that shares ``schema``; None when it cannot express it
+    (tensors not exactly the schema's in sorted order and back to back, or not sharing one encoding)."""
+    recs = manifest.tensors
+    specs = _sorted_specs(schema)
+    if not recs or len(recs) != len(specs):
+        return None
+    enc = recs[0].encoding
+    offset = 0
+    for rec, spec in zip(recs, specs, strict=True):
+        if (rec.name, rec.shape, rec.encoding, rec.offset) != (spec.name, spec.shape, enc, offset):
+            return None
+        try:
+            consistent = rec.nbytes == expected_nbytes(rec)
+        except CodecError:
+            consistent = False
+        if not consistent:  # the full form carries it as it is; its receiver refuses it as usual
+            return None
+        offset += rec.nbytes
+    if offset != manifest.raw_size:
+        return None
+    gran: Granularity | None = None
+    bs: int | None = None
+    vals: ValueEncoding | None = None
+    ks: tuple[int, ...] | None = None
+    ix: str | None = None
+    if enc is Encoding.INT8:
+        params = _infer_int8(recs)
+        if params is None:
+            return None
+        gran, bs = params
+    elif enc is Encoding.TOPK:
+        vals = recs[0].values
+        if any(r.values != vals for r in recs):
+            return None
+        # expected_nbytes() above made sure every top-k record has its k and index format
+        ks = tuple(r.k or 0 for r in recs)
+        ix = "".join(INDEX_CODES[r.index_format or IndexFormat.BITMAP] for r in recs)
+    return CompactManifest(
+        fp=schema.fingerprint(),
+        enc=enc,
+        comp=manifest.compression,
+        raw=manifest.raw_size,
+        gran=gran,
+        bs=bs,
+        vals=vals,
+        k=ks,
+        ix=ix,
+    )
+
+
+def expand(
+    manifest: Manifest | CompactManifest, schema: AdapterSchema, limits: WireLimits = DEFAULT_LIMITS
+) -> Manifest:
+    """The full manifest a compact one stands for (a full one is returned as it is).
+
+    Raises :class:`SchemaMismatchError` when it was written for another schema and :class:`CodecError` when it
+    does not fit this one; every length read from the network is bounded by ``limits`` before it is used.
+    :func:`check_manifest` and :func:`decode_tensors` then run on the result as on any manifest.
+    """
+    if isinstance(manifest, Manifest):
+        return manifest
+    m = manifest
+    if m.fp != schema.fingerprint():
+        raise SchemaMismatchError(f"payload written for adapter schema {m.fp}, this job's is {schema.fingerprint()}")
+    specs = _sorted_specs(schema)
+    if len(specs) > limits.max_tensors:
+        raise CodecError(f"{len(specs)} tensors exceeds the limit {limits.max_tensors}", code=ErrorCode.LIMIT_EXCEEDED)
+    if m.raw > limits.max_body_bytes:
+        raise CodecError(
+            f"declared size {m.raw} exceeds the limit {limits.max_body_bytes}", code=ErrorCode.LIMIT_EXCEEDED
+        )
+    if m.k is not None and m.ix is not None:
+        longest = max(len(m.k), len(m.ix))
+        if longest > limits.max_tensors:
+            raise CodecError(
+                f"{longest} per-tensor entries exceeds the limit {limits.max_tensors}", code=ErrorCode.LIMIT_EXCEEDED
+            )
+        if len(m.k) != len(specs) or len(m.ix) != len(specs):
+            raise CodecError(f"{len(m.k)} k and {len(m.ix)} index entries for {len(specs)} tensors")
+    records: list[TensorRecord] = []
+    offset = 0
+    for i, spec in enumerate(specs):
+        axis: int | None = None
+        block: int | None = None
+        k: int | None = None
+        fmt: IndexFormat | None = None
+        if m.enc is Encoding.INT8:
+            assert m.gran is not None  # the model validator guarantees it
+            axis, block = _int8_params(spec.shape, m.gran, m.bs or 0)
+        elif m.enc is Encoding.TOPK:
+            assert m.k is not None and m.ix is not None
+            k, fmt = m.k[i], _INDEX_FROM_CODE[m.ix[i]]
+            if k > spec.numel:
+                raise CodecError(f"{spec.name}: k={k} for {spec.numel} values")
+        rec = TensorRecord(
+            name=spec.name,
+            shape=spec.shape,
+            encoding=m.enc,
+            offset=offset,
+            nbytes=0,  # set just below, from the record itself
+            scale_axis=axis,
+            block_size=block,
+            k=k,
+            index_format=fmt,
+            values=m.vals,
+        )
+        rec = rec.model_copy(update={"nbytes": expected_nbytes(rec)})
+        records.append(rec)
+        offset += rec.nbytes
+    if offset != m.raw:
+        raise CodecError(f"the schema's tensors take {offset} bytes, the manifest declares {m.raw}")
+    return Manifest(tensors=tuple(records), compression=m.comp, raw_size=m.raw)
 
 
 # -- decoding ------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .adapter import AdapterSchema
-from .codec import Encoding, EncodingSpec, Manifest
+from .codec import AnyManifest, Encoding, EncodingSpec
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
@@ -92,6 +92,7 @@ class Welcome(Header):
     init_seed: int = Field(ge=0, le=2**63 - 1)
     federation: Literal["fedalt", "fedavg", "local"] = "fedalt"
     mixer: Literal["fixed", "learned"] = "fixed"
+    mixer_init: float = Field(default=0.9, gt=0, lt=1)  # the learned mixer's starting weight on the own adapter
     lora: LoraJobSpec = LoraJobSpec()
     # Uplink error feedback (EF-SGD): what compression drops is carried into the client's next update. A job-level
     # choice like the encoding itself; off only to measure what it buys (dropped values are then lost for good).
@@ -138,7 +139,9 @@ class Update(Header):
     client_id: str = Id
     num_samples: int = Field(ge=0, le=1 << 40)
     base_hash: str = Hash  # hash of the server-side view this delta applies to
-    manifest: Manifest
+    # Compact (schema-referenced) when the sender has the job's schema, which is always after JOIN; the full
+    # form stays accepted. Receivers expand it with their schema (codec.expand) before anything else.
+    manifest: AnyManifest
 
 
 class Aggregate(Header):
@@ -157,7 +160,7 @@ class Aggregate(Header):
     # feedback); False: the payload is the whole adapter (first contact, or a reset).
     delta: bool = False
     contributors: int = Field(ge=0, le=1 << 20)
-    manifest: Manifest
+    manifest: AnyManifest  # compact or full, as in Update
 
 
 class Ack(Header):

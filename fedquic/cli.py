@@ -66,6 +66,7 @@ SERVER_FLAGS: tuple[tuple[str, str], ...] = (
     ("registration_timeout", "policy.registration_timeout_s"),
     ("federation", "job.federation"),
     ("mixer", "job.mixer"),
+    ("mixer_init", "job.mixer_init"),
     ("row_mode", "job.row_mode"),
     ("clip_norm", "job.clip_norm"),
     ("rank", "job.lora.rank"),
@@ -110,6 +111,12 @@ def _add_server_args(s: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--federation", choices=("fedalt", "fedavg", "local"))
     s.add_argument("--mixer", choices=("fixed", "learned"))
+    s.add_argument(
+        "--mixer-init",
+        type=float,
+        help="the learned mixer's starting weight on each client's own adapter, in (0, 1) (default 0.9; "
+        "0.5 is the FedALT paper's neutral start)",
+    )
     s.add_argument(
         "--row-mode",
         choices=("factor-mean", "exact"),

@@ -19,7 +19,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..common.adapter import AdapterSchema, TensorDict, init_lora_state, state_hash, zeros_state
-from ..common.codec import EncodingSpec, Payload, decode_tensors, encode_payload, fp32_nbytes
+from ..common.codec import (
+    CompactManifest,
+    EncodingSpec,
+    Manifest,
+    Payload,
+    decode_tensors,
+    encode_payload,
+    expand,
+    fp32_nbytes,
+    to_compact,
+)
 from ..common.errors import (
     ConfigError,
     ErrorCode,
@@ -415,6 +425,7 @@ class AggregationServer:
                 init_seed=job.init_seed,
                 federation=job.federation,
                 mixer=job.mixer,
+                mixer_init=job.mixer_init,
                 lora=job.lora,
                 uplink_error_feedback=job.uplink_error_feedback,
             )
@@ -483,7 +494,7 @@ class AggregationServer:
         for kind, state in sends:
             payload = await asyncio.to_thread(encode_payload, state, DENSE)
             header = Aggregate(
-                round=self.machine.round, kind=kind, delta=False, contributors=0, manifest=payload.manifest
+                round=self.machine.round, kind=kind, delta=False, contributors=0, manifest=self._wire(payload)
             )
             self.metrics.bytes_out += await peer.send_bulk(header, payload.body)
         deadline = self.clock() + HANDSHAKE_TIMEOUT_S * 10
@@ -606,9 +617,10 @@ class AggregationServer:
             )
         self.machine.check_update(rec.client_id, h.round)
         assert self.schema is not None
-        self.schema.check_manifest(h.manifest, what=f"update from {rec.client_id}")
+        manifest = expand(h.manifest, self.schema, self.cfg.transport.limits)  # a compact one names no tensors
+        self.schema.check_manifest(manifest, what=f"update from {rec.client_id}")
         t0 = time.perf_counter()
-        delta = await asyncio.to_thread(decode_tensors, h.manifest, body, self.cfg.transport.limits)
+        delta = await asyncio.to_thread(decode_tensors, manifest, body, self.cfg.transport.limits)
         t1 = time.perf_counter()
         async with rec.lock:
             await asyncio.to_thread(self._load, rec)
@@ -629,7 +641,7 @@ class AggregationServer:
             rec.disk, rec.view = disk, view
         st = rec.stats.setdefault(h.round, {})
         st["bytes_up"] = float(frame_size(h, len(body)))
-        st["fp32_up"] = float(fp32_nbytes(h.manifest))
+        st["fp32_up"] = float(fp32_nbytes(manifest))
         st["decode_s"] = t1 - t0
         st["persist_s"] = time.perf_counter() - t1  # apply + write + fsync before the ACK
         st["accepted_at"] = time.time()
@@ -756,7 +768,7 @@ class AggregationServer:
         peer = rec.peer
         if peer is None:
             return None
-        header = Aggregate(round=round_, kind=kind, delta=True, contributors=n_contrib, manifest=payload.manifest)
+        header = Aggregate(round=round_, kind=kind, delta=True, contributors=n_contrib, manifest=self._wire(payload))
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         rec.aggregate_acks[round_] = fut
         rec.held_hash_pending[round_] = state_hash(held)
@@ -772,6 +784,11 @@ class AggregationServer:
         st["fp32_down"] = float(fp32_nbytes(payload.manifest))
         st["ef_down_residual_norm"] = rec.downlink_ef.residual_norm()
         return fut
+
+    def _wire(self, payload: Payload) -> Manifest | CompactManifest:
+        """The manifest as sent: compact (schema-referenced) when it can be, else the full form."""
+        assert self.schema is not None
+        return to_compact(payload.manifest, self.schema) or payload.manifest
 
     def _commit_downlink(self, rec: ClientRecord, round_: int, kind: str, held: TensorDict) -> None:
         """Persist what the client will hold after this round (and its residual) before it is sent."""

@@ -22,6 +22,10 @@ class JobConfig(BaseModel):
     init_seed: int = Field(default=0, ge=0)
     federation: Literal["fedalt", "fedavg", "local"] = "fedalt"
     mixer: Literal["fixed", "learned"] = "fixed"
+    # The learned mixer's starting weight on the client's own adapter (the RoW gets 1 - p): it starts as a
+    # per-layer constant and learns per token from there. 0.5 is the FedALT paper's neutral start, which halves
+    # the own adapter's scale against local training (docs/benchmarks.md, learning quality).
+    mixer_init: float = Field(default=0.9, gt=0, lt=1)
     lora: LoraJobSpec = LoraJobSpec()
     train: TrainSpec = TrainSpec()
     uplink: EncodingSpec = EncodingSpec()

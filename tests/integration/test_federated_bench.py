@@ -53,10 +53,10 @@ def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
             assert 0.0 <= out[k] <= 100.0
     rows = {r["variant"]: r for r in out["variants"]}
     assert len(rows) == 9
-    # compression shows in the bytes: fp32 frames are a bit over the fp32 size (headers), int8 ~3-4x, top-k more
-    assert (
-        rows["fedalt"]["wire_ratio"] < 1.0 < rows["fedalt+int8"]["wire_ratio"] < rows["fedalt+topk10+ef"]["wire_ratio"]
-    )
+    # compression shows in the bytes: fp32 frames are about the fp32 size (compact headers are small and LZ4 may
+    # shave a little off the body), int8 ~3-4x, top-k more
+    fp32, int8 = rows["fedalt"]["wire_ratio"], rows["fedalt+int8"]["wire_ratio"]
+    assert 0.9 < fp32 < 1.1 < int8 < rows["fedalt+topk10+ef"]["wire_ratio"]
     assert rows["fedalt+topk10+ef"]["wire_ratio"] < rows["fedalt+topk1+ef"]["wire_ratio"]
     assert rows["local"]["bytes_down"] == 0 and rows["fedalt"]["bytes_down"] > 0  # no aggregate without federation
     for r in rows.values():
@@ -85,3 +85,41 @@ def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
     assert rep.returncode == 0, rep.stderr[-2000:]
     assert saved["table"] in rep.stdout
     assert (tmp_path / "rep" / "report_acc_mb.png").is_file()
+
+
+@pytest.mark.slow
+def test_full_benchmark(tmp_path: Path) -> None:
+    """The full run docs/benchmarks.md reports (8 clients, 9 variants, 15 jobs; ~45 minutes on 2 cores, pre-training
+    of the base model included on a cold cache): it completes, and its JSON and report hold every variant, seed,
+    client and key. Whether the targets are met is reported in the JSON (``targets``), not asserted: they are
+    measurements of the method, not of the code."""
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "federated.py"), "--json", "--run-dir", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=80 * 60,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for k in KEYS:
+        assert isinstance(out[k], float) and math.isfinite(out[k]), k
+    rows = {r["variant"]: r for r in out["variants"]}
+    assert len(rows) == 9
+    for name, r in rows.items():
+        assert len(r["seeds"]) == (3 if name in ("local", "fedavg", "fedalt") else 1), name
+        assert len(r["per_client"]) == 8 and len(set(r["clients"].values())) == 8  # one task family each
+        assert [c[0] for c in r["curve"]] == list(range(9))  # the base model, then after each of the 8 rounds
+    assert rows["fedalt+topk10+ef"]["wire_ratio"] > rows["fedalt+int8"]["wire_ratio"] > 3.0
+    for margin, verdict in (
+        ("fedalt_minus_best_baseline", "fedalt_beats_baselines_by_2"),
+        ("topk10_minus_fedalt", "topk10_within_1"),
+        ("wire_ratio_topk10_ef", "wire_ratio_ge_20"),
+        ("topk1_ef_minus_noef", "ef_beats_noef"),
+    ):
+        assert math.isfinite(out["targets"][margin]) and isinstance(out["targets"][verdict], bool), margin
+    for job in (run / "jobs").iterdir():
+        hist = [json.loads(line) for line in (job / "server" / "history.jsonl").read_text().splitlines()]
+        assert [h["round"] for h in hist] == list(range(1, 10))  # 8 training rounds + the evaluation-only round
+        assert {c["n_test"] for c in hist[-1]["clients"].values()} == {1000}  # the final score: 1,000 items each

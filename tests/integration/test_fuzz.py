@@ -18,7 +18,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import StreamDataReceived
 from fedquic.common.adapter import init_lora_state
-from fedquic.common.codec import EncodingSpec, decode_tensors, encode_payload
+from fedquic.common.codec import EncodingSpec, decode_tensors, encode_payload, expand, to_compact
 from fedquic.common.errors import FedQuicError
 from fedquic.common.limits import WireLimits
 from fedquic.common.messages import (
@@ -53,12 +53,14 @@ def seeds() -> list[bytes]:
         encode_frame(UploadRequest(round=1, nbytes=100)),
         encode_frame(Ack(ref=6, round=1, state_hash="ab")),  # type: ignore[arg-type]
     ]
-    for spec in ("fp32", "int8", "int8-block8", "topk10", "topk10-fp16+nolz4", "fp16+nolz4"):
+    for i, spec in enumerate(("fp32", "int8", "int8-block8", "topk10", "topk10-fp16+nolz4", "fp16+nolz4")):
         p = encode_payload(state, EncodingSpec.parse(spec))
-        out.append(
-            encode_frame(Update(round=1, client_id="c1", num_samples=3, base_hash="ab", manifest=p.manifest), p.body)
-        )
-        out.append(encode_frame(Aggregate(round=1, contributors=2, manifest=p.manifest), p.body))
+        compact = to_compact(p.manifest, SCHEMA)
+        assert compact is not None
+        # both manifest forms (the compact one senders use, the full one older peers send), alternating
+        up, down = (compact, p.manifest) if i % 2 else (p.manifest, compact)
+        out.append(encode_frame(Update(round=1, client_id="c1", num_samples=3, base_hash="ab", manifest=up), p.body))
+        out.append(encode_frame(Aggregate(round=1, contributors=2, manifest=down), p.body))
     return out
 
 
@@ -89,8 +91,12 @@ def mutate(rng: random.Random, data: bytes, pool: list[bytes]) -> bytes:
         except ValueError:
             header = None
         if isinstance(header, dict) and header:
-            key = rng.choice(list(header))
-            header[key] = rng.choice([None, -1, 2**70, "x" * 5000, [], {}, 1e308, "NaN", [0] * 100])
+            target = header
+            if isinstance(header.get("manifest"), dict) and rng.random() < 0.5:  # reach into the manifest too
+                target = header["manifest"]
+            if target:
+                key = rng.choice(list(target))
+                target[key] = rng.choice([None, -1, 2**70, "x" * 5000, [], {}, 1e308, "NaN", [0] * 100, "b", 0])
             new = json.dumps(header).encode()
             b = b[:4] + len(new).to_bytes(4, "big") + b[8:16] + new + b[16 + hlen :]
     elif op == 6:
@@ -129,8 +135,9 @@ def run_one(cfg: QuicConfiguration, data: bytes, stream_id: int, end: bool, rng:
             h = ev.message.header
             if isinstance(h, (Update, Aggregate)):
                 try:
-                    SCHEMA.check_manifest(h.manifest)
-                    decoded = decode_tensors(h.manifest, ev.message.body, LIMITS)
+                    manifest = expand(h.manifest, SCHEMA, LIMITS)
+                    SCHEMA.check_manifest(manifest)
+                    decoded = decode_tensors(manifest, ev.message.body, LIMITS)
                     assert all(np.isfinite(v).all() for v in decoded.values())
                     kinds.append("decoded")
                 except FedQuicError:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fedquic.common.adapter import init_lora_state, state_hash
-from fedquic.common.codec import EncodingSpec, Manifest, encode_payload
+from fedquic.common.codec import EncodingSpec, Manifest, encode_payload, to_compact
 from fedquic.common.errors import ErrorCode, TransportError
 from fedquic.common.limits import WireLimits
 from fedquic.common.messages import (
@@ -131,6 +131,18 @@ async def test_update_level_attacks_are_refused_per_message(dev_pki, tmp_path: P
             wrong = {k: np.zeros((v.shape[0] + 1, *v.shape[1:]), np.float32) for k, v in INIT.items()}
             await bad.send_bulk(*update("bad", 1, wrong, INIT_HASH))
             await expect_error(bad, ErrorCode.SCHEMA_MISMATCH)
+            # compact manifests: written for another schema, and with a k larger than its tensor
+            sparse = encode_payload(small_delta(7), EncodingSpec.parse("topk10"))
+            compact = to_compact(sparse.manifest, SCHEMA)
+            assert compact is not None and compact.k is not None
+            h, _ = update("bad", 1, small_delta(7), INIT_HASH)
+            await bad.send_bulk(
+                h.model_copy(update={"manifest": compact.model_copy(update={"fp": "0" * 16})}), sparse.body
+            )
+            await expect_error(bad, ErrorCode.SCHEMA_MISMATCH)
+            too_many = compact.model_copy(update={"k": (10**6, *compact.k[1:])})
+            await bad.send_bulk(h.model_copy(update={"manifest": too_many}), sparse.body)
+            await expect_error(bad, ErrorCode.BAD_TENSOR)
             # an "LZ4 bomb": a manifest claiming more raw bytes than the body decompresses to
             h, b = update("bad", 1, small_delta(3), INIT_HASH)
             bomb = encode_payload(small_delta(3), EncodingSpec.parse("fp32"))

@@ -111,6 +111,10 @@ async def test_sparse_uplink_and_downlink_with_error_feedback_over_quic(
         learners, clients, results = await run_job(tiny_model_dir, dev_pki, tmp_path, job, TASKS[:2], rounds=2)
     assert "the server expected" not in caplog.text  # every ACKed aggregate hash matched the server's
     assert all(r.rounds[-1].bytes_down > 0 for r in results)
+    # Both directions carry compact manifests and Elias–Fano positions: ~17x here, ~7x with the full manifest
+    # (8 tensors of 512 values, where per-tensor names and offsets would outweigh the body).
+    for r in results:
+        assert all(x.fp32_up / x.bytes_up > 12 and x.fp32_down / x.bytes_down > 12 for x in r.rounds), r.rounds
     for client, learner in zip(clients, learners, strict=True):
         local = learner.local_state()
         assert client.ef.residual_norm() > 0  # top-k really dropped something this round

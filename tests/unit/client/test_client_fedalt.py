@@ -61,8 +61,9 @@ def _by_hand(fam: FedALTModel, x: torch.Tensor, gate: torch.Tensor) -> torch.Ten
 
 def test_layer_output_matches_formula(fam: FedALTModel) -> None:
     x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0))
-    router = torch.from_numpy(fam.mixer_state()[f"{LAYER}.router.weight"])
-    gate = torch.softmax(x @ router.T, dim=-1)
+    mixer = fam.mixer_state()
+    router, bias = (torch.from_numpy(mixer[f"{LAYER}.router.{k}"]) for k in ("weight", "bias"))
+    gate = torch.softmax(x @ router.T + bias, dim=-1)
     assert float(gate.std()) > 0.05  # the gate really varies per token
     with torch.no_grad():
         y = _layer(fam)(x)
@@ -79,6 +80,26 @@ def test_fixed_mixer_is_half_half(load_tiny) -> None:
     with torch.no_grad():
         y = _layer(fam)(x)
     torch.testing.assert_close(y, _by_hand(fam, x, torch.full((3, 2), 0.5)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mixer_init", [0.9, 0.5, 0.2])
+def test_learned_mixer_starts_at_mixer_init(load_tiny, mixer_init: float) -> None:
+    model, _ = load_tiny(gradient_checkpointing=False)
+    fam = FedALTModel(model, LoraSpec(rank=4, alpha=8.0), init_seed=SEED, mixer="learned", mixer_init=mixer_init)
+    fam.set_local_state(_random_state(fam, 1))
+    fam.set_row_state(_random_state(fam, 2))
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = _layer(fam)(x)
+    gate = torch.tensor([[mixer_init, 1 - mixer_init]]).expand(3, 2)
+    torch.testing.assert_close(y, _by_hand(fam, x, gate), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mixer_init", [0.0, 1.0, -0.1, 2.0])
+def test_mixer_init_out_of_range_is_refused(load_tiny, mixer_init: float) -> None:
+    model, _ = load_tiny(gradient_checkpointing=False)
+    with pytest.raises(ConfigError, match="mixer_init"):
+        FedALTModel(model, LoraSpec(rank=4), init_seed=SEED, mixer="learned", mixer_init=mixer_init)
 
 
 def test_gradients_reach_only_local_lora_and_routers(fam: FedALTModel, tok) -> None:
@@ -100,7 +121,7 @@ def test_gradients_reach_only_local_lora_and_routers(fam: FedALTModel, tok) -> N
                 n_router += "fedalt_routers" in name
             else:
                 assert p.grad is None, name
-        assert n_local == 8 and n_router == 4  # 2 layers x (q, v) x (A, B); one router per LoRA layer
+        assert n_local == 8 and n_router == 8  # 2 layers x (q, v) x (A, B); a router (weight, bias) per layer
     finally:
         fam.model.zero_grad(set_to_none=True)
         fam.model.eval()
@@ -158,7 +179,10 @@ def test_state_round_trips_and_validation(fam: FedALTModel) -> None:
 
 def test_mixer_state_round_trip(fam: FedALTModel) -> None:
     mix = fam.mixer_state()
-    assert len(mix) == 4 and all(v.shape == (2, 64) for v in mix.values())
+    weights = {k: v for k, v in mix.items() if k.endswith(".router.weight")}
+    biases = {k: v for k, v in mix.items() if k.endswith(".router.bias")}
+    assert len(weights) == len(biases) == 4 and len(mix) == 8
+    assert all(v.shape == (2, 64) for v in weights.values()) and all(v.shape == (2,) for v in biases.values())
     fam.set_mixer_state(mix)
     with pytest.raises(SchemaMismatchError):
         fam.set_mixer_state({k: v[:1] for k, v in mix.items()})

@@ -123,3 +123,12 @@ def test_progress_bar_only_on_a_terminal() -> None:
             bar.update(step, 5, 1.0 / step)
     out = tty.getvalue()
     assert "round 7" in out and "5/5" in out
+
+
+def test_learner_builds_the_mixer_the_job_asks_for(tiny_model_dir: Path) -> None:
+    learner = PeftLearner(PeftLearnerConfig(model_path=tiny_model_dir, task="reverse", num_examples=20, progress=False))
+    learner.attach(
+        Welcome(version=1, job_id="j", rounds=1, init_seed=0, mixer="learned", mixer_init=0.7, lora=LoraJobSpec(rank=4))
+    )
+    biases = [v for k, v in learner.extra_state().items() if k.endswith(".router.bias")]
+    assert biases and all(np.allclose(b, [math.log(0.7 / 0.3), 0.0], atol=1e-6) for b in biases)

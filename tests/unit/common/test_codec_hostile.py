@@ -8,6 +8,7 @@ import tracemalloc
 import lz4.block
 import numpy as np
 import pytest
+from fedquic.common.adapter import AdapterSchema
 from fedquic.common.codec import Compression, Encoding, Manifest, TensorRecord, decode_tensors, encode_tensors
 from fedquic.common.errors import CodecError, ErrorCode
 from fedquic.common.limits import WireLimits
@@ -145,3 +146,108 @@ def test_wrong_shapes_against_the_schema_are_refused_before_decoding() -> None:
     bad = m.model_copy(update={"tensors": (m.tensors[0].model_copy(update={"shape": (40, 6)}), m.tensors[1])})
     with pytest.raises(SchemaMismatchError):
         schema.check_manifest(bad)
+
+
+COMPACT_SCHEMA_STATE = {"a": np.zeros((6, 40), np.float32), "b": np.zeros((90,), np.float32)}
+
+
+def compact_schema() -> AdapterSchema:
+    return AdapterSchema.from_state(COMPACT_SCHEMA_STATE)
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(list(Encoding)),
+    st.sampled_from(list(Compression)),
+    st.integers(0, 1 << 20),
+    st.one_of(st.none(), st.sampled_from(["auto", "tensor", "row", "column", "block"])),
+    st.one_of(st.none(), st.integers(1, 1 << 12)),
+    st.one_of(st.none(), st.sampled_from(["fp32", "fp16", "int8"])),
+    st.one_of(st.none(), st.lists(st.integers(0, 400), max_size=4).map(tuple)),
+    st.one_of(st.none(), st.text("b124e", max_size=4)),
+    st.booleans(),
+    st.binary(max_size=512),
+)
+def test_random_compact_manifests_expand_and_decode_or_raise_our_errors(
+    enc: Encoding,
+    comp: Compression,
+    raw: int,
+    gran: str | None,
+    bs: int | None,
+    vals: str | None,
+    k: tuple[int, ...] | None,
+    ix: str | None,
+    right_schema: bool,
+    body: bytes,
+) -> None:
+    from fedquic.common.codec import CompactManifest, expand
+    from fedquic.common.errors import SchemaMismatchError
+
+    schema = compact_schema()
+    try:
+        m = CompactManifest(
+            fp=schema.fingerprint() if right_schema else "0123456789abcdef",
+            enc=enc,
+            comp=comp,
+            raw=raw,
+            gran=gran,  # type: ignore[arg-type]
+            bs=bs,
+            vals=vals,  # type: ignore[arg-type]
+            k=k,
+            ix=ix,
+        )
+    except ValidationError:
+        return  # refused as BAD_HEADER when parsed
+    try:
+        full = expand(m, schema, LIMITS)
+    except SchemaMismatchError:
+        assert not right_schema
+        return
+    except CodecError as exc:
+        assert isinstance(exc.code, ErrorCode)
+        return
+    schema.check_manifest(full)
+    decode_or_our_error(full, body[: full.raw_size] if comp is Compression.NONE else body)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.integers(0, 20),
+    st.sampled_from(["int8", "int8-block8", "topk10", "topk1", "topk40-fp16", "bf16"]),
+    st.data(),
+)
+def test_tampered_compact_manifests(seed: int, enc: str, data: st.DataObject) -> None:
+    from fedquic.common.codec import CompactManifest, expand, to_compact
+
+    schema = compact_schema()
+    m, body = valid_payload(seed, enc)
+    compact = to_compact(m, schema)
+    assert compact is not None and expand(compact, schema) == m
+    fields = compact.model_dump()
+    key = data.draw(st.sampled_from(["raw", "k", "ix", "bs", "gran", "vals", "comp"]))
+    if key == "k" and compact.k is not None:
+        i = data.draw(st.integers(0, len(compact.k) - 1))
+        ks = list(compact.k)
+        ks[i] = data.draw(st.integers(0, 1 << 20))
+        fields["k"] = tuple(ks)
+    elif key == "ix" and compact.ix is not None:
+        fields["ix"] = data.draw(st.text("b124e", min_size=len(compact.ix), max_size=len(compact.ix)))
+    elif key == "raw":
+        fields["raw"] = data.draw(st.integers(0, 1 << 40))
+    elif key == "bs":
+        fields["bs"] = data.draw(st.one_of(st.none(), st.integers(1, 1 << 12)))
+    elif key == "gran":
+        fields["gran"] = data.draw(st.sampled_from(["auto", "tensor", "row", "column", "block"]))
+    elif key == "vals":
+        fields["vals"] = data.draw(st.sampled_from(["fp32", "fp16", "int8"]))
+    else:
+        fields["comp"] = data.draw(st.sampled_from(["none", "lz4"]))
+    try:
+        tampered = CompactManifest.model_validate(fields)
+        full = expand(tampered, schema, LIMITS)
+    except ValidationError:
+        return
+    except CodecError as exc:
+        assert isinstance(exc.code, ErrorCode)
+        return
+    decode_or_our_error(full, body)
