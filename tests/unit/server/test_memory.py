@@ -23,5 +23,7 @@ def test_freed_large_arrays_leave_resident_memory() -> None:
     del arrays
     trim()
     after = rss_kb()
-    assert held - before > 100_000  # the arrays were resident (~128 MiB)
+    # the arrays were resident: 128 MiB, less what the kernel's reclaim may take back from a process that has
+    # run the rest of the suite (99 MB seen once in CI)
+    assert held - before > 64_000
     assert after - before < 16_000, (before, held, after)  # and are gone once freed
