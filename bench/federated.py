@@ -362,8 +362,24 @@ async def worker_job(cmd: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _exit_with_parent(poll_s: float = 1.0) -> None:
+    """End this worker when the orchestrator dies (killed, or timed out by a test runner) instead of finishing its
+    job against a server that is gone: a daemon thread watches the parent pid."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def worker_main(threads: int) -> int:
     """Read commands from stdin, answer one JSON line each on the original stdout; logs go to stderr."""
+    _exit_with_parent()
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything a library prints goes to the log, never into the protocol stream
     sys.stdout = sys.stderr
