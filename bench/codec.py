@@ -88,16 +88,21 @@ INTERMEDIATE = 8192
 KV_OUT = 8 * 64  # 8 KV heads of dim 64
 FULL_LAYERS = 16
 
-# projection -> (module path, in_features, out_features)
-PROJECTIONS: dict[str, tuple[str, int, int]] = {
-    "q_proj": ("self_attn", HIDDEN, HIDDEN),
-    "k_proj": ("self_attn", HIDDEN, KV_OUT),
-    "v_proj": ("self_attn", HIDDEN, KV_OUT),
-    "o_proj": ("self_attn", HIDDEN, HIDDEN),
-    "gate_proj": ("mlp", HIDDEN, INTERMEDIATE),
-    "up_proj": ("mlp", HIDDEN, INTERMEDIATE),
-    "down_proj": ("mlp", INTERMEDIATE, HIDDEN),
-}
+
+def llama_projections(hidden: int, intermediate: int, kv_out: int) -> dict[str, tuple[str, int, int]]:
+    """projection -> (module path, in_features, out_features) of a Llama block."""
+    return {
+        "q_proj": ("self_attn", hidden, hidden),
+        "k_proj": ("self_attn", hidden, kv_out),
+        "v_proj": ("self_attn", hidden, kv_out),
+        "o_proj": ("self_attn", hidden, hidden),
+        "gate_proj": ("mlp", hidden, intermediate),
+        "up_proj": ("mlp", hidden, intermediate),
+        "down_proj": ("mlp", intermediate, hidden),
+    }
+
+
+PROJECTIONS = llama_projections(HIDDEN, INTERMEDIATE, KV_OUT)
 
 SCHEMES: tuple[str, ...] = (
     "fp32",
@@ -116,15 +121,7 @@ TARGETS: dict[str, float] = {"topk10_ratio": 20.0, "topk1_ratio": 100.0, "roundt
 
 # The learning benchmark's adapter (bench/federated.py): hidden 192, MLP 512, 4 layers, rank 8.
 SMALL_HIDDEN, SMALL_MLP, SMALL_LAYERS, SMALL_RANK = 192, 512, 4, 8
-SMALL_PROJECTIONS: dict[str, tuple[str, int, int]] = {
-    "q_proj": ("self_attn", SMALL_HIDDEN, SMALL_HIDDEN),
-    "k_proj": ("self_attn", SMALL_HIDDEN, SMALL_HIDDEN),
-    "v_proj": ("self_attn", SMALL_HIDDEN, SMALL_HIDDEN),
-    "o_proj": ("self_attn", SMALL_HIDDEN, SMALL_HIDDEN),
-    "gate_proj": ("mlp", SMALL_HIDDEN, SMALL_MLP),
-    "up_proj": ("mlp", SMALL_HIDDEN, SMALL_MLP),
-    "down_proj": ("mlp", SMALL_MLP, SMALL_HIDDEN),
-}
+SMALL_PROJECTIONS = llama_projections(SMALL_HIDDEN, SMALL_MLP, SMALL_HIDDEN)
 SMALL_SCHEMES: tuple[str, ...] = ("topk10", "topk1", "int8")
 
 State = dict[str, np.ndarray]
