@@ -114,8 +114,8 @@ def _add_server_args(s: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--mixer-init",
         type=float,
-        help="the learned mixer's starting weight on each client's own adapter, in (0, 1) (default 0.9; "
-        "0.5 is the FedALT paper's neutral start)",
+        help="the learned mixer's starting weight on each client's own adapter, in (0, 1) (default 0.9, for "
+        "clients whose tasks differ; 0.5, the FedALT paper's neutral start, when they share one)",
     )
     s.add_argument(
         "--row-mode",
