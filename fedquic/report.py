@@ -269,12 +269,7 @@ def write_plots(rows: list[dict[str, Any]], out_dir: Path, prefix: str = "report
     ax.set_xlabel("round (model after it; 0 = base model)")
     ax.set_ylabel("held-out accuracy, mean over clients (points)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    p = out_dir / f"{prefix}_acc_rounds.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(str(p))
+    paths.append(_save(fig, ax, out_dir / f"{prefix}_acc_rounds.png"))
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for r in rows:
         pts = [(mb, a) for _, a, mb in r["curve"] if mb > 0]
@@ -285,13 +280,19 @@ def write_plots(rows: list[dict[str, Any]], out_dir: Path, prefix: str = "report
     ax.set_xlabel("cumulative MB sent, all clients, up + down (log)")
     ax.set_ylabel("held-out accuracy (points)")
     ax.grid(alpha=0.3, which="both")
+    paths.append(_save(fig, ax, out_dir / f"{prefix}_acc_mb.png"))
+    return paths
+
+
+def _save(fig: Any, ax: Any, path: Path) -> str:
+    """Legend, layout, PNG, and the figure closed (pyplot keeps every open figure alive)."""
+    import matplotlib.pyplot as plt
+
     ax.legend(fontsize=7)
     fig.tight_layout()
-    p = out_dir / f"{prefix}_acc_mb.png"
-    fig.savefig(p, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    paths.append(str(p))
-    return paths
+    return str(path)
 
 
 def report(
