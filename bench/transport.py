@@ -80,6 +80,7 @@ from fedquic.common.codec import Manifest
 from fedquic.common.errors import TransportError
 from fedquic.common.messages import Ack, Aggregate, Heartbeat, MsgType
 from fedquic.transport.aio import FedQuicServer, Peer, connect_peer
+from fedquic.transport.connection import BulkPermit
 from fedquic.transport.pki import DevPki, init_dev_pki, issue_client_cert
 from fedquic.transport.settings import TlsFiles, TransportSettings
 from fedquic.transport.tickets import TicketJar
@@ -249,7 +250,13 @@ async def serve_main(args: argparse.Namespace) -> dict[str, Any]:
     servers: list[FedQuicServer] = []
     ports: dict[str, int] = {}
     for d in sizes:
-        srv = FedQuicServer(TransportSettings(max_datagram_size=d), tls, quic_handler(d))
+        srv = FedQuicServer(
+            TransportSettings(max_datagram_size=d),
+            tls,
+            quic_handler(d),
+            # an echo harness, not a job: every connection may send bulk transfers from the start
+            bulk_permits=lambda: {MsgType.AGGREGATE: BulkPermit(max_body=1 << 30)},
+        )
         ports[str(d)] = await srv.start(HOST, 0)
         servers.append(srv)
     server_ctx, _ = tls_contexts(pki, pki.server_cert, pki.server_key)

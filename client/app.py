@@ -15,6 +15,10 @@ Resilience (see docs/client.md):
   stay as they were (the change goes into the next round's delta) and the error-feedback residual is rolled back.
 * **Reconnect.** A connection lost after joining is re-established with exponential backoff and jitter, and
   the client rejoins with ``resume`` from its in-memory state; refusals (certificate, identity, schema) are final.
+  A round whose UPDATE was never acknowledged and that the server hands again is retrained from the learner's
+  state at that round's start (:class:`RoundStartState`), never on top of the first training.
+* **Job ended.** An ERROR ``JOB_ENDED`` or a close with that code, at any point, ends the client with success:
+  there is nothing left to join, so it does not retry.
 * **Ordering.** Messages that arrive while the client waits for a specific one (AGGREGATE, ROUND_START,
   HEARTBEAT, METRICS while it waits for the ACK of its UPDATE) are queued and handled afterwards.
 """
@@ -36,7 +40,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..common.adapter import AdapterSchema, TensorDict, init_lora_state, state_hash, zeros_state
-from ..common.codec import decode_tensors, expand, fp32_nbytes, to_compact
+from ..common.codec import Encoding, decode_tensors, expand, fp32_nbytes, to_compact
 from ..common.errors import (
     ConfigError,
     ErrorCode,
@@ -85,6 +89,7 @@ FINAL_CODES = frozenset(
         ErrorCode.SCHEMA_MISMATCH,
         ErrorCode.UNSUPPORTED_VERSION,
         ErrorCode.JOB_FULL,
+        ErrorCode.UNSUPPORTED_ENCODING,
     }
 )
 # ERROR messages that mean "the server is going away or too slow", worth a reconnect.
@@ -168,6 +173,25 @@ class ClientResult:
     bye_reason: str = ""
 
 
+@dataclass
+class RoundStartState:
+    """The learner's state when it began training a round whose UPDATE is not acknowledged yet.
+
+    Why roll back rather than resend: a round handed again (the server never applied our UPDATE: the connection
+    dropped, or the server restarted, between training and the ACK) is retrained from this state, so the client
+    never trains a round twice on top of itself. The alternative, persisting the encoded UPDATE and resending it,
+    needs a second durable artefact (the payload, its residual and view) that must agree with the checkpoint; the
+    rollback needs nothing on disk: the checkpoint is only written after a sync, so it already holds this state,
+    and a restarted process and a reconnected one resume from the same point. Where the server did apply the
+    UPDATE (only its ACK was lost) it does not hand the round again; its view hash differs at the rejoin and the
+    dense reset installs its copy, the trained adapter.
+    """
+
+    round: int
+    local: TensorDict
+    extra: TensorDict
+
+
 def is_retryable(exc: BaseException) -> bool:
     """Whether a failed connection is worth another attempt."""
     if isinstance(exc, TransportError):
@@ -208,6 +232,8 @@ class FederatedClient:
         self.rows_received: dict[int, TensorDict] = {}  # last RoW per round, for inspection and tests
         self.keep_rows = False
         self._pending: deque[Message] = deque()
+        # Set when a round's UPDATE went unacknowledged: if the server hands that round again, train it from here.
+        self._unacked: RoundStartState | None = None
         self._heartbeats = 0
         self._heartbeat_ok = False
         self._unanswered_since: float | None = None
@@ -225,12 +251,8 @@ class FederatedClient:
             try:
                 return await self._run_once()
             except (TransportError, RemoteError) as exc:
-                if exc.code is ErrorCode.JOB_ENDED:  # the server closed at the end of the job: we are done too
-                    log.info("the server ended the job: %s", exc)
-                    result = self.result or ClientResult(job_id=self.job.job_id if self.job else "")
-                    result.bye_reason = result.bye_reason or str(exc)
-                    self._save(result)
-                    return result
+                if exc.code is ErrorCode.JOB_ENDED:
+                    return self._job_ended(exc)
                 if not is_retryable(exc):
                     raise
                 if self.joins > joins:  # this connection got as far as joining: count afresh
@@ -244,6 +266,16 @@ class FederatedClient:
                 log.warning("%s (%d/%d: %s); retrying in %.1f s", what, failures, cfg.connect_attempts, exc, wait)
                 await asyncio.sleep(wait)
                 delay = min(delay * 2, cfg.backoff_max_s)
+
+    def _job_ended(self, exc: TransportError | RemoteError) -> ClientResult:
+        """The server says the job is over (ERROR JOB_ENDED, or a close with that code, at any point): a success
+        with nothing left to do. No retry can change it, so the client stops at once."""
+        log.info("the job has ended (%s); nothing left to do, not retrying", exc)
+        if self.result is None:  # ended before we took part: keep the round log of an earlier run of this client
+            return ClientResult(job_id=self.job.job_id if self.job else "", bye_reason=str(exc))
+        self.result.bye_reason = self.result.bye_reason or str(exc)
+        self._save(self.result)
+        return self.result
 
     async def _run_once(self) -> ClientResult:
         cfg = self.cfg
@@ -365,6 +397,7 @@ class FederatedClient:
             client_id=self.cfg.client_id,
             base_fingerprint=self.learner.base_fingerprint(),
             num_samples=self.learner.num_samples(),
+            encodings=tuple(Encoding),  # this client decodes every encoding of the protocol
         )
 
     async def _join(self, peer: MessagePeer) -> Welcome:
@@ -518,8 +551,26 @@ class FederatedClient:
 
     # -- rounds ----------------------------------------------------------------------------------------
 
+    def _round_start_state(self, round_: int) -> RoundStartState:
+        extra_fn = getattr(self.learner, "extra_state", None)
+        return RoundStartState(round_, self.learner.local_state(), extra_fn() if extra_fn is not None else {})
+
+    def _roll_back(self, start: RoundStartState) -> None:
+        """Put the learner back where it began ``start.round`` (the adapter and its extra state, e.g. mixers)."""
+        self.learner.set_local_state(start.local)
+        load_extra = getattr(self.learner, "load_extra_state", None)
+        if load_extra is not None and start.extra:
+            load_extra(start.extra)
+        log.warning(
+            "round %d handed again: rolled back to the start of round %d to retrain it", start.round, start.round
+        )
+
     async def _round(self, peer: MessagePeer, rs: RoundStart) -> RoundRecord:
         round_var.set(rs.round)
+        unacked, self._unacked = self._unacked, None
+        if unacked is not None and unacked.round == rs.round:
+            self._roll_back(unacked)  # never train a round on top of its own first training
+        start = self._round_start_state(rs.round)
         t0 = time.perf_counter()
         metrics = await asyncio.to_thread(self.learner.train, rs.round, rs.train)
         local = self.learner.local_state()
@@ -563,8 +614,10 @@ class FederatedClient:
                     stop=Bye,  # the job ended without acknowledging: the main loop handles the BYE
                 )
         except BaseException:
-            # Not acknowledged: whatever the server did with it, a rejoin settles (its view hash tells).
+            # Not acknowledged: whatever the server did with it, a rejoin settles (its view hash tells). Should the
+            # server hand this round again, it is retrained from where it started (see RoundStartState).
             self.ef.residual = residual_before
+            self._unacked = start
             raise
         h = msg.header
         if isinstance(h, (Error, Bye)):
@@ -615,6 +668,7 @@ class FederatedClient:
                 self.synced = {k: v.copy() for k, v in state.items()}
                 self.ef.residual = {}
                 self.resets += 1
+                self._unacked = None  # the server applied our update after all: its copy is the round's result
                 log.warning("adapter reset to the server's copy (round %d)", h.round)
             # else: we already agree; our unsent local progress stays.
         else:
@@ -628,6 +682,7 @@ class FederatedClient:
                 self.learner.set_row_state(state)
             else:  # fedavg: the global adapter replaces the local one, and is what the server now holds
                 self.learner.set_local_state(state)
+                self._unacked = None
                 self.view, self.view_hash = state, state_hash(state)
                 self.synced = state
             if self.keep_rows:
@@ -658,6 +713,7 @@ __all__ = [
     "ClientResult",
     "FederatedClient",
     "RoundRecord",
+    "RoundStartState",
     "is_retryable",
     "run_client",
 ]

@@ -266,6 +266,31 @@ def encode_tensors(state: Mapping[str, np.ndarray], spec: EncodingSpec | None = 
 _VALUE_BYTES = {"fp32": 4, "fp16": 2}
 
 
+def max_body_nbytes(shapes: list[tuple[int, ...]], spec: EncodingSpec) -> int:
+    """The largest body that tensors of these shapes can take in ``spec``: a receiver's cap before any byte.
+
+    Exact per tensor for the dense encodings; for top-k, k follows the spec and the index coding may be any of
+    the formats (a sender need not pick the smallest). LZ4 is used only where it shrinks the body, so it never
+    adds to the bound.
+    """
+    total = 0
+    for shape in shapes:
+        n = math.prod(shape)
+        enc = spec.encoding
+        if enc is Encoding.FP32:
+            total += 4 * n
+        elif enc in (Encoding.FP16, Encoding.BF16):
+            total += 2 * n
+        elif enc is Encoding.INT8:
+            axis, block = _int8_params(shape, spec.granularity, spec.block_size)
+            total += 4 * n_scales(shape, axis=axis, block=block) + n
+        else:
+            k = topk_count(n, ratio=spec.topk_ratio if spec.topk_k is None else None, k=spec.topk_k)
+            values = 4 + k if spec.topk_values == "int8" else _VALUE_BYTES[spec.topk_values] * k
+            total += max(index_nbytes(fmt, n, k) for fmt in IndexFormat) + values
+    return total
+
+
 def expected_nbytes(rec: TensorRecord) -> int:
     """The byte size a record must have given its shape and encoding; inconsistent records raise."""
     n = math.prod(rec.shape)

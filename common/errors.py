@@ -35,6 +35,8 @@ class ErrorCode(IntEnum):
     LATE_UPDATE = 19
     # The job is over: the server closes its connections with this code when it ends (a BYE may have been lost).
     JOB_ENDED = 20
+    # HELLO's `encodings` lacks one the job sends (its downlink encoding, or fp32 for dense resets).
+    UNSUPPORTED_ENCODING = 21
 
 
 class FedQuicError(Exception):

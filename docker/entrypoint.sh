@@ -10,6 +10,9 @@
 #   FEDQUIC_LINGER_FOR    then space-separated files to wait for before exiting (missing after the timeout:
 #                         exit 0 all the same, the work is done)
 #   FEDQUIC_WAIT_TIMEOUT  seconds for each of the two waits (default 120)
+#   FEDQUIC_OK_FILE       written as soon as the command has exited 0, before the waits: the server's
+#                         healthcheck reads it, so that a server whose job is complete (its metrics port is
+#                         closed by then) is not reported unhealthy while its container still runs
 #
 # The compose file sets: each client writes /results/client-N/compose.done as soon as its `fedquic client`
 # has exited 0 (its adapters are saved by then) and lingers until /results/server/compose.done exists; the
@@ -22,7 +25,7 @@
 # complete). While lingering the work is done: it exits 0.
 set -u
 
-if [ -z "${FEDQUIC_DONE_FILE:-}${FEDQUIC_WAIT_FOR:-}${FEDQUIC_LINGER_FOR:-}" ]; then
+if [ -z "${FEDQUIC_DONE_FILE:-}${FEDQUIC_WAIT_FOR:-}${FEDQUIC_LINGER_FOR:-}${FEDQUIC_OK_FILE:-}" ]; then
     exec "$@"
 fi
 
@@ -30,9 +33,9 @@ log() { echo "[entrypoint] $*" >&2; }
 
 # Files left by an earlier run in the same results directory must not count as this run's: this container's
 # own done file, and the ones it waits for first (the server starts before its clients, so any client file
-# present now is stale).
+# present now is stale); the OK file too (a container started again keeps its /tmp).
 # shellcheck disable=SC2086  # word splitting intended: lists of paths
-rm -f ${FEDQUIC_DONE_FILE:-} ${FEDQUIC_WAIT_FOR:-}
+rm -f ${FEDQUIC_DONE_FILE:-} ${FEDQUIC_WAIT_FOR:-} ${FEDQUIC_OK_FILE:-}
 
 child=
 phase=running
@@ -77,6 +80,10 @@ rc=$?
 if [ "$rc" -ne 0 ]; then
     log "command exited with status $rc"
     exit "$rc"
+fi
+
+if [ -n "${FEDQUIC_OK_FILE:-}" ]; then
+    echo 0 > "$FEDQUIC_OK_FILE"
 fi
 
 phase=waiting

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
@@ -86,6 +89,7 @@ SERVER_FLAGS: tuple[tuple[str, str], ...] = (
     ("ready_file", "ready_file"),
     ("metrics_port", "metrics.port"),
     ("upload_slots", "upload_slots"),
+    ("on_finished", "on_finished"),
     ("max_datagram_size", "transport.max_datagram_size"),
 )
 
@@ -155,6 +159,13 @@ def _add_server_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--ready-file", type=Path, help="write {host, port, pid, metrics_port} as JSON once listening")
     s.add_argument("--metrics-port", type=int, help="Prometheus /metrics port on localhost (default 9464; 0: any)")
     s.add_argument("--upload-slots", type=int, help="clients allowed to upload at once (default 8)")
+    s.add_argument(
+        "--on-finished",
+        choices=("exit", "restart"),
+        help="when the run directory holds a finished job: exit 0 saying so (default), or move its state aside "
+        "(state.finished-TIME/) and start a new job (the demo and the compose cluster, run again in one folder); "
+        "a job that did not finish is always resumed",
+    )
 
 
 # Client flags: (flag dest, dotted config key); None-valued flags are not given and do not override.
@@ -224,12 +235,8 @@ def _add_client_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--run-dir", type=Path, help="client state and round log (default runs/CLIENT_ID)")
 
 
-def _client_settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    import os
-
-    from .common.config_io import load_config
-    from .settings import ClientProcessConfig, derive_client_defaults
-
+def _client_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The dotted config keys the client flags set (flags not given set nothing)."""
     overrides: dict[str, object] = {
         key: getattr(args, dest) for dest, key in CLIENT_FLAGS if getattr(args, dest, None) is not None
     }
@@ -243,13 +250,121 @@ def _client_settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         overrides["learner.progress"] = False
     if args.no_checkpoint:
         overrides["client.checkpoint"] = False
+    return overrides
+
+
+def _client_settings(args: argparse.Namespace, placeholders: dict[str, object] | None = None):  # type: ignore[no-untyped-def]
+    import os
+
+    from .common.config_io import load_config
+    from .settings import ClientProcessConfig, derive_client_defaults
+
     return load_config(
         ClientProcessConfig,
         path=args.config,
         env=os.environ,
-        overrides=overrides,
+        overrides={**(placeholders or {}), **_client_overrides(args)},
         finalize=derive_client_defaults,
     )
+
+
+@dataclass(frozen=True)
+class Placeholder:
+    """A required client key that `fedquic config show client` prints with a stand-in value to replace."""
+
+    key: str  # dotted: "client.client_id"
+    value: str
+    comment: str
+
+
+CLIENT_PLACEHOLDERS = (
+    Placeholder("client.client_id", "CLIENT_ID", "REQUIRED: this client's id (letters, digits, _ . -)"),
+    Placeholder("learner.model_path", "/path/to/local/model", "REQUIRED: a local model directory (no hub downloads)"),
+    Placeholder(
+        "learner.data_path",
+        "/path/to/data.jsonl",
+        'REQUIRED: JSONL training data; or, instead of this line, task = "copy" (synthetic data)',
+    ),
+)
+# Defaults derived from the client id: printed only when the id is a real one, else they would name CLIENT_ID.
+_DERIVED_FROM_ID = (("client", "run_dir"), ("client", "tls", "cert"), ("client", "tls", "key"))
+_DERIVED_NOTE = (
+    "# tls.cert, tls.key and run_dir default to CA_DIR/clients/<client_id>.pem, .key and runs/<client_id>; "
+    "set them here to override"
+)
+
+
+def _flatten_keys(tree: Mapping[str, object], prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for k, v in tree.items():
+        dotted = f"{prefix}{k}"
+        keys.add(dotted)
+        if isinstance(v, Mapping):
+            keys |= _flatten_keys(v, dotted + ".")
+    return keys
+
+
+def _client_keys_given(args: argparse.Namespace) -> set[str]:
+    """Dotted keys set by the config file, FEDQUIC_* environment variables or flags (not by defaults)."""
+    import os
+
+    from .common.config_io import ENV_PREFIX, read_toml
+
+    given = set(_client_overrides(args))
+    if args.config is not None:
+        given |= _flatten_keys(read_toml(args.config))
+    given |= {
+        ".".join(p.lower() for p in name[len(ENV_PREFIX) :].split("__"))
+        for name in os.environ
+        if name.startswith(ENV_PREFIX)
+    }
+    return given
+
+
+def _client_placeholders(args: argparse.Namespace) -> list[Placeholder]:
+    """The required keys no source sets (either data source counts for data_path)."""
+    given = _client_keys_given(args)
+    missing = [p for p in CLIENT_PLACEHOLDERS if p.key not in given]
+    if {"learner.task", "learner.data_path"} & given:
+        missing = [p for p in missing if p.key != "learner.data_path"]
+    return missing
+
+
+def client_template(args: argparse.Namespace) -> str:
+    """`fedquic config show client`: the effective settings as a TOML starting file. Required keys that nothing
+    set are printed as placeholders with a REQUIRED comment, so the output is a file to fill in, not an error."""
+    from .common.config_io import to_toml
+
+    missing = _client_placeholders(args)
+    cfg = _client_settings(args, {p.key: p.value for p in missing})
+    tree = cfg.model_dump(mode="json")
+    id_missing = any(p.key == "client.client_id" for p in missing)
+    if id_missing:
+        for path in _DERIVED_FROM_ID:
+            node = tree
+            for part in path[:-1]:
+                node = node[part]
+            node.pop(path[-1], None)
+    return _annotate(to_toml(tree), missing, derived_note=id_missing)
+
+
+def _annotate(text: str, missing: list[Placeholder], *, derived_note: bool) -> str:
+    """Put each placeholder's comment above its line (to_toml writes `[table]` headers, then `key = value`)."""
+    by_line = {(p.key.rpartition(".")[0], f"{p.key.rpartition('.')[2]} = {json.dumps(p.value)}"): p for p in missing}
+    out = ["# fedquic client settings: `fedquic client --config THIS_FILE`."]
+    if missing:
+        out.append("# Replace every value marked REQUIRED below.")
+    table = ""
+    for line in text.splitlines():
+        if line.startswith("[") and line.endswith("]"):
+            table = line[1:-1]
+        p = by_line.get((table, line))
+        if p is not None:
+            out.append(f"# {p.comment}")
+        out.append(line)
+        if derived_note and table == "client" and line.startswith("client_id = "):
+            out.append(_DERIVED_NOTE)
+    return "\n".join(out) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -439,10 +554,10 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     from .common.errors import ConfigError
 
     try:
-        cfg = args.settings(args)
+        text = client_template(args) if args.role == "client" else to_toml(args.settings(args).model_dump(mode="json"))
     except ConfigError as exc:
         raise SystemExit(f"fedquic config show {args.role}: invalid configuration: {exc.args[0]}") from None
-    print(to_toml(cfg.model_dump(mode="json")), end="")
+    print(text, end="")
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -79,6 +80,17 @@ def _wait_ready(path: Path, proc: subprocess.Popen, timeout_s: float) -> dict:
     raise RuntimeError("the server did not start listening in time")
 
 
+def _clear_previous_run(work: Path) -> None:
+    """Remove what an earlier demo left in ``work``: every run is a fresh job.
+
+    The server would otherwise resume the finished job from ``server/state`` and end at once, and the clients
+    would restore that job's checkpoints. Only the demo's own outputs go; the model and certificates are kept.
+    """
+    for name in ("server", *(f"client-{i + 1}" for i in range(len(TASKS)))):
+        shutil.rmtree(work / name, ignore_errors=True)
+    (work / "server.ready").unlink(missing_ok=True)
+
+
 def run_demo(opts: DemoOptions, out: IO[str] = sys.stdout) -> int:
     from .client.model import build_tiny_llama
     from .transport.pki import init_dev_pki, issue_client_cert
@@ -91,8 +103,7 @@ def run_demo(opts: DemoOptions, out: IO[str] = sys.stdout) -> int:
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     server_dir = work / "server"
-    for stale in (server_dir / "history.jsonl", work / "server.ready"):
-        stale.unlink(missing_ok=True)
+    _clear_previous_run(work)
     print(
         f"fedquic demo: {opts.clients} clients, {opts.rounds} rounds, {opts.federation}; files in {work}",
         file=out,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from ..common.adapter import AdapterSchema, TensorDict, init_lora_state, state_hash, zeros_state
 from ..common.codec import (
     CompactManifest,
+    Encoding,
     EncodingSpec,
     Manifest,
     Payload,
@@ -28,6 +29,7 @@ from ..common.codec import (
     encode_payload,
     expand,
     fp32_nbytes,
+    max_body_nbytes,
     to_compact,
 )
 from ..common.errors import (
@@ -39,7 +41,6 @@ from ..common.errors import (
     SchemaMismatchError,
     TransportError,
 )
-from ..common.feedback import ErrorFeedback
 from ..common.logs import client_id_var, round_var
 from ..common.messages import (
     SUPPORTED_VERSIONS,
@@ -59,17 +60,20 @@ from ..common.messages import (
     Welcome,
 )
 from ..transport.aio import FedQuicServer, Peer
+from ..transport.connection import BulkPermit
 from ..transport.framing import frame_size
 from .aggregation import LeaveOneOut, clip_deviation, exact_mean, fedavg, leave_one_out_exact
 from .config import ServerConfig
+from .downlink import downlink_change
 from .memory import pin_mmap_threshold, trim
 from .metrics import MetricsEndpoint, ServerMetrics, render_prometheus
-from .rounds import Action, CloseRound, Fail, Finish, ResumeRound, RoundMachine, StartRound
+from .rounds import Action, CloseRound, Fail, Finish, Phase, ResumeRound, RoundMachine, StartRound
 from .store import ClientRecordOnDisk, JobRecord, Kind, ServerStore, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-HANDSHAKE_TIMEOUT_S = 30.0
+JOIN_TIMEOUT_S = 300.0  # after WELCOME the client builds its adapters (a real model loads first)
+RESET_ACK_TIMEOUT_S = 300.0
 DENSE = EncodingSpec.parse("fp32")
 KINDS: tuple[Kind, ...] = ("row", "global")
 
@@ -82,12 +86,13 @@ class ClientRecord:
     disk: ClientRecordOnDisk
     peer: Peer | None = None
     view: TensorDict | None = None  # the client's individual LoRA as the server reconstructed it
-    # Downlink: per kind, the adapter exactly as the client holds it, and the error-feedback residual.
+    # Downlink: per kind, the adapter exactly as the client holds it (it acknowledges its hash).
     held: dict[str, TensorDict] | None = None
-    downlink_ef: ErrorFeedback = field(default_factory=ErrorFeedback)
+    # Only with downlink_error_feedback off (a measurement switch): the target last sent, per kind.
+    last_target: dict[str, TensorDict] = field(default_factory=dict)
     stats: dict[int, dict[str, float]] = field(default_factory=dict)
     aggregate_acks: dict[int, asyncio.Future[None]] = field(default_factory=dict)
-    held_hash_pending: dict[int, str] = field(default_factory=dict)  # round -> hash the client must acknowledge
+    held_hash_pending: dict[int, tuple[str, str]] = field(default_factory=dict)  # round -> (kind, hash to ACK)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one durable commit at a time per client
     upload_done: dict[int, asyncio.Event] = field(default_factory=dict)  # round -> set when its slot frees
 
@@ -101,7 +106,7 @@ class ClientRecord:
 
     def unload(self) -> None:
         self.view, self.held = None, None
-        self.downlink_ef.residual = {}
+        self.last_target = {}
 
 
 @dataclass
@@ -140,6 +145,18 @@ class AggregationServer:
     def _restore(self) -> list[Action]:
         """Load the job's durable state, if this run directory has one; return the actions to resume."""
         job = self.store.load_job()
+        if job is not None and job.round.phase is Phase.FINISHED:
+            if self.cfg.on_finished == "restart":
+                self._archive_finished(job)
+                job = None
+            else:
+                log.warning(
+                    "job %s in %s already finished (%d rounds): nothing to resume. Start a new job with "
+                    "--on-finished restart (the finished one is kept beside it), or use another run directory",
+                    job.job_id,
+                    self.cfg.run_dir,
+                    job.round.round,
+                )
         if job is None:
             self.store.save_job(JobRecord(job_id=self.cfg.job.job_id))
             return []
@@ -154,7 +171,7 @@ class AggregationServer:
         for cid in self.store.client_ids():
             disk = self.store.load_client(cid)
             assert disk is not None
-            self.records[cid] = ClientRecord(cid, disk)
+            self.records[cid] = ClientRecord(cid, disk, stats={r: dict(v) for r, v in disk.stats.items()})
         snap = job.round
         received = {cid: snap.round for cid, r in self.records.items() if snap.round in r.disk.updates}
         self.machine, actions = RoundMachine.restore(self.cfg.policy, snap, received, self.clock())
@@ -168,6 +185,21 @@ class AggregationServer:
             len(received),
         )
         return actions
+
+    def _archive_finished(self, job: JobRecord) -> None:
+        """Move a finished job's state and history aside, so this run directory starts a new job."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        root = self.store.root
+        dest = root.with_name(f"{root.name}.finished-{stamp}")
+        n = 1
+        while dest.exists():  # two restarts within a second
+            n += 1
+            dest = root.with_name(f"{root.name}.finished-{stamp}-{n}")
+        os.replace(root, dest)
+        if self.history_path.exists():
+            os.replace(self.history_path, dest / "history.jsonl")
+        log.info("job %s had finished (%d rounds): moved to %s; starting a new job", job.job_id, job.round.round, dest)
+        self.store = ServerStore(root)
 
     def _save_job(self) -> None:
         self.store.save_job(
@@ -231,8 +263,6 @@ class AggregationServer:
         self._finish(JobResult(False, self._rounds_completed(), reason, stopped=True))
 
     def _rounds_completed(self) -> int:
-        from .rounds import Phase
-
         return self.machine.round if self.machine.phase is Phase.FINISHED else max(self.machine.round - 1, 0)
 
     async def close(self, bye_grace_s: float = 10.0) -> None:
@@ -334,6 +364,10 @@ class AggregationServer:
                 await peer.aclose(0x100 + int(exc.code), str(exc)[:200])
             elif peer.refused_with is not None:  # a transport-level violation (frame limits, stream flood, ...)
                 self.metrics.reject(peer.refused_with)
+            elif not peer.closed.is_set():  # our own deadline passed (a HELLO or JOIN that never came)
+                log.warning("closing connection from %s: %s", peer.remote_address, exc)
+                self.metrics.reject(exc.code)
+                await peer.aclose(0x100 + int(exc.code), str(exc)[:200])
             elif rec is not None and not self._is_done():
                 log.info("client disconnected: %s", exc)
         finally:
@@ -376,14 +410,19 @@ class AggregationServer:
             else self._default_held(kind)
             for kind in KINDS
         }
-        rec.downlink_ef.residual = self.store.read_tensors(d.client_id, d.ef_file) if d.ef_file else {}
         rec.view, rec.held = view, held
 
     async def _register(self, peer: Peer) -> ClientRecord:
-        msg = await peer.recv(timeout=HANDSHAKE_TIMEOUT_S)
+        deadline = self.clock() + self.cfg.transport.hello_timeout_s
+        msg = await peer.recv(timeout=self.cfg.transport.hello_timeout_s)
+        while msg.type is MsgType.HEARTBEAT:  # may ride in 0-RTT data beside HELLO; the deadline still holds
+            msg = await peer.recv(timeout=max(deadline - self.clock(), 0.001))
         hello = msg.header
         if not isinstance(hello, Hello):
             raise ProtocolError(f"expected HELLO, got {msg.type.name}", code=ErrorCode.UNEXPECTED_MESSAGE)
+        if self._is_done() and not self._stopping:
+            # Said at once, so a client that comes back after the end does not retry into timeouts.
+            raise ProtocolError(f"job {self.cfg.job.job_id!r} has ended", code=ErrorCode.JOB_ENDED)
         common = set(hello.versions) & set(SUPPORTED_VERSIONS)
         if not common:
             raise ProtocolError(
@@ -398,6 +437,13 @@ class AggregationServer:
             )
         if self._stopping:
             raise ProtocolError("the server is shutting down", code=ErrorCode.SHUTTING_DOWN)
+        missing = sorted(e.value for e in self._required_encodings() if e not in hello.encodings)
+        if missing:
+            raise ProtocolError(
+                f"the job sends {', '.join(missing)} (downlink {self.cfg.job.downlink.encoding.value}, dense "
+                f"resets fp32); HELLO lists only {', '.join(e.value for e in hello.encodings)}",
+                code=ErrorCode.UNSUPPORTED_ENCODING,
+            )
         stale = self.clients.get(cid)
         if stale is not None:
             if peer.identity is None:  # without a verified certificate, an id alone cannot take a session over
@@ -410,9 +456,9 @@ class AggregationServer:
             if old_peer is not None:
                 with contextlib.suppress(Exception):
                     await old_peer.aclose(0x100 + int(ErrorCode.IDENTITY_MISMATCH), "replaced by a new connection")
-        if self.base_fingerprint is None:
-            self.base_fingerprint = hello.base_fingerprint
-        elif hello.base_fingerprint != self.base_fingerprint:
+        # The first client to JOIN fixes the job's base model (with its adapter schema, below); a HELLO alone does
+        # not, so a misconfigured client that never joins cannot lock the job to its model.
+        if self.base_fingerprint is not None and hello.base_fingerprint != self.base_fingerprint:
             raise SchemaMismatchError(
                 f"{cid}: base model fingerprint {hello.base_fingerprint} differs from the job's {self.base_fingerprint}"
             )
@@ -430,10 +476,16 @@ class AggregationServer:
                 uplink_error_feedback=job.uplink_error_feedback,
             )
         )
-        msg = await peer.recv(timeout=HANDSHAKE_TIMEOUT_S * 10)  # the client builds its adapters first
+        msg = await peer.recv(timeout=JOIN_TIMEOUT_S)  # the client builds its adapters first
         join = msg.header
         if not isinstance(join, Join):
             raise ProtocolError(f"expected JOIN, got {msg.type.name}", code=ErrorCode.UNEXPECTED_MESSAGE)
+        if self.base_fingerprint is None:
+            self.base_fingerprint = hello.base_fingerprint
+        elif hello.base_fingerprint != self.base_fingerprint:  # another client joined first meanwhile
+            raise SchemaMismatchError(
+                f"{cid}: base model fingerprint {hello.base_fingerprint} differs from the job's {self.base_fingerprint}"
+            )
         if self.schema is None:
             self._set_schema(join.adapter)
             self._save_job()
@@ -458,9 +510,9 @@ class AggregationServer:
             self.records[cid] = rec
         async with rec.lock:
             await asyncio.to_thread(self._load, rec)
-        rec.downlink_ef.enabled = job.downlink_error_feedback
         rec.peer = peer
         self.clients[cid] = rec
+        peer.core.permit(MsgType.METRICS, BulkPermit(max_body=0))  # telemetry streams, headers only
         peer.send(Ack(ref=MsgType.JOIN, round=self.machine.round, state_hash=rec.view_hash))
         await self._reset_if_needed(rec, join, init_hash)
         log.info("client %s joined (%d samples)%s", cid, hello.num_samples, " (resumed)" if join.resume else "")
@@ -468,6 +520,16 @@ class AggregationServer:
             peer.send(Bye(reason="job already ended"))
         self._apply(self.machine.on_join(cid, self.clock()))
         return rec
+
+    def _required_encodings(self) -> set[Encoding]:
+        """What every client must decode: the job's downlink, and fp32 for dense resets."""
+        job = self.cfg.job
+        return {Encoding.FP32} if job.federation == "local" else {Encoding.FP32, job.downlink.encoding}
+
+    def _max_update_body(self) -> int:
+        """The largest UPDATE body the job's schema and uplink encoding allow (refused above it, before a byte)."""
+        assert self.schema is not None
+        return max_body_nbytes([t.shape for t in self.schema.tensors], self.cfg.job.uplink)
 
     async def _reset_if_needed(self, rec: ClientRecord, join: Join, init_hash: str) -> None:
         """Send dense state wherever the client's differs from ours; wait for its ACKs before any round."""
@@ -497,7 +559,7 @@ class AggregationServer:
                 round=self.machine.round, kind=kind, delta=False, contributors=0, manifest=self._wire(payload)
             )
             self.metrics.bytes_out += await peer.send_bulk(header, payload.body)
-        deadline = self.clock() + HANDSHAKE_TIMEOUT_S * 10
+        deadline = self.clock() + RESET_ACK_TIMEOUT_S
         while expected:
             msg = await peer.recv(timeout=max(deadline - self.clock(), 0.001))
             h = msg.header
@@ -529,13 +591,11 @@ class AggregationServer:
             rec.stats.setdefault(h.round, {}).update(h.values)
         elif isinstance(h, Ack) and h.ref is MsgType.AGGREGATE:
             expected = rec.held_hash_pending.pop(h.round, None)
-            if expected is not None and h.state_hash != expected:
-                log.error(
-                    "round %d: the client holds aggregate %s, the server expected %s", h.round, h.state_hash, expected
-                )
             fut = rec.aggregate_acks.get(h.round)
             if fut is not None and not fut.done():
                 fut.set_result(None)
+            if expected is not None and h.state_hash != expected[1]:
+                await self._resync(rec, h.round, expected[0], h.state_hash)
         elif isinstance(h, Bye):
             log.info("client said bye: %s", h.reason)
         elif isinstance(h, Error):
@@ -543,24 +603,55 @@ class AggregationServer:
         elif msg.type is not MsgType.HEARTBEAT:
             raise ProtocolError(f"unexpected {msg.type.name} from a client", code=ErrorCode.UNEXPECTED_MESSAGE)
 
+    async def _resync(self, rec: ClientRecord, round_: int, kind: str, theirs: str | None) -> None:
+        """The client installed something other than what we sent it: make it rejoin for a dense reset.
+
+        Its held adapter is no longer what every later delta is computed against, so each further round would
+        widen the gap. Closing with CONFLICTING_UPDATE (no ERROR: a client takes that close as retryable) makes
+        it reconnect; its JOIN reports what it holds, and the rejoin sends the dense copy of the server's record
+        before the client takes part in another round (docs/protocol.md, "Rejoining").
+        """
+        log.error(
+            "round %d: the client acknowledged %s adapter %s, the server sent it %s: closing for a dense reset",
+            round_,
+            kind,
+            theirs,
+            rec.disk.held_hash.get(kind),  # type: ignore[call-overload]
+        )
+        self.metrics.reject(ErrorCode.CONFLICTING_UPDATE)
+        assert rec.peer is not None
+        await rec.peer.aclose(
+            0x100 + int(ErrorCode.CONFLICTING_UPDATE), f"held {kind} adapter differs: rejoin for a dense reset"
+        )
+
     def _on_upload_request(self, rec: ClientRecord, h: UploadRequest) -> None:
-        limit = self.cfg.transport.limits.max_body_bytes
+        limit = min(self.cfg.transport.limits.max_body_bytes, self._max_update_body(), self._transport.budget.limit)
         if h.nbytes > limit:
-            raise ProtocolError(f"an update of {h.nbytes} bytes exceeds {limit}", code=ErrorCode.LIMIT_EXCEEDED)
+            raise ProtocolError(
+                f"an update of {h.nbytes} bytes exceeds {limit}, the most the job's adapter takes in "
+                f"{self.cfg.job.uplink.encoding.value}",
+                code=ErrorCode.LIMIT_EXCEEDED,
+            )
         assert rec.peer is not None
         if h.round in rec.disk.updates:  # a resend after a lost ACK: answered from disk, it needs no slot
+            if self._transport.budget.try_reserve(h.nbytes):
+                rec.peer.core.permit(MsgType.UPDATE, BulkPermit(max_body=h.nbytes, count=1, reserved=True))
+            else:
+                rec.peer.core.permit(MsgType.UPDATE, BulkPermit(max_body=h.nbytes, count=1))
             rec.peer.send(UploadGrant(round=h.round, expires_s=self.cfg.upload_slot_timeout_s))
             return
         self.machine.check_update(rec.client_id, h.round)  # refuse late or unknown rounds before any wait
         if h.round in rec.upload_done:
             return  # already queued or granted
         rec.upload_done[h.round] = asyncio.Event()
-        task = asyncio.ensure_future(self._grant(rec, h.round))
+        task = asyncio.ensure_future(self._grant(rec, h.round, h.nbytes))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _grant(self, rec: ClientRecord, round_: int) -> None:
-        """Wait for a free upload slot (FIFO), grant it, hold it until the update is handled or the slot expires."""
+    async def _grant(self, rec: ClientRecord, round_: int, nbytes: int) -> None:
+        """Wait for a free upload slot (FIFO) and room in the server's buffer budget, grant it, hold it until the
+        update is handled or the slot expires. The grant lets exactly one UPDATE stream of at most ``nbytes``
+        through the connection (any other bulk stream is refused at its first bytes), with room reserved."""
         done = rec.upload_done[round_]
         m = self.metrics
         try:
@@ -570,8 +661,16 @@ class AggregationServer:
             finally:
                 m.uploads_waiting -= 1
             try:
-                if rec.peer is None or done.is_set():
+                budget = self._transport.budget
+                while not budget.try_reserve(nbytes):  # other connections hold the budget: wait, in order
+                    if rec.peer is None or done.is_set():
+                        return
+                    await asyncio.sleep(0.05)
+                peer = rec.peer
+                if peer is None or done.is_set():
+                    budget.unreserve(nbytes)
                     return
+                peer.core.permit(MsgType.UPDATE, BulkPermit(max_body=nbytes, count=1, reserved=True))
                 m.uploads_in_flight += 1
                 m.uploads_in_flight_max = max(m.uploads_in_flight_max, m.uploads_in_flight)
                 # Wall-clock marks (with accepted_at) let a history reader measure the server's ingest rate.
@@ -585,6 +684,7 @@ class AggregationServer:
                         log.warning("round %d: %s did not use its upload slot in time", round_, rec.client_id)
                 finally:
                     m.uploads_in_flight -= 1
+                    peer.core.revoke(MsgType.UPDATE)  # an unused grant gives its reserved room back
             finally:
                 self._upload_slots.release()
         finally:
@@ -628,23 +728,26 @@ class AggregationServer:
             view = {k: rec.view[k] + delta[k] if k in delta else rec.view[k] for k in rec.view}
             vhash = state_hash(view)
             name = f"view-u{h.round}.safetensors"
+            st = rec.stats.setdefault(h.round, {})
+            st["bytes_up"] = float(frame_size(h, len(body)))
+            st["fp32_up"] = float(fp32_nbytes(manifest))
+            st["decode_s"] = t1 - t0
+            st["accepted_at"] = time.time()
             disk = rec.disk.model_copy(
                 update={
                     "view_hash": vhash,
                     "view_file": name,
                     "num_samples": h.num_samples,
                     "updates": {**rec.disk.updates, h.round: digest},
+                    # This round's figures (the client's METRICS, bytes, timings) go to disk with the update, so a
+                    # restart still writes them to history; rounds before the last are already in history.
+                    "stats": {r: dict(v) for r, v in rec.stats.items() if r >= h.round - 1},
                 }
             )
             # Acknowledged only once it is on disk: a crash after the ACK loses nothing.
             await asyncio.to_thread(self.store.commit, disk, {name: view}, rec.disk)
             rec.disk, rec.view = disk, view
-        st = rec.stats.setdefault(h.round, {})
-        st["bytes_up"] = float(frame_size(h, len(body)))
-        st["fp32_up"] = float(fp32_nbytes(manifest))
-        st["decode_s"] = t1 - t0
-        st["persist_s"] = time.perf_counter() - t1  # apply + write + fsync before the ACK
-        st["accepted_at"] = time.time()
+        st["persist_s"] = time.perf_counter() - t1  # apply + write + fsync before the ACK (memory only)
         self.metrics.updates_accepted += 1
         if rec.peer is not None:
             rec.peer.send(Ack(ref=MsgType.UPDATE, round=h.round, state_hash=vhash))
@@ -771,7 +874,7 @@ class AggregationServer:
         header = Aggregate(round=round_, kind=kind, delta=True, contributors=n_contrib, manifest=self._wire(payload))
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         rec.aggregate_acks[round_] = fut
-        rec.held_hash_pending[round_] = state_hash(held)
+        rec.held_hash_pending[round_] = (kind, rec.disk.held_hash[kind])  # type: ignore[index]
         try:
             n = await peer.send_bulk(header, payload.body)
         except TransportError:
@@ -782,7 +885,6 @@ class AggregationServer:
         st["downlink_encode_s"] = encode_s
         st["bytes_down"] = float(n)
         st["fp32_down"] = float(fp32_nbytes(payload.manifest))
-        st["ef_down_residual_norm"] = rec.downlink_ef.residual_norm()
         return fut
 
     def _wire(self, payload: Payload) -> Manifest | CompactManifest:
@@ -798,10 +900,8 @@ class AggregationServer:
             "closed_round": round_,
             "held_hash": {**rec.disk.held_hash, kind: state_hash(held)},
             "held_files": {**rec.disk.held_files, kind: f"{kind}-r{round_}.safetensors"},
+            "ef_file": None,  # no downlink residual (server/downlink.py); a state written before keeps none either
         }
-        if rec.downlink_ef.residual:
-            files[f"ef-r{round_}.safetensors"] = rec.downlink_ef.residual
-            update["ef_file"] = f"ef-r{round_}.safetensors"
         if kind == "global":  # the global replaces the client's own adapter: that is now our view of it
             files[f"view-g{round_}.safetensors"] = held
             update["view_file"] = f"view-g{round_}.safetensors"
@@ -814,14 +914,17 @@ class AggregationServer:
             rec.view = {k: v.copy() for k, v in held.items()}
 
     def _downlink_payload(self, rec: ClientRecord, kind: str, target: TensorDict) -> tuple[Payload, TensorDict]:
-        """Encode (target − what the client holds) with the client's downlink error feedback.
+        """Encode (target − what the client holds): see :mod:`fedquic.server.downlink` for why no residual.
 
         Returns the payload and the adapter the client will hold once it adds the decoded payload.
         """
         assert rec.held is not None
-        base = rec.held[kind]
-        payload = rec.downlink_ef.compress({k: target[k] - base[k] for k in target}, self.cfg.job.downlink)
-        return payload, {k: base[k] + payload.decoded[k] for k in base}
+        reference = None
+        if not self.cfg.job.downlink_error_feedback:
+            reference = rec.last_target.get(kind)
+            rec.last_target[kind] = target
+        change = downlink_change(rec.held[kind], target, self.cfg.job.downlink, reference=reference)
+        return change.payload, change.held_after
 
     def _aggregate(
         self, contributors: list[str], states: list[TensorDict], weights: list[float]
@@ -838,9 +941,11 @@ class AggregationServer:
             assert self._init_state is not None
             states = [clip_deviation(s, self._init_state, job.clip_norm) for s in states]
         out: dict[str, tuple[Callable[[], TensorDict], str, int]] = {}
+        # No free-riding: a client that missed its rounds (inactive) is sent nothing until it contributes again.
+        listeners = [c for c in self.clients if c not in contributors and self.machine.receives_aggregate(c)]
         if job.federation == "fedavg":
             g = fedavg(states, weights)
-            for cid in {*contributors, *self.clients}:
+            for cid in [*contributors, *listeners]:
                 out[cid] = (lambda: g, "global", len(states))
             return out
         if len(states) < job.min_row_contributors:
@@ -859,7 +964,7 @@ class AggregationServer:
             loo = LeaveOneOut(states, weights)
             for k, cid in enumerate(contributors):
                 out[cid] = (lambda k=k: loo.row(k), "row", len(states) - 1)
-        others = [c for c in self.clients if c not in out]
+        others = [c for c in listeners if c not in out]
         if others:
             mean = exact_mean(states, weights) if job.row_mode == "exact" else fedavg(states, weights)
             for cid in others:

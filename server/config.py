@@ -83,3 +83,7 @@ class ServerConfig(BaseModel):
     run_dir: Path = Path("runs/server")
     # Written once listening: {"host", "port", "pid", "metrics_port"}; lets scripts bind to port 0.
     ready_file: Path | None = None
+    # A run directory whose job has finished: "exit" says so and exits 0 (nothing to resume); "restart" moves the
+    # finished job's state aside to state.finished-TIME/ (its history.jsonl inside) and starts a new job there.
+    # A job that did not finish is always resumed.
+    on_finished: Literal["exit", "restart"] = "exit"

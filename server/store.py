@@ -57,8 +57,10 @@ class ClientRecordOnDisk(BaseModel):
     updates: dict[int, str] = Field(default_factory=dict)  # round -> digest of the accepted payload
     held_hash: dict[Kind, str] = Field(default_factory=dict)
     held_files: dict[Kind, str] = Field(default_factory=dict)  # absent: zeros (row) / the init (global)
-    ef_file: str | None = None
+    ef_file: str | None = None  # written by earlier versions (a downlink residual); no longer used
     closed_round: int = 0  # the last round whose aggregate was computed for this client
+    # Per round: the figures history.jsonl reports (the client's METRICS, bytes, timings), saved with the update.
+    stats: dict[int, dict[str, float]] = Field(default_factory=dict)
 
 
 def fsync_dir(path: Path) -> None:

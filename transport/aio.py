@@ -22,9 +22,11 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
 from ..common.errors import ErrorCode, FedQuicError, TransportError
-from ..common.messages import Error, Header, Message
+from ..common.messages import Error, Header, Message, MsgType
+from .budget import BufferBudget
 from .connection import (
     EARLY_DATA_TYPES,
+    BulkPermit,
     ConnectionReady,
     FedQuicConnection,
     MessageReceived,
@@ -100,12 +102,13 @@ class Peer(QuicConnectionProtocol):
         on_ready: Callable[[Peer], None] | None = None,
         verifier: ClientCertVerifier | None = None,
         tickets: TicketStore | None = None,
+        budget: BufferBudget | None = None,
     ) -> None:
         super().__init__(quic, stream_handler)
         if _on_uvloop(self._loop):
             self._loop = _PreciseClockLoop(self._loop)  # type: ignore[assignment]
         self.settings = settings
-        self.core = FedQuicConnection(quic, limits=settings.limits, verifier=verifier, tickets=tickets)
+        self.core = FedQuicConnection(quic, limits=settings.limits, verifier=verifier, tickets=tickets, budget=budget)
         self.identity: ClientIdentity | None = None
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
         self._on_ready = on_ready
@@ -246,12 +249,19 @@ class Peer(QuicConnectionProtocol):
         self.refused_with = exc.code
         self._mark_closed(f"refused: {exc}")  # the application stops now, not after QUIC's draining period
 
+    def discard_inbox(self) -> None:
+        """Drop every message received and not read (the handler is done with this connection)."""
+        while not self._inbox.empty():
+            self._inbox.get_nowait()
+        self._inbox.put_nowait(_CLOSED)
+
     def _mark_closed(self, reason: str) -> None:
         if not self.closed.is_set():
             self.close_reason = reason
             self.closed.set()
             self._progress.set()
             self._inbox.put_nowait(_CLOSED)
+            self.core.close()  # partial frames and reserved room go back at once, not when the peer is collected
             if self._keepalive is not None:
                 self._keepalive.cancel()
 
@@ -305,16 +315,29 @@ class FedQuicServer:
     """A listening QUIC endpoint that hands every connected :class:`Peer` to ``on_connect``."""
 
     def __init__(
-        self, settings: TransportSettings, tls: TlsFiles, on_connect: Callable[[Peer], Awaitable[None]]
+        self,
+        settings: TransportSettings,
+        tls: TlsFiles,
+        on_connect: Callable[[Peer], Awaitable[None]],
+        *,
+        bulk_permits: Callable[[], dict[MsgType, BulkPermit]] | None = None,
     ) -> None:
+        """``bulk_permits``: the bulk streams every new connection may open before its handler grants any (the
+        aggregation server grants them as registration proceeds; a measurement harness may allow them upfront)."""
         self.settings = settings
+        self._bulk_permits = bulk_permits
         self.tls = tls
         self._on_connect = on_connect
         self._server: QuicServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._peers: set[Peer] = set()
+        self._by_identity: dict[str, list[Peer]] = {}  # live connections per verified client id, oldest first
         # Session tickets, single-use, bound to the verified client identity (resumption and 0-RTT).
         self.tickets = TicketStore()
+        # Bytes held in unfinished frames across every connection (WireLimits.max_total_buffered_bytes).
+        self.budget = BufferBudget(settings.limits.max_total_buffered_bytes)
+        self.refused_connections = 0  # over max_connections
+        self.replaced_connections = 0  # over max_connections_per_identity
 
     async def start(self, host: str, port: int) -> int:
         cfg = _quic_config(self.settings, is_client=False, tls=self.tls)
@@ -328,7 +351,18 @@ class FedQuicServer:
         tickets = self.tickets if verifier is not None else None
 
         def create(*args: Any, **kw: Any) -> Peer:
-            return Peer(*args, settings=self.settings, on_ready=self._spawn, verifier=verifier, tickets=tickets, **kw)
+            peer = Peer(
+                *args,
+                settings=self.settings,
+                on_ready=self._spawn,
+                verifier=verifier,
+                tickets=tickets,
+                budget=self.budget,
+                **kw,
+            )
+            for mtype, permit in (self._bulk_permits() if self._bulk_permits is not None else {}).items():
+                peer.core.permit(mtype, permit)
+            return peer
 
         self._server = await serve(host, port, configuration=cfg, create_protocol=create, retry=self.settings.retry)
         sock = self._server._transport.get_extra_info("socket")
@@ -337,21 +371,66 @@ class FedQuicServer:
         log.info("listening on %s:%d (UDP buffers granted: rcv=%d snd=%d)", host, bound, rcv, snd)
         return int(bound)
 
+    @property
+    def connections(self) -> int:
+        return sum(not p.closed.is_set() for p in self._peers)
+
     def _spawn(self, peer: Peer) -> None:
+        s = self.settings
+        if self.connections >= s.max_connections:
+            self.refused_connections += 1
+            log.warning("refusing a connection from %s: %d connections open", peer.remote_address, s.max_connections)
+            peer._refuse(
+                TransportError(f"server full ({s.max_connections} connections)", code=ErrorCode.LIMIT_EXCEEDED)
+            )
+            return
+        if peer.identity is not None:
+            mine = self._by_identity.setdefault(peer.identity.client_id, [])
+            mine[:] = [p for p in mine if not p.closed.is_set()]
+            while len(mine) >= s.max_connections_per_identity:
+                old = mine.pop(0)
+                self.replaced_connections += 1
+                log.info("%s: closing its oldest connection (a newer one arrived)", peer.identity.client_id)
+                old._refuse(
+                    TransportError(
+                        "replaced by a newer connection of the same client", code=ErrorCode.IDENTITY_MISMATCH
+                    )
+                )
+            mine.append(peer)
         self._peers.add(peer)
         task = asyncio.ensure_future(self._run(peer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(lambda _t: self._peers.discard(peer))
+        task.add_done_callback(lambda _t: self._forget(peer))
+
+    def _forget(self, peer: Peer) -> None:
+        self._peers.discard(peer)
+        if peer.identity is not None:
+            mine = self._by_identity.get(peer.identity.client_id)
+            if mine is not None:
+                mine[:] = [p for p in mine if p is not peer]
+                if not mine:
+                    del self._by_identity[peer.identity.client_id]
 
     async def _run(self, peer: Peer) -> None:
+        """Run the handler; whatever way it ends, the connection is closed and what it held is dropped.
+
+        A handler that returned or gave up (a HELLO that never came) must not leave the connection open: our
+        own keepalive PINGs would hold it up forever.
+        """
         try:
             await self._on_connect(peer)
         except TransportError as exc:
             log.info("connection from %s ended: %s", peer.remote_address, exc)
+            if not peer.closed.is_set():
+                await peer.aclose(0x100 + int(exc.code), str(exc)[:200])
         except Exception:
             log.exception("connection handler failed")
             await peer.aclose(0x100 + int(ErrorCode.INTERNAL), "internal error")
+        finally:
+            if not peer.closed.is_set():
+                await peer.aclose(0, "connection handler done")
+            peer.discard_inbox()
 
     async def close(self, code: int = 0, reason: str = "") -> None:
         """Close every connection with application ``code`` (0x100 + an ErrorCode), then stop listening."""

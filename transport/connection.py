@@ -11,7 +11,7 @@ behind megabytes of weights: QUIC schedules streams independently.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aioquic.quic.connection import QuicConnection, stream_is_unidirectional
 from aioquic.quic.events import (
@@ -25,13 +25,31 @@ from aioquic.quic.events import (
 from ..common.errors import ErrorCode, FedQuicError, ProtocolError
 from ..common.limits import DEFAULT_LIMITS, WireLimits
 from ..common.messages import Header, Message, MsgType
+from .budget import BufferBudget
 from .flow import cap_windows
-from .framing import FrameDecoder, encode_frame, encode_frame_head
+from .framing import FrameDecoder, FramePrefix, encode_frame, encode_frame_head
 from .mtls import CertificateError, ClientCertVerifier, ClientIdentity, request_client_certificate
 from .tickets import ServerTickets, TicketStore, resend_early_data_after_retry
 
 # The only messages a server accepts in 0-RTT data (replayable): neither changes state.
 EARLY_DATA_TYPES = frozenset({MsgType.HELLO, MsgType.HEARTBEAT})
+# Messages that travel on a unidirectional stream of their own; every other type belongs on the control stream.
+BULK_TYPES = frozenset({MsgType.UPDATE, MsgType.AGGREGATE, MsgType.METRICS})
+
+
+@dataclass
+class BulkPermit:
+    """Leave for the peer to open bulk streams of one message type.
+
+    ``count`` streams (None: any number) with bodies of at most ``max_body`` bytes. ``reserved``: the permit
+    holds a reservation of ``max_body`` bytes per stream in the server's :class:`BufferBudget` (taken by whoever
+    granted it), so the stream is never refused for the budget; the connection gives the reservation back when
+    the stream ends, the permit is revoked, or the connection closes.
+    """
+
+    max_body: int
+    count: int | None = None
+    reserved: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,6 +95,9 @@ class _StreamState:
     opened_at: float
     frames: int = 0
     bytes_received: int = 0
+    reservation: int = 0  # bytes of the server's budget reserved for this stream's frame (a granted upload)
+    partial_since: float | None = None  # when the unfinished frame now buffered began (control stream progress)
+    counted: int = field(default=0)  # bytes of this stream charged to the budget's ``held``
 
 
 class FedQuicConnection:
@@ -89,6 +110,7 @@ class FedQuicConnection:
         limits: WireLimits = DEFAULT_LIMITS,
         verifier: ClientCertVerifier | None = None,
         tickets: TicketStore | None = None,
+        budget: BufferBudget | None = None,
     ) -> None:
         self._quic = quic
         cap_windows(quic)  # aioquic would grow its receive windows without bound
@@ -106,6 +128,14 @@ class FedQuicConnection:
         self._streams: dict[int, _StreamState] = {}
         self.control_stream_id: int | None = None
         self._violated = False
+        self._budget = budget
+        self._held = 0  # bytes held in unfinished frames on this connection
+        # Which bulk streams the peer may open. A client takes AGGREGATEs from its server; a server takes nothing
+        # until its application grants it (METRICS after JOIN, one UPDATE per UPLOAD_GRANT).
+        self._permits: dict[MsgType, BulkPermit] = (
+            {MsgType.AGGREGATE: BulkPermit(max_body=limits.max_body_bytes)} if self._is_client else {}
+        )
+        self._closed = False
 
     @property
     def quic(self) -> QuicConnection:
@@ -146,7 +176,7 @@ class FedQuicConnection:
 
     def buffered_bytes(self) -> int:
         """Bytes held in partially received frames on this connection."""
-        return sum(s.decoder.buffered for s in self._streams.values())
+        return self._held
 
     def unacked_bytes(self, stream_id: int | None = None) -> int:
         """Bytes written but not yet acknowledged by the peer's QUIC stack, on one stream or all.
@@ -159,6 +189,90 @@ class FedQuicConnection:
             s = streams.get(stream_id)
             return 0 if s is None else s.sender._buffer_stop - s.sender._buffer_start
         return sum(s.sender._buffer_stop - s.sender._buffer_start for s in streams.values())
+
+    # -- admission -----------------------------------------------------------------------------
+
+    def permit(self, msg_type: MsgType, permit: BulkPermit) -> None:
+        """Let the peer open bulk streams of ``msg_type`` (replaces an earlier permit of that type)."""
+        if msg_type not in BULK_TYPES:
+            raise ValueError(f"{msg_type.name} does not travel on a bulk stream")
+        self.revoke(msg_type)
+        if self._closed:  # a permit granted after the close would never be given back
+            if permit.reserved and self._budget is not None:
+                self._budget.unreserve(permit.max_body * (permit.count or 0))
+            return
+        self._permits[msg_type] = permit
+
+    def revoke(self, msg_type: MsgType) -> None:
+        """Withdraw a permit (an upload slot expired); unused reserved room goes back to the budget."""
+        old = self._permits.pop(msg_type, None)
+        if old is not None and old.reserved and self._budget is not None:
+            self._budget.unreserve(old.max_body * (old.count or 0))
+
+    def permits(self, msg_type: MsgType) -> BulkPermit | None:
+        return self._permits.get(msg_type)
+
+    def close(self) -> None:
+        """The connection is gone: give back everything it held or reserved (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for mtype in list(self._permits):
+            self.revoke(mtype)
+        for sid in list(self._streams):
+            self._drop_stream(sid)
+
+    def _drop_stream(self, sid: int) -> None:
+        st = self._streams.pop(sid, None)
+        if st is None:
+            return
+        self._held -= st.decoder.buffered
+        if self._budget is not None:
+            self._budget.charge(-st.counted)
+            self._budget.unreserve(st.reservation)
+
+    def _admit(self, st: _StreamState, p: FramePrefix) -> None:
+        """Checks on a frame's prefix, before a byte of it is buffered."""
+        name = p.msg_type.name
+        if not self.established and not self._is_client and p.msg_type not in EARLY_DATA_TYPES:
+            # 0-RTT data can be replayed by anyone who captured it: only idempotent messages may ride in it.
+            raise ProtocolError(
+                f"{name} arrived in 0-RTT data (only HELLO and HEARTBEAT may)", code=ErrorCode.UNEXPECTED_MESSAGE
+            )
+        if not st.bulk:
+            if p.msg_type in BULK_TYPES:
+                raise ProtocolError(f"{name} belongs on a stream of its own", code=ErrorCode.UNEXPECTED_MESSAGE)
+            return
+        if p.msg_type not in BULK_TYPES:
+            raise ProtocolError(f"{name} belongs on the control stream", code=ErrorCode.UNEXPECTED_MESSAGE)
+        permit = self._permits.get(p.msg_type)
+        if permit is None:
+            what = "UPLOAD_GRANT" if p.msg_type is MsgType.UPDATE else "registration"
+            raise ProtocolError(
+                f"{name} stream refused at its first bytes: no {what} allows it", code=ErrorCode.UNEXPECTED_MESSAGE
+            )
+        if p.body_len > permit.max_body:
+            raise ProtocolError(
+                f"{name} body of {p.body_len} bytes exceeds the {permit.max_body} allowed",
+                code=ErrorCode.LIMIT_EXCEEDED,
+            )
+        total = p.header_len + p.body_len
+        if self._held + total > self._limits.max_buffered_bytes:
+            raise ProtocolError(
+                f"a {total}-byte frame would pass the {self._limits.max_buffered_bytes}-byte connection buffer",
+                code=ErrorCode.LIMIT_EXCEEDED,
+            )
+        if permit.reserved:
+            st.reservation = permit.max_body  # the stream inherits one stream's worth of the permit's room
+        elif self._budget is not None and not self._budget.fits(total):
+            raise ProtocolError(
+                f"the server's buffer budget ({self._budget.limit} bytes) is full: retry later",
+                code=ErrorCode.LIMIT_EXCEEDED,
+            )
+        if permit.count is not None:
+            permit.count -= 1
+            if permit.count <= 0:
+                del self._permits[p.msg_type]  # spent: the reservation moved to the stream
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -186,28 +300,31 @@ class FedQuicConnection:
                     return [ProtocolViolation(exc)]
             return [ConnectionReady(event.alpn_protocol, event.session_resumed, event.early_data_accepted, identity)]
         if isinstance(event, StreamReset):
-            self._streams.pop(event.stream_id, None)
+            self._drop_stream(event.stream_id)
             return [StreamAborted(event.stream_id, event.error_code)]
         if isinstance(event, ConnectionTerminated):
-            self._streams.clear()
+            self.close()
             return [PeerClosed(event.error_code, event.reason_phrase)]
         return []
 
     def expire(self, now: float) -> list[AppEvent]:
-        """A violation if a bulk stream has been open longer than the limit (call it periodically)."""
+        """A violation if a bulk stream has been open, or a control frame unfinished, longer than its limit.
+
+        Call it periodically. The control stream must make progress: a frame begun on it and not completed
+        within ``control_frame_timeout_s`` (a peer dripping one byte at a time) ends the connection.
+        """
         if self._violated:
             return []
+        lim = self._limits
         for sid, st in self._streams.items():
-            if st.bulk and now - st.opened_at > self._limits.stream_timeout_s:
+            late = None
+            if st.bulk and now - st.opened_at > lim.stream_timeout_s:
+                late = f"stream {sid} unfinished after {lim.stream_timeout_s:.0f} s"
+            elif not st.bulk and st.partial_since is not None and now - st.partial_since > lim.control_frame_timeout_s:
+                late = f"a control frame unfinished after {lim.control_frame_timeout_s:.0f} s"
+            if late is not None:
                 self._violated = True
-                return [
-                    ProtocolViolation(
-                        ProtocolError(
-                            f"stream {sid} unfinished after {self._limits.stream_timeout_s:.0f} s",
-                            code=ErrorCode.TIMEOUT,
-                        )
-                    )
-                ]
+                return [ProtocolViolation(ProtocolError(late, code=ErrorCode.TIMEOUT))]
         return []
 
     def _on_data(self, event: StreamDataReceived, now: float) -> list[AppEvent]:
@@ -227,30 +344,54 @@ class FedQuicConnection:
                     f"more than {self._limits.max_open_streams} bulk streams open at once",
                     code=ErrorCode.LIMIT_EXCEEDED,
                 )
-            st = self._streams[sid] = _StreamState(FrameDecoder(self._limits), bulk=bulk, opened_at=now)
-        if self.buffered_bytes() + len(event.data) > self._limits.max_buffered_bytes:
+            st = _StreamState(FrameDecoder(self._limits), bulk=bulk, opened_at=now)
+            st.decoder = FrameDecoder(self._limits, check_prefix=lambda p, st=st: self._admit(st, p))
+            self._streams[sid] = st
+        if self._held + len(event.data) > self._limits.max_buffered_bytes:
             raise ProtocolError(
                 f"more than {self._limits.max_buffered_bytes} bytes buffered in unfinished frames",
                 code=ErrorCode.LIMIT_EXCEEDED,
             )
+        if (
+            self._budget is not None
+            and not st.reservation
+            and not self._budget.fits(len(event.data))
+            and st.decoder.pending is not None  # a prefix not yet in is at most 16 bytes: checked at the prefix
+        ):
+            raise ProtocolError(
+                f"the server's buffer budget ({self._budget.limit} bytes) is full", code=ErrorCode.LIMIT_EXCEEDED
+            )
         st.bytes_received += len(event.data)
         out: list[AppEvent] = []
         before = st.bytes_received - len(event.data)
-        for msg in st.decoder.feed(event.data):
+        held_before = st.decoder.buffered
+        try:
+            msgs = st.decoder.feed(event.data)
+        finally:
+            self._account(st, held_before)
+        for msg in msgs:
             st.frames += 1
             if st.bulk and st.frames > 1:
                 raise ProtocolError("a bulk stream carries exactly one frame", code=ErrorCode.MALFORMED_FRAME)
             wire = st.bytes_received - before - st.decoder.buffered
             before += wire
-            if not self.established and not self._is_client and msg.type not in EARLY_DATA_TYPES:
-                # 0-RTT data can be replayed by anyone who captured it: only idempotent messages may ride in it.
-                raise ProtocolError(
-                    f"{msg.type.name} arrived in 0-RTT data (only HELLO and HEARTBEAT may)",
-                    code=ErrorCode.UNEXPECTED_MESSAGE,
-                )
             out.append(MessageReceived(sid, msg, wire, on_control=not st.bulk))
+        if msgs and st.reservation and st.bulk and self._budget is not None:
+            self._budget.unreserve(st.reservation)  # the frame is complete: its room goes back
+            st.reservation = 0
+        if st.decoder.idle:
+            st.partial_since = None
+        elif msgs or st.partial_since is None:
+            st.partial_since = now  # a frame began (perhaps right after one that completed)
         if event.end_stream:
             if not st.decoder.idle:
                 raise ProtocolError(f"stream {sid} ended inside a frame", code=ErrorCode.MALFORMED_FRAME)
-            del self._streams[sid]
+            self._drop_stream(sid)
         return out
+
+    def _account(self, st: _StreamState, held_before: int) -> None:
+        delta = st.decoder.buffered - held_before
+        self._held += delta
+        if self._budget is not None and not st.reservation:
+            self._budget.charge(delta)
+            st.counted += delta

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -71,22 +72,39 @@ def parse_header(msg_type: int, raw: bytes) -> Header:
         ) from None
 
 
-@dataclass
-class _Pending:
-    msg_type: int
+# Headers that carry a schema or a tensor manifest may be large (up to max_header_bytes); every other header is a
+# handful of fields and is held to max_control_header_bytes, so a claimed length cannot reserve a megabyte each.
+LARGE_HEADER_TYPES = frozenset({MsgType.JOIN, MsgType.UPDATE, MsgType.AGGREGATE})
+
+
+@dataclass(frozen=True)
+class FramePrefix:
+    """The 16-byte prefix of a frame, checked before anything of the frame is buffered."""
+
+    msg_type: MsgType
     header_len: int
     body_len: int
 
 
-class FrameDecoder:
-    """Feed stream bytes in any chunking; get whole messages out. Limits apply before allocation."""
+# Called with each frame's prefix once the generic checks pass; raises ProtocolError to refuse the frame before a
+# byte of it is buffered (the connection uses it for stream-kind, grant and budget checks).
+PrefixCheck = Callable[[FramePrefix], None]
 
-    def __init__(self, limits: WireLimits = DEFAULT_LIMITS) -> None:
+
+class FrameDecoder:
+    """Feed stream bytes in any chunking; get whole messages out.
+
+    Every check the prefix allows (type, a body on a type that has none, the header and body limits, the caller's
+    ``check_prefix``) runs before anything of the frame is buffered, and buffers grow only with bytes received: a
+    prefix that claims a gigabyte costs the receiver nothing until the gigabyte arrives.
+    """
+
+    def __init__(self, limits: WireLimits = DEFAULT_LIMITS, check_prefix: PrefixCheck | None = None) -> None:
         self._limits = limits
+        self._check_prefix = check_prefix
         self._buf = bytearray()
-        self._pending: _Pending | None = None
+        self._pending: FramePrefix | None = None
         self._body: bytearray | None = None
-        self._body_filled = 0
 
     @property
     def idle(self) -> bool:
@@ -95,7 +113,13 @@ class FrameDecoder:
 
     @property
     def buffered(self) -> int:
-        return len(self._buf) + self._body_filled
+        """Bytes of the unfinished frame held now (prefix, header and body bytes received so far)."""
+        return len(self._buf) + (len(self._body) if self._body is not None else 0)
+
+    @property
+    def pending(self) -> FramePrefix | None:
+        """The prefix of the frame being received, once its 16 bytes are in."""
+        return self._pending
 
     def feed(self, data: bytes) -> list[Message]:
         out: list[Message] = []
@@ -107,8 +131,9 @@ class FrameDecoder:
                 view = view[need:]
                 if len(self._buf) < PREFIX_SIZE:
                     break
-                self._pending = self._parse_prefix(bytes(self._buf))
-                self._buf.clear()
+                prefix = bytes(self._buf)
+                self._buf.clear()  # a refused prefix leaves nothing held
+                self._pending = self._parse_prefix(prefix)
             p = self._pending
             if len(self._buf) < p.header_len:
                 need = p.header_len - len(self._buf)
@@ -117,26 +142,21 @@ class FrameDecoder:
                 if len(self._buf) < p.header_len:
                     break
             if self._body is None:
-                self._body = bytearray(p.body_len)  # bounded by the limit checked in _parse_prefix
-                self._body_filled = 0
-            need = p.body_len - self._body_filled
+                self._body = bytearray()  # grows with the bytes that arrive, never to the size the prefix claims
+            need = p.body_len - len(self._body)
             take = view[:need]
-            self._body[self._body_filled : self._body_filled + len(take)] = take
-            self._body_filled += len(take)
+            self._body += take
             view = view[len(take) :]
-            if self._body_filled < p.body_len:
+            if len(self._body) < p.body_len:
                 break
             header = parse_header(p.msg_type, bytes(self._buf))
-            if bool(p.body_len) and not header.has_body:
-                raise ProtocolError(f"{header.msg_type.name} carries no body", code=ErrorCode.MALFORMED_FRAME)
             out.append(Message(header=header, body=self._body))  # handed over, not copied (64 MiB = ~40 ms)
             self._buf.clear()
             self._pending = None
             self._body = None
-            self._body_filled = 0
         return out
 
-    def _parse_prefix(self, prefix: bytes) -> _Pending:
+    def _parse_prefix(self, prefix: bytes) -> FramePrefix:
         magic, version, msg_type, hlen, blen = PREFIX.unpack(prefix)
         if magic != MAGIC:
             raise ProtocolError(f"bad frame magic {magic!r}", code=ErrorCode.MALFORMED_FRAME)
@@ -144,11 +164,23 @@ class FrameDecoder:
             raise ProtocolError(f"unsupported protocol version {version}", code=ErrorCode.UNSUPPORTED_VERSION)
         if msg_type not in HEADER_TYPES:
             raise ProtocolError(f"unknown message type {msg_type}", code=ErrorCode.UNKNOWN_MESSAGE_TYPE)
-        if hlen == 0 or hlen > self._limits.max_header_bytes:
-            raise ProtocolError(f"header length {hlen} out of bounds", code=ErrorCode.LIMIT_EXCEEDED)
-        if blen > self._limits.max_body_bytes:
+        mtype = MsgType(msg_type)
+        lim = self._limits
+        max_header = lim.max_header_bytes if mtype in LARGE_HEADER_TYPES else lim.max_control_header_bytes
+        if hlen == 0 or hlen > max_header:
             raise ProtocolError(
-                f"body length {blen} exceeds the limit {self._limits.max_body_bytes}",
+                f"{mtype.name} header length {hlen} out of bounds (1..{max_header})", code=ErrorCode.LIMIT_EXCEEDED
+            )
+        if blen and not HEADER_TYPES[mtype].has_body:
+            raise ProtocolError(
+                f"{mtype.name} carries no body (prefix claims {blen} bytes)", code=ErrorCode.MALFORMED_FRAME
+            )
+        if blen > lim.max_body_bytes:
+            raise ProtocolError(
+                f"body length {blen} exceeds the limit {lim.max_body_bytes}",
                 code=ErrorCode.LIMIT_EXCEEDED,
             )
-        return _Pending(msg_type, hlen, blen)
+        p = FramePrefix(mtype, hlen, blen)
+        if self._check_prefix is not None:
+            self._check_prefix(p)
+        return p

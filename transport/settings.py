@@ -46,4 +46,11 @@ class TransportSettings(BaseModel):
     retry: bool = True
     # Server: every client must present a certificate chaining to the CA (mutual TLS).
     require_client_cert: bool = True
+    # Server: connections held at once, in total and per verified client identity. Past the total a new
+    # connection is refused (LIMIT_EXCEEDED, which a client retries later); past the per-identity bound the
+    # oldest connection of that identity is closed (the newest replaces it, as a reconnecting client expects).
+    max_connections: int = Field(default=4096, ge=1)
+    max_connections_per_identity: int = Field(default=2, ge=1)
+    # Server: a connection must send HELLO within this time of its handshake, or it is closed with TIMEOUT.
+    hello_timeout_s: float = Field(default=30.0, gt=0)
     limits: WireLimits = WireLimits()

@@ -159,6 +159,56 @@ def test_every_command_parses_with_the_fedquic_cli(compose: dict[str, Any]) -> N
         assert port == server.port and args.ca == server.certs / "ca.pem"
 
 
+def test_a_second_up_on_the_same_results_starts_a_fresh_job(compose: dict[str, Any]) -> None:
+    """Without it the server resumes the finished job from /results/server/state, ends at once, and the clients
+    never join: a second `up` on the same compose-run/ failed."""
+    (argv,) = fedquic_commands(compose["services"]["server"])
+    args = build_parser().parse_args(argv[1:])
+    assert args.on_finished == "restart"
+    assert args.run_dir == Path("/results/server")
+
+
+def run_healthcheck(server: dict[str, Any], metrics_port: int, ok_file: Path) -> subprocess.CompletedProcess[str]:
+    """The compose healthcheck, run here: aimed at ``metrics_port`` and with the server's OK file at ``ok_file``."""
+    check = [str(x) for x in server["healthcheck"]["test"]]
+    assert check[0] == "CMD"
+    container_ok = _env(server)["FEDQUIC_OK_FILE"]
+    check = [a.replace(":9464/", f":{metrics_port}/").replace(container_ok, str(ok_file)) for a in check[1:]]
+    check[0] = sys.executable if check[0] in ("python3", "python") else check[0]
+    return subprocess.run(check, capture_output=True, text=True, timeout=30)
+
+
+def test_healthcheck_counts_a_finished_server_as_healthy(compose: dict[str, Any], tmp_path: Path) -> None:
+    """Once `fedquic server` has exited 0 its metrics port is closed, but its container still runs (it waits for
+    the clients' done files): the healthcheck must not call it unhealthy. Before that, nothing listening is."""
+    server = compose["services"]["server"]
+    ok = tmp_path / "server.ok"
+    ok.write_text("0")  # stale, from a container started before: the entrypoint removes it
+    port = _free_port()  # nothing listens there: the server's metrics port is closed
+    go = tmp_path / "go"
+    entry = _entry(
+        tmp_path,
+        ["sh", "-c", f"while [ ! -e {go} ]; do sleep 0.05; done"],  # `fedquic server`, until the test lets it end
+        FEDQUIC_OK_FILE=str(ok),
+        FEDQUIC_WAIT_FOR=str(tmp_path / "client.done"),
+        FEDQUIC_DONE_FILE=str(tmp_path / "server.done"),
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while ok.exists():
+            assert time.monotonic() < deadline, "the stale OK file was not removed"
+            time.sleep(0.05)
+        assert run_healthcheck(server, port, ok).returncode != 0  # running, and no metrics port: unhealthy
+        go.write_text("")
+        _wait_file(ok)
+        assert entry.poll() is None  # waiting for the clients' done files, its metrics port closed
+        hc = run_healthcheck(server, port, ok)
+        assert hc.returncode == 0, hc.stderr
+    finally:
+        entry.terminate()
+        entry.wait(10)
+
+
 # -- the entrypoint's exit ordering ------------------------------------------------------------------------------
 
 
@@ -310,11 +360,7 @@ def test_compose_topology_runs_as_local_processes(compose: dict[str, Any], tmp_p
         port, metrics_port = info["port"], info["metrics_port"]
 
         # the compose healthcheck, aimed at this server's metrics port
-        check = [str(x) for x in services["server"]["healthcheck"]["test"]]
-        assert check[0] == "CMD"
-        check = [a.replace(":9464/", f":{metrics_port}/") for a in check[1:]]
-        check[0] = sys.executable if check[0] in ("python3", "python") else check[0]
-        hc = subprocess.run(check, capture_output=True, text=True, timeout=30)
+        hc = run_healthcheck(services["server"], metrics_port, tmp_path / "no-such.ok")
         assert hc.returncode == 0, hc.stderr
 
         for c in CLIENTS:
@@ -426,6 +472,12 @@ def test_docker_compose_up_runs_the_job(tmp_path: Path) -> None:
             assert (results / c / "adapters" / "peft" / "local" / "adapter_config.json").is_file()
             assert (results / c / "adapters" / "fedalt" / "fedalt.json").is_file()
             assert (results / c / "rounds.jsonl").is_file()
+        # the same `up` again on the same results: a fresh job, not a server that finishes at once (issue 15, 12)
+        again = run("up", "--abort-on-container-exit", "--exit-code-from", "server", timeout=900)
+        assert again.returncode == 0, again.stdout[-6000:] + again.stderr[-3000:]
+        rows = [json.loads(x) for x in (results / "server" / "history.jsonl").read_text().splitlines() if x]
+        assert len(rows) == 3 and all(set(r["clients"]) == set(CLIENTS) for r in rows)
+        assert len(list((results / "server").glob("state.finished-*"))) == 1  # the first job, kept aside
     finally:
         run("down", "-v", "--remove-orphans", timeout=300)
         if not was_running:

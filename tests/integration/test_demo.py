@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("torch")
+
+
+def run_demo(workdir: Path, *flags: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedquic", "demo", "--workdir", str(workdir), *flags],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_demo_runs_and_prints_its_table(tmp_path: Path) -> None:
@@ -43,3 +54,21 @@ def test_demo_runs_and_prints_its_table(tmp_path: Path) -> None:
     adapters = tmp_path / "demo" / "client-1" / "adapters"
     assert (adapters / "peft" / "local" / "adapter_config.json").is_file()
     assert (adapters / "fedalt" / "fedalt.json").is_file() and (adapters / "fedalt" / "row.safetensors").is_file()
+
+
+def test_demo_run_again_in_the_same_folder_is_a_fresh_job(tmp_path: Path) -> None:
+    """A second run must not resume the first run's finished job (the server ended at once and the clients
+    retried for minutes): each run starts a fresh job, and both succeed."""
+    flags = ("--clients", "2", "--rounds", "1", "--local-steps", "2", "--timeout", "90")
+    first = run_demo(tmp_path / "demo", *flags)
+    assert first.returncode == 0, first.stdout + first.stderr
+    t0 = time.monotonic()
+    second = run_demo(tmp_path / "demo", *flags)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "1 rounds in" in second.stdout
+    assert time.monotonic() - t0 < 80  # a fresh job at its usual pace, not clients retrying a finished one
+    history = (tmp_path / "demo" / "server" / "history.jsonl").read_text().splitlines()
+    assert len(history) == 1 and json.loads(history[0])["round"] == 1  # this run's round only
+    for cid in ("client-1", "client-2"):
+        log = (tmp_path / "demo" / "logs" / f"{cid}.log").read_text()
+        assert "restored client state" not in log  # not the first job's checkpoint

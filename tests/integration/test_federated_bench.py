@@ -88,6 +88,7 @@ def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.benchmark  # ~45 minutes: a documented command whose results are committed, not a CI step
 @pytest.mark.timeout(85 * 60)  # pyproject's 300 s default is for ordinary tests
 def test_full_benchmark(tmp_path: Path) -> None:
     """The full run docs/benchmarks.md reports (8 clients, 9 variants, 15 jobs; ~45 minutes on 2 cores, pre-training

@@ -29,10 +29,11 @@ from fedquic.common.messages import (
     Hello,
     Join,
     Metrics,
+    MsgType,
     Update,
     UploadRequest,
 )
-from fedquic.transport.connection import FedQuicConnection, MessageReceived, ProtocolViolation
+from fedquic.transport.connection import BulkPermit, FedQuicConnection, MessageReceived, ProtocolViolation
 from fedquic.transport.framing import encode_frame
 
 from fedquic.synthetic import lora_schema
@@ -115,11 +116,27 @@ def server_config(dev_pki) -> QuicConfiguration:  # type: ignore[no-untyped-def]
     return cfg
 
 
-def run_one(cfg: QuicConfiguration, data: bytes, stream_id: int, end: bool, rng: random.Random) -> str:
-    core = FedQuicConnection(
-        QuicConnection(configuration=cfg, original_destination_connection_id=bytes(8)), limits=LIMITS
-    )
+CLIENT_CONFIG = QuicConfiguration(is_client=True)
+
+
+def run_one(
+    cfg: QuicConfiguration, data: bytes, stream_id: int, end: bool, rng: random.Random, *, client_side: bool = False
+) -> str:
+    """Feed ``data`` on ``stream_id`` to a connection core: a server's (``cfg``) or a client's.
+
+    The server side is in the state of a joined client holding an UPLOAD_GRANT (METRICS and one UPDATE
+    permitted), so the payload decoders behind it are reached; a client takes AGGREGATEs from its server."""
+    if client_side:
+        quic = QuicConnection(configuration=CLIENT_CONFIG)
+    else:
+        quic = QuicConnection(configuration=cfg, original_destination_connection_id=bytes(8))
+    core = FedQuicConnection(quic, limits=LIMITS)
     core.established = True
+    if client_side:
+        core.open_control()
+    else:
+        core.permit(MsgType.METRICS, BulkPermit(max_body=0))
+        core.permit(MsgType.UPDATE, BulkPermit(max_body=LIMITS.max_body_bytes, count=1))
     out: list[object] = []
     # delivered in a few chunks, as QUIC would
     cuts = sorted(rng.sample(range(len(data) + 1), min(3, len(data) + 1)))
@@ -150,6 +167,19 @@ def run_one(cfg: QuicConfiguration, data: bytes, stream_id: int, end: bool, rng:
     return ",".join(kinds) or "nothing"
 
 
+def home_stream(seed: bytes, rng: random.Random) -> tuple[bool, int]:
+    """Where a seed frame belongs: (to a client?, stream id). The transport refuses a bulk message on the
+    control stream and a control message on a unidirectional one, so valid frames go to their own kind of
+    stream: AGGREGATE to a client on a server-initiated unidirectional stream, UPDATE and METRICS to a server on
+    a client-initiated one, everything else on the control stream."""
+    mtype = MsgType(seed[3])  # the type byte of the 16-byte prefix
+    if mtype is MsgType.AGGREGATE:
+        return True, rng.choice([3, 7])
+    if mtype in (MsgType.UPDATE, MsgType.METRICS):
+        return False, rng.choice([2, 6])
+    return False, 0
+
+
 def fuzz(cfg: QuicConfiguration, n: int, seed: int) -> dict[str, int]:
     rng = random.Random(seed)
     pool = seeds()
@@ -159,11 +189,13 @@ def fuzz(cfg: QuicConfiguration, n: int, seed: int) -> dict[str, int]:
     try:
         for _ in range(n):
             data = rng.choice(pool)
+            client_side, sid = home_stream(data, rng)
+            if rng.random() < 0.25:  # now and then on a stream of the wrong kind (refused at the prefix)
+                sid = rng.choice([0, 3, 7] if client_side else [0, 2, 6])
             for _ in range(rng.choice([1, 1, 2, 3])):
                 data = mutate(rng, data, pool)
-            sid = rng.choice([0, 0, 2, 6])
             t0 = time.perf_counter()
-            kind = run_one(cfg, data, sid, rng.random() < 0.7, rng)
+            kind = run_one(cfg, data, sid, rng.random() < 0.7, rng, client_side=client_side)
             slowest = max(slowest, time.perf_counter() - t0)
             outcomes[kind] = outcomes.get(kind, 0) + 1
         _, peak = tracemalloc.get_traced_memory()

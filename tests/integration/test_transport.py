@@ -10,6 +10,7 @@ import os
 from fedquic.common.codec import Manifest
 from fedquic.common.messages import Ack, Aggregate, Heartbeat, MsgType
 from fedquic.transport.aio import FedQuicServer, Peer, connect_peer
+from fedquic.transport.connection import BulkPermit
 from fedquic.transport.pki import DevPki, issue_client_cert
 from fedquic.transport.settings import TlsFiles, TransportSettings
 
@@ -32,7 +33,11 @@ async def start_echo(pki: DevPki) -> tuple[FedQuicServer, int]:
             elif msg.type is MsgType.HEARTBEAT:
                 peer.send(Ack(ref=MsgType.HEARTBEAT, round=msg.header.seq))
 
-    server = FedQuicServer(SETTINGS, TlsFiles(ca=pki.ca_cert, cert=pki.server_cert, key=pki.server_key), handler)
+    tls = TlsFiles(ca=pki.ca_cert, cert=pki.server_cert, key=pki.server_key)
+    # a transport test, not a job: bulk transfers are allowed from the start
+    server = FedQuicServer(
+        SETTINGS, tls, handler, bulk_permits=lambda: {MsgType.AGGREGATE: BulkPermit(max_body=1 << 30)}
+    )
     return server, await server.start("127.0.0.1", 0)
 
 

@@ -396,6 +396,22 @@ async def test_connection_lost_before_the_update_ack_rejoins_and_settles_by_hash
     assert_same({k: client.view[k] + client.ef.residual[k] for k in local}, local, atol=1e-6)
 
 
+async def test_a_round_handed_again_after_a_lost_update_is_trained_once_from_its_start(tmp_path: Path) -> None:
+    """The UPDATE of round 2 never reached the server, which hands round 2 again after the rejoin: the client
+    trains it from its state at the round's start, not a second time on top of the first training."""
+    server = FakeServer(rounds=3, uplink=EncodingSpec.parse("fp32"))
+    server.drop_after_update = {2: False}
+    client, learner = make_client(tmp_path, server)
+    await run(client, server)
+    assert learner.trained_rounds == [1, 2, 2, 3] and server.accepted == [1, 2, 3]
+    once = SyntheticLearner(SCHEMA, seed=3)  # the same learner, each round trained exactly once
+    once.set_local_state(init_lora_state(SCHEMA, server.init_seed))
+    for r in (1, 2, 3):
+        once.train(r, TrainSpec(local_steps=1))
+    assert_same(learner.local_state(), once.local_state())
+    assert_same(server.view, once.local_state(), atol=1e-6)
+
+
 async def test_connection_lost_between_rounds_rejoins_without_reset(tmp_path: Path) -> None:
     server = FakeServer(rounds=3)
     server.drop_after_round = {1}

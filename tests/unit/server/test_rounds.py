@@ -57,7 +57,7 @@ def test_a_client_that_leaves_does_not_stall_the_round() -> None:
     assert m.on_leave("b", 2.0) == [CloseRound(1, ("a",))]
 
 
-def test_deadline_closes_with_quorum_or_fails_without() -> None:
+def test_deadline_closes_on_quorum_of_the_clients_still_active() -> None:
     m = machine(quorum=0.5)
     m.on_join("a", 0.0)
     m.on_join("b", 0.0)
@@ -65,12 +65,108 @@ def test_deadline_closes_with_quorum_or_fails_without() -> None:
     assert m.on_tick(9.9) == []
     assert m.on_tick(10.0) == [CloseRound(1, ("a",))]
 
+    # quorum 1.0: b sent nothing by the deadline, so it missed the round and no longer counts (no free-riding):
+    # the round closes with a's update instead of failing the job.
     m = machine(quorum=1.0)
     m.on_join("a", 0.0)
     m.on_join("b", 0.0)
     m.on_update("a", 1, 1.0)
-    [fail] = m.on_tick(11.0)
-    assert isinstance(fail, Fail) and m.phase is Phase.FAILED
+    assert m.on_tick(11.0) == [CloseRound(1, ("a",))]
+    assert not m.eligible("b") and m.missed == {"b": 1}
+
+
+@pytest.mark.reliability
+def test_a_lazy_client_is_not_sampled_and_does_not_fail_the_job() -> None:
+    m = machine(rounds=5, min_clients=2)
+    for c in ("a", "b", "lazy"):
+        m.on_join(c, 0.0)
+    # WAITING ended at two clients; lazy joins round 2 onwards
+    m.on_update("a", 1, 1.0)
+    m.on_update("b", 1, 1.0)
+    [start] = m.on_aggregated(1, 2.0)
+    assert isinstance(start, StartRound) and set(start.participants) == {"a", "b", "lazy"}
+    m.on_update("a", 2, 3.0)
+    m.on_update("b", 2, 3.0)
+    assert m.on_tick(start.deadline) == [CloseRound(2, ("a", "b"))]
+    [start3] = m.on_aggregated(2, 13.0)
+    assert isinstance(start3, StartRound) and set(start3.participants) == {"a", "b"}  # lazy is not drawn
+    assert m.active == {"a", "b"}
+    # it rejoins (a restarted process): it may be sampled again, but gets no aggregate until it contributes
+    m.on_join("lazy", 14.0)
+    assert m.eligible("lazy") and not m.receives_aggregate("lazy")
+    m.on_update("a", 3, 15.0)
+    m.on_update("b", 3, 15.0)
+    [start4] = m.on_aggregated(3, 16.0)
+    assert "lazy" in start4.participants
+    m.on_update("lazy", 4, 17.0)
+    assert m.receives_aggregate("lazy")
+
+
+def test_reconnecting_does_not_reset_a_lazy_clients_record() -> None:
+    m = machine(rounds=5, min_clients=2)
+    for c in ("a", "b", "lazy"):
+        m.on_join(c, 0.0)
+    m.on_update("a", 1, 1.0)
+    m.on_update("b", 1, 1.0)
+    [start] = m.on_aggregated(1, 2.0)
+    m.on_update("a", 2, 3.0)
+    m.on_update("b", 2, 3.0)
+    m.on_tick(start.deadline)
+    m.on_leave("lazy", 13.0)
+    m.on_join("lazy", 13.5)  # reconnects: on probation, one miss from inactive
+    assert not m.receives_aggregate("lazy")
+    [start3] = m.on_aggregated(2, 14.0)
+    assert "lazy" in start3.participants
+    m.on_update("a", 3, 15.0)
+    m.on_update("b", 3, 15.0)
+    m.on_tick(start3.deadline)
+    assert not m.eligible("lazy") and not m.receives_aggregate("lazy")
+
+
+def test_a_client_gets_max_missed_rounds_deadlines_before_it_is_cut() -> None:
+    m = machine(quorum=1.0, max_missed_rounds=2)
+    m.on_join("a", 0.0)
+    m.on_join("b", 0.0)
+    m.on_update("a", 1, 1.0)
+    assert m.on_tick(10.0) == [] and m.deadline == 20.0  # b still counts: the deadline moves on
+    assert m.on_update("b", 1, 15.0) == [CloseRound(1, ("a", "b"))]  # a slow client, not a lazy one
+    assert m.missed == {}
+    [start] = m.on_aggregated(1, 16.0)
+    m.on_update("a", 2, 17.0)
+    assert m.on_tick(start.deadline) == []
+    assert m.on_tick(start.deadline + 10.0) == [CloseRound(2, ("a",))]
+    assert not m.eligible("b")
+
+
+def test_a_round_without_updates_is_drawn_again_and_the_job_waits_for_active_clients() -> None:
+    m = machine(min_clients=2, registration_timeout_s=50.0)
+    m.on_join("a", 0.0)
+    m.on_join("b", 0.0)
+    assert m.on_tick(10.0) == []  # nobody sent: both missed, nobody is left to sample
+    assert m.phase is Phase.WAITING and m.round == 0
+    with pytest.raises(ProtocolError):
+        m.on_update("a", 1, 11.0)  # round 1 is not open while waiting
+    [fail] = m.on_tick(61.0)
+    assert isinstance(fail, Fail) and "0 of 2 active clients" in fail.reason and "inactive" in fail.reason
+    # one of them restarting in time reopens round 1
+    m = machine(min_clients=2)
+    m.on_join("a", 0.0)
+    m.on_join("b", 0.0)
+    m.on_tick(10.0)
+    m.on_join("a", 11.0)
+    [start] = m.on_join("b", 12.0)
+    assert isinstance(start, StartRound) and start.round == 1
+
+
+def test_missed_rounds_survive_a_restart() -> None:
+    m = machine(quorum=1.0)
+    m.on_join("a", 0.0)
+    m.on_join("b", 0.0)
+    m.on_update("a", 1, 1.0)
+    m.on_tick(10.0)
+    snap = RoundSnapshot.model_validate_json(m.snapshot().model_dump_json())
+    m2, _ = RoundMachine.restore(m.policy, snap, {"a": 1}, 20.0)
+    assert not m2.eligible("b")
 
 
 def test_registration_timeout_fails_the_job() -> None:
@@ -143,11 +239,13 @@ def test_fold_counts_a_late_update_at_the_next_close() -> None:
     m.on_join("b", 0.0)
     m.on_update("a", 1, 1.0)
     m.on_tick(10.0)
-    m.on_aggregated(1, 11.0)  # round 2 is open
+    assert m.on_aggregated(1, 11.0) == []  # b missed round 1: too few active clients, the job waits
     assert m.check_update("b", 1) is UpdateKind.LATE
-    m.on_update("b", 1, 11.5)
+    m.on_update("b", 1, 11.5)  # the late update shows b is training: active again
+    [start] = m.on_tick(11.75)
+    assert isinstance(start, StartRound) and start.round == 2
     m.on_update("a", 2, 12.0)
-    assert m.on_tick(21.0) == [CloseRound(2, ("a", "b"))]  # b contributes through its folded update
+    assert m.on_tick(21.75) == [CloseRound(2, ("a", "b"))]  # b contributes through its folded update
 
 
 def test_next_round_waits_for_min_clients() -> None:

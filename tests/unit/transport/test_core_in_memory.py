@@ -12,14 +12,16 @@ import pytest
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from fedquic.common.codec import Manifest
-from fedquic.common.messages import Aggregate, Heartbeat, MsgType
-from fedquic.transport.connection import ConnectionReady, FedQuicConnection, MessageReceived
+from fedquic.common.messages import Heartbeat, MsgType, Update
+from fedquic.transport.connection import BulkPermit, ConnectionReady, FedQuicConnection, MessageReceived
 from fedquic.transport.mtls import ClientCertVerifier
 from fedquic.transport.pki import DevPki, init_dev_pki, issue_client_cert
 from fedquic.transport.settings import ALPN
 
 CLIENT_ADDR = ("1.2.3.4", 1234)
 SERVER_ADDR = ("2.3.4.5", 4433)
+
+UPDATE_FIELDS = {"round": 1, "client_id": "c", "num_samples": 1, "base_hash": "ab"}
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +48,7 @@ class Pair:
         )
         self.client = FedQuicConnection(cq)
         self.server = FedQuicConnection(sq, verifier=ClientCertVerifier(Path(pki.ca_cert)))
+        self.server.permit(MsgType.UPDATE, BulkPermit(max_body=1 << 30))  # as after an UPLOAD_GRANT
         self.events: dict[str, list] = {"client": [], "server": []}
         self.rng = random.Random(seed)
         self.loss = loss
@@ -95,16 +98,14 @@ def test_messages_arrive_bit_exact_through_datagram_loss(pki: DevPki, loss: floa
 
     body = random.Random(seed).randbytes(300_000)
     pair.client.send_control(Heartbeat(seq=1))
-    sid = pair.client.open_bulk(
-        Aggregate(round=1, contributors=0, manifest=Manifest(tensors=(), raw_size=len(body))), len(body)
-    )
+    sid = pair.client.open_bulk(Update(**UPDATE_FIELDS, manifest=Manifest(tensors=(), raw_size=len(body))), len(body))
     pair.client.write_bulk(sid, body, end=True)
     pair.client.send_control(Heartbeat(seq=2))
     pair.run(lambda: len(pair.messages("server")) == 3)
 
     msgs = pair.messages("server")
-    assert sorted(m.message.type for m in msgs) == [MsgType.AGGREGATE, MsgType.HEARTBEAT, MsgType.HEARTBEAT]
-    [bulk] = [m for m in msgs if m.message.type is MsgType.AGGREGATE]
+    assert sorted(m.message.type for m in msgs) == [MsgType.UPDATE, MsgType.HEARTBEAT, MsgType.HEARTBEAT]
+    [bulk] = [m for m in msgs if m.message.type is MsgType.UPDATE]
     assert hashlib.sha256(bulk.message.body).digest() == hashlib.sha256(body).digest()
     assert not bulk.on_control and all(m.on_control for m in msgs if m is not bulk)
     if loss:
@@ -122,9 +123,7 @@ def test_receive_windows_stay_bounded(pki: DevPki, capped: bool) -> None:
             del core.quic._write_stream_limits
     pair.run(lambda: any(isinstance(e, ConnectionReady) for e in pair.events["server"]))
     body = random.Random(7).randbytes(8 << 20)
-    sid = pair.client.open_bulk(
-        Aggregate(round=1, contributors=0, manifest=Manifest(tensors=(), raw_size=len(body))), len(body)
-    )
+    sid = pair.client.open_bulk(Update(**UPDATE_FIELDS, manifest=Manifest(tensors=(), raw_size=len(body))), len(body))
     pair.client.write_bulk(sid, body, end=True)
     credit = {"conn": 0, "stream": 0}
 
@@ -134,10 +133,10 @@ def test_receive_windows_stay_bounded(pki: DevPki, capped: bool) -> None:
         stream = pair.server.quic._streams.get(sid)
         if stream is not None:
             credit["stream"] = max(credit["stream"], stream.max_stream_data_local_sent - stream.receiver.highest_offset)
-        return any(m.message.type is MsgType.AGGREGATE for m in pair.messages("server"))
+        return any(m.message.type is MsgType.UPDATE for m in pair.messages("server"))
 
     pair.run(done)
-    [bulk] = [m for m in pair.messages("server") if m.message.type is MsgType.AGGREGATE]
+    [bulk] = [m for m in pair.messages("server") if m.message.type is MsgType.UPDATE]
     assert hashlib.sha256(bulk.message.body).digest() == hashlib.sha256(body).digest()
     if capped:
         assert credit["conn"] <= window and credit["stream"] <= window // 2

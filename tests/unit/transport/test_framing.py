@@ -38,7 +38,9 @@ def prefix(magic: bytes = b"FQ", version: int = 1, mtype: int = 9, hlen: int = 1
         (prefix(mtype=200), ErrorCode.UNKNOWN_MESSAGE_TYPE),
         (prefix(hlen=0), ErrorCode.LIMIT_EXCEEDED),
         (prefix(hlen=0xFFFFFFFF), ErrorCode.LIMIT_EXCEEDED),
-        (prefix(blen=0xFFFFFFFFFFFFFFFF), ErrorCode.LIMIT_EXCEEDED),
+        (prefix(mtype=5, blen=0xFFFFFFFFFFFFFFFF), ErrorCode.LIMIT_EXCEEDED),  # UPDATE over the body limit
+        (prefix(blen=0xFFFFFFFFFFFFFFFF), ErrorCode.MALFORMED_FRAME),  # a HEARTBEAT claiming a body at all
+        (prefix(hlen=(1 << 16) + 1), ErrorCode.LIMIT_EXCEEDED),  # a control header over its own, smaller limit
         (prefix(hlen=4) + b"{{{{", ErrorCode.BAD_HEADER),
         (prefix(hlen=2) + b"{}", ErrorCode.BAD_HEADER),  # Heartbeat without its seq
         (

@@ -1,0 +1,155 @@
+"""The server's answers to the correctness items of the hardening issue, over real loopback QUIC: honoured HELLO
+encodings, JOB_ENDED at once, a finished run directory, upload figures that survive a crash, and a client whose
+held aggregate differs from the server's record."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import pytest
+from fedquic.client.app import FederatedClient
+from fedquic.common.adapter import state_hash
+from fedquic.common.codec import Encoding, EncodingSpec
+from fedquic.common.errors import ErrorCode
+from fedquic.common.messages import SUPPORTED_VERSIONS, Error, Hello, TrainSpec
+from fedquic.server.config import JobConfig
+from fedquic.server.rounds import RoundPolicy
+from fedquic.transport.aio import connect_peer
+from fedquic.transport.pki import issue_client_cert
+from fedquic.transport.settings import TlsFiles, TransportSettings
+
+from fedquic.synthetic import SyntheticLearner, lora_schema
+
+pytestmark = pytest.mark.reliability
+
+SCHEMA = lora_schema(layers=1, dim=32, rank=2)
+
+
+async def hello_answer(dev_pki, port: int, cid: str, encodings: tuple[Encoding, ...]) -> Error:  # type: ignore[no-untyped-def]
+    cert, key = issue_client_cert(dev_pki, cid)
+    tls = TlsFiles(ca=dev_pki.ca_cert, cert=cert, key=key)
+    async with connect_peer("127.0.0.1", port, TransportSettings(connect_timeout_s=5), tls, "localhost") as peer:
+        peer.send(
+            Hello(versions=SUPPORTED_VERSIONS, client_id=cid, base_fingerprint="ab", num_samples=1, encodings=encodings)
+        )
+        h = (await peer.recv(timeout=5)).header
+        assert isinstance(h, Error), h
+        await asyncio.wait_for(peer.closed.wait(), 5)
+        return h
+
+
+async def test_hello_encodings_are_honoured(dev_pki, loopback_server) -> None:  # type: ignore[no-untyped-def]
+    server = loopback_server(job=JobConfig(downlink=EncodingSpec.parse("topk10")))
+    port = await server.start()
+    try:
+        err = await hello_answer(dev_pki, port, "old-peer", (Encoding.FP32, Encoding.INT8))
+        assert err.code == ErrorCode.UNSUPPORTED_ENCODING and "topk" in err.message
+        assert "old-peer" not in server.clients
+    finally:
+        await server.close()
+
+
+async def run_job(server, light_client, port: int, n: int = 2, **cfg: object) -> list[FederatedClient]:  # type: ignore[no-untyped-def]
+    clients = [light_client(f"c{i}", port, SyntheticLearner(SCHEMA, seed=i), **cfg) for i in range(n)]
+    await asyncio.wait_for(asyncio.gather(*(c.run() for c in clients)), 60)
+    return clients
+
+
+async def test_a_client_that_arrives_after_the_end_learns_it_at_once(dev_pki, loopback_server, light_client) -> None:  # type: ignore[no-untyped-def]
+    server = loopback_server(policy=RoundPolicy(rounds=1, min_clients=2), job=JobConfig(train=TrainSpec(local_steps=1)))
+    port = await server.start()
+    try:
+        await run_job(server, light_client, port)
+        assert server._done is not None and server._done.done()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        err = await hello_answer(dev_pki, port, "late", tuple(Encoding))
+        assert err.code == ErrorCode.JOB_ENDED and loop.time() - t0 < 3.0
+    finally:
+        await server.close()
+
+
+async def test_a_finished_run_directory_exits_or_starts_a_new_job(loopback_server, light_client) -> None:  # type: ignore[no-untyped-def]
+    policy = RoundPolicy(rounds=1, min_clients=2)
+    first = loopback_server(policy=policy)
+    port = await first.start()
+    await run_job(first, light_client, port)
+    assert (await first.run()).ok
+    run_dir = first.cfg.run_dir
+    # "exit" (the default): nothing to resume, says so and ends at once without a round
+    again = loopback_server(policy=policy)
+    await again.start()
+    result = await asyncio.wait_for(again.run(), 10)
+    assert result.ok and result.rounds_completed == 1
+    # "restart": the finished job moves aside and a new one runs in the same directory
+    fresh = loopback_server(policy=policy, on_finished="restart")
+    port = await fresh.start()
+    await run_job(fresh, light_client, port)
+    result = await fresh.run()
+    assert result.ok and result.rounds_completed == 1
+    [archived] = run_dir.glob("state.finished-*")
+    assert (archived / "job.json").is_file() and (archived / "history.jsonl").is_file()
+    assert len((run_dir / "history.jsonl").read_text().splitlines()) == 1  # the new job's round only
+
+
+async def test_upload_figures_survive_a_server_crash_after_the_ack(loopback_server, light_client) -> None:  # type: ignore[no-untyped-def]
+    policy = RoundPolicy(rounds=1, min_clients=2, round_timeout_s=60)
+    server = loopback_server(policy=policy, job=JobConfig(train=TrainSpec(local_steps=1)))
+    port = await server.start()
+    gate = threading.Event()  # c1 does not train round 1: the round stays open after c0's update is acknowledged
+    learners = [SyntheticLearner(SCHEMA, seed=0), SyntheticLearner(SCHEMA, seed=1, gates={1: gate})]
+    clients = [light_client(f"c{i}", port, lr) for i, lr in enumerate(learners)]
+    tasks = [asyncio.ensure_future(c.run()) for c in clients]
+    try:
+        for _ in range(200):
+            rec = server.records.get("c0")
+            if rec is not None and 1 in rec.disk.updates:
+                break
+            await asyncio.sleep(0.05)
+        assert 1 in server.records["c0"].disk.updates
+    finally:
+        gate.set()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    # a crash: nothing but what is on disk survives; a new server on the same directory writes round 1's history
+    restarted = loopback_server(policy=policy)
+    restarted._restore()
+    restarted._write_history(1, ["c0"], 0.0, 0.0)
+    [row] = [json.loads(line) for line in (restarted.cfg.run_dir / "history.jsonl").read_text().splitlines()]
+    figures = row["clients"]["c0"]
+    assert figures["bytes_up"] > 0 and figures["fp32_up"] > 0 and "loss_after" in figures and "round_s" in figures
+    await server.close()
+
+
+class CorruptingClient(FederatedClient):
+    """Flips one byte of the first delta AGGREGATE it receives: it then holds (and acknowledges) something else."""
+
+    corrupted = 0
+
+    async def _install(self, peer, h, body):  # type: ignore[no-untyped-def]
+        if h.delta and not self.corrupted:
+            self.corrupted += 1
+            body = bytearray(body)
+            body[-1] ^= 0x55
+        await super()._install(peer, h, body)
+
+
+async def test_a_wrong_aggregate_ack_leads_to_a_dense_reset(dev_pki, loopback_server, light_client) -> None:  # type: ignore[no-untyped-def]
+    spec = EncodingSpec.parse("int8+nolz4")
+    server = loopback_server(
+        policy=RoundPolicy(rounds=3, min_clients=2, round_timeout_s=30),
+        job=JobConfig(train=TrainSpec(local_steps=1), uplink=spec, downlink=spec),
+    )
+    port = await server.start()
+    good = light_client("c0", port, SyntheticLearner(SCHEMA, seed=0), backoff_initial_s=0.1)
+    bad_base = light_client("c1", port, SyntheticLearner(SCHEMA, seed=1), backoff_initial_s=0.1)
+    bad = CorruptingClient(bad_base.cfg, bad_base.learner)
+    results = await asyncio.wait_for(asyncio.gather(server.run(), good.run(), bad.run()), 90)
+    assert results[0].ok and results[0].rounds_completed == 3
+    assert bad.corrupted == 1 and bad.joins == 2  # it was made to rejoin once
+    assert server.metrics.rejected.get("CONFLICTING_UPDATE") == 1
+    # after the reset it holds exactly what the server recorded, round after round
+    assert state_hash(bad.held["row"]) == server.records["c1"].disk.held_hash["row"]
