@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import random
 import time
 from collections import deque
@@ -190,6 +191,15 @@ class RoundStartState:
     round: int
     local: TensorDict
     extra: TensorDict
+
+
+def finite_metrics(values: dict[str, float]) -> dict[str, float]:
+    """The values METRICS can carry: JSON has no NaN or infinity (a diverged loss would be sent as null, which the
+    server refuses as a malformed header and closes the connection over). The round log keeps them all."""
+    dropped = sorted(k for k, v in values.items() if not math.isfinite(v))
+    if dropped:
+        log.warning("not reporting non-finite metrics: %s", ", ".join(dropped))
+    return {k: v for k, v in values.items() if math.isfinite(v)}
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -596,7 +606,7 @@ class FederatedClient:
         record = RoundRecord(rs.round, metrics, fp32_up=fp32_nbytes(manifest))
         try:
             # Metrics have their own stream: telemetry never queues in front of control messages.
-            await peer.send_bulk(Metrics(round=rs.round, values=metrics), b"")
+            await peer.send_bulk(Metrics(round=rs.round, values=finite_metrics(metrics)), b"")
             # Admission: the server grants upload slots, so it never takes more uploads at once than it can hold.
             peer.send(UploadRequest(round=rs.round, nbytes=len(body)))
             msg = await self._wait_for(

@@ -13,9 +13,10 @@ import json
 import math
 import zlib
 from collections.abc import Mapping
+from typing import Annotated
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .codec import Manifest
 from .errors import SchemaMismatchError
@@ -32,8 +33,8 @@ class TensorSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(min_length=1, max_length=MAX_TENSOR_NAME)
-    shape: tuple[int, ...] = Field(min_length=1, max_length=MAX_DIMS)
-    dtype: str = "float32"
+    shape: tuple[Annotated[int, Field(ge=1, le=1 << 31)], ...] = Field(min_length=1, max_length=MAX_DIMS)
+    dtype: str = Field(default="float32", min_length=1, max_length=16)
 
     @property
     def numel(self) -> int:
@@ -45,7 +46,15 @@ class AdapterSchema(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    tensors: tuple[TensorSpec, ...]
+    tensors: tuple[TensorSpec, ...] = Field(min_length=1, max_length=1 << 16)
+
+    @model_validator(mode="after")
+    def _names_are_unique(self) -> AdapterSchema:
+        names = [t.name for t in self.tensors]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})[:3]
+            raise ValueError(f"tensor names must be unique (repeated: {', '.join(dup)})")
+        return self
 
     @classmethod
     def from_state(cls, state: Mapping[str, np.ndarray]) -> AdapterSchema:

@@ -480,13 +480,18 @@ class AggregationServer:
         join = msg.header
         if not isinstance(join, Join):
             raise ProtocolError(f"expected JOIN, got {msg.type.name}", code=ErrorCode.UNEXPECTED_MESSAGE)
-        if self.base_fingerprint is None:
-            self.base_fingerprint = hello.base_fingerprint
-        elif hello.base_fingerprint != self.base_fingerprint:  # another client joined first meanwhile
-            raise SchemaMismatchError(
+        if self.base_fingerprint is not None and hello.base_fingerprint != self.base_fingerprint:
+            raise SchemaMismatchError(  # another client joined first while this one was building its adapters
                 f"{cid}: base model fingerprint {hello.base_fingerprint} differs from the job's {self.base_fingerprint}"
             )
         if self.schema is None:
+            if join.adapter.numel > self.cfg.max_adapter_parameters:
+                raise ProtocolError(
+                    f"{cid}: an adapter of {join.adapter.numel} parameters is over the server's "
+                    f"max_adapter_parameters ({self.cfg.max_adapter_parameters})",
+                    code=ErrorCode.LIMIT_EXCEEDED,
+                )
+            self.base_fingerprint = hello.base_fingerprint
             self._set_schema(join.adapter)
             self._save_job()
             log.info(

@@ -79,6 +79,9 @@ class ServerConfig(BaseModel):
     # Aggregates prepared and sent at once when a round closes (each holds a few copies of the adapter while
     # in flight): bounds the close's peak memory; the sends share one CPU anyway.
     downlink_slots: int = Field(default=8, ge=1, le=100_000)
+    # The largest adapter a job takes (parameters, fp32 on the server): the first JOIN fixes the schema, and the
+    # server builds the shared initial adapter from it, so a schema claiming more is refused before any allocation.
+    max_adapter_parameters: int = Field(default=1 << 28, ge=1)
     # History (history.jsonl) and durable state (state/): restarting with the same run_dir resumes the job.
     run_dir: Path = Path("runs/server")
     # Written once listening: {"host", "port", "pid", "metrics_port"}; lets scripts bind to port 0.

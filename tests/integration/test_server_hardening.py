@@ -153,3 +153,26 @@ async def test_a_wrong_aggregate_ack_leads_to_a_dense_reset(dev_pki, loopback_se
     assert server.metrics.rejected.get("CONFLICTING_UPDATE") == 1
     # after the reset it holds exactly what the server recorded, round after round
     assert state_hash(bad.held["row"]) == server.records["c1"].disk.held_hash["row"]
+
+
+async def test_a_first_join_claiming_a_huge_adapter_fixes_nothing(dev_pki, loopback_server) -> None:  # type: ignore[no-untyped-def]
+    """The first JOIN fixes the job's schema and the server builds the initial adapter from it: a schema of
+    65536 x 65536 (16 GiB fp32) is refused before any allocation, and neither it nor its model becomes the job's."""
+    from fedquic.common.adapter import AdapterSchema, TensorSpec
+    from fedquic.common.messages import Join, Welcome
+
+    server = loopback_server()
+    port = await server.start()
+    try:
+        cert, key = issue_client_cert(dev_pki, "huge")
+        tls = TlsFiles(ca=dev_pki.ca_cert, cert=cert, key=key)
+        async with connect_peer("127.0.0.1", port, TransportSettings(connect_timeout_s=5), tls, "localhost") as peer:
+            peer.send(Hello(versions=SUPPORTED_VERSIONS, client_id="huge", base_fingerprint="bad0", num_samples=1))
+            assert isinstance((await peer.recv(timeout=5)).header, Welcome)
+            huge = AdapterSchema(tensors=(TensorSpec(name="x.lora_A.weight", shape=(65536, 65536)),))
+            peer.send(Join(adapter=huge))
+            h = (await peer.recv(timeout=5)).header
+            assert isinstance(h, Error) and h.code == ErrorCode.LIMIT_EXCEEDED
+        assert server.schema is None and server.base_fingerprint is None
+    finally:
+        await server.close()

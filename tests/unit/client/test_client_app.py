@@ -599,3 +599,16 @@ async def test_peft_learner_restarts_from_its_checkpoint_with_adapters_and_mixer
     assert_same(restored["mixer"], mixer1)
     assert [r.round for r in result.rounds] == [3] and second.view_hash == server.view_hash()
     assert {"loss_eval", "acc_exact"} <= set(result.rounds[0].metrics)  # held-out metrics in the round's metrics
+
+
+def test_non_finite_metrics_are_left_out_of_metrics_messages() -> None:
+    """A NaN loss used to go out as JSON null: the server refused the header and closed the connection."""
+    from fedquic.client.app import finite_metrics
+    from fedquic.common.messages import Metrics
+    from fedquic.transport.framing import FrameDecoder, encode_frame
+
+    values = {"loss_before": float("nan"), "loss_after": 0.5, "grad_norm": float("inf")}
+    [msg] = FrameDecoder().feed(encode_frame(Metrics(round=1, values=finite_metrics(values))))
+    assert msg.header.values == {"loss_after": 0.5}
+    with pytest.raises(Exception, match="BAD_HEADER"):
+        FrameDecoder().feed(encode_frame(Metrics(round=1, values=values)))  # what the client sent before

@@ -39,3 +39,19 @@ def test_check_state_names_the_problem() -> None:
     del s["l0.q_proj.lora_B.weight"]
     with pytest.raises(SchemaMismatchError, match="missing"):
         SCHEMA.check_state(s)
+
+
+@pytest.mark.parametrize(
+    "tensors",
+    [
+        [],  # no tensor at all
+        [{"name": "a", "shape": [0, 4]}],  # an empty dimension
+        [{"name": "a", "shape": [-1, 4]}],
+        [{"name": "a", "shape": [2, 4]}, {"name": "a", "shape": [4, 2]}],  # a repeated name
+    ],
+)
+def test_schemas_a_job_could_not_use_are_refused(tensors: list[dict[str, object]]) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        AdapterSchema.model_validate({"tensors": tensors})
