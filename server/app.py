@@ -309,6 +309,13 @@ class AggregationServer:
             "aggregate_seconds": round(m.aggregate_seconds, 6),
             "rejected": dict(m.rejected),
             "uploads_in_flight_max": m.uploads_in_flight_max,
+            # hardening: connections open, refused over max_connections, replaced over the per-identity bound, and
+            # the server-wide buffer budget (bytes held in unfinished frames, room reserved by upload grants)
+            "connections": self._transport.connections,
+            "connections_refused": self._transport.refused_connections,
+            "connections_replaced": self._transport.replaced_connections,
+            "buffered_bytes": self._transport.budget.held,
+            "reserved_bytes": self._transport.budget.reserved,
         }
 
     def _metrics_text(self) -> str:

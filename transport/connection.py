@@ -209,9 +209,6 @@ class FedQuicConnection:
         if old is not None and old.reserved and self._budget is not None:
             self._budget.unreserve(old.max_body * (old.count or 0))
 
-    def permits(self, msg_type: MsgType) -> BulkPermit | None:
-        return self._permits.get(msg_type)
-
     def close(self) -> None:
         """The connection is gone: give back everything it held or reserved (idempotent)."""
         if self._closed:

@@ -49,6 +49,8 @@ async def test_hello_encodings_are_honoured(dev_pki, loopback_server) -> None:  
         err = await hello_answer(dev_pki, port, "old-peer", (Encoding.FP32, Encoding.INT8))
         assert err.code == ErrorCode.UNSUPPORTED_ENCODING and "topk" in err.message
         assert "old-peer" not in server.clients
+        status = server.status()  # what `fedquic status` and /status show
+        assert status["buffered_bytes"] == 0 and status["reserved_bytes"] == 0 and status["connections_refused"] == 0
     finally:
         await server.close()
 
