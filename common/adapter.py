@@ -33,7 +33,8 @@ class TensorSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(min_length=1, max_length=MAX_TENSOR_NAME)
-    shape: tuple[Annotated[int, Field(ge=1, le=1 << 31)], ...] = Field(min_length=1, max_length=MAX_DIMS)
+    # A zero dimension is an empty tensor (harmless); a negative one would make numel and every size check lie.
+    shape: tuple[Annotated[int, Field(ge=0, le=1 << 31)], ...] = Field(min_length=1, max_length=MAX_DIMS)
     dtype: str = Field(default="float32", min_length=1, max_length=16)
 
     @property
@@ -46,7 +47,7 @@ class AdapterSchema(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    tensors: tuple[TensorSpec, ...] = Field(min_length=1, max_length=1 << 16)
+    tensors: tuple[TensorSpec, ...] = Field(max_length=1 << 16)
 
     @model_validator(mode="after")
     def _names_are_unique(self) -> AdapterSchema:
