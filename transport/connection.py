@@ -341,9 +341,9 @@ class FedQuicConnection:
                     f"more than {self._limits.max_open_streams} bulk streams open at once",
                     code=ErrorCode.LIMIT_EXCEEDED,
                 )
-            st = _StreamState(FrameDecoder(self._limits), bulk=bulk, opened_at=now)
-            st.decoder = FrameDecoder(self._limits, check_prefix=lambda p, st=st: self._admit(st, p))
-            self._streams[sid] = st
+            # the prefix check finds the stream's state by id: it is registered before any byte is fed
+            check = lambda p, sid=sid: self._admit(self._streams[sid], p)  # noqa: E731
+            st = self._streams[sid] = _StreamState(FrameDecoder(self._limits, check), bulk=bulk, opened_at=now)
         if self._held + len(event.data) > self._limits.max_buffered_bytes:
             raise ProtocolError(
                 f"more than {self._limits.max_buffered_bytes} bytes buffered in unfinished frames",
