@@ -41,7 +41,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..common.adapter import AdapterSchema, TensorDict, init_lora_state, state_hash, zeros_state
-from ..common.codec import Encoding, decode_tensors, expand, fp32_nbytes, to_compact
+from ..common.codec import Encoding, Manifest, decode_tensors, expand, fp32_nbytes, to_compact
 from ..common.errors import (
     ConfigError,
     ErrorCode,
@@ -202,6 +202,20 @@ def finite_metrics(values: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in values.items() if math.isfinite(v)}
 
 
+_ACC_KEYS = ("acc_exact", "acc_mc", "acc_cls", "acc_tf")
+
+
+def _accuracy_note(metrics: dict[str, float], what: str) -> str:
+    """``", held-out acc_exact 41.0% (32 items), loss 1.234"`` for a log line; empty without figures."""
+    parts = [f"{k} {100 * metrics[k]:.1f}%" for k in _ACC_KEYS if k in metrics]
+    if "loss_eval" in metrics:
+        parts.append(f"loss {metrics['loss_eval']:.4f}")
+    if not parts:
+        return ""
+    n = f" ({int(metrics['eval_n'])} items)" if "eval_n" in metrics else ""
+    return f", {what} {', '.join(parts)}{n}"
+
+
 def is_retryable(exc: BaseException) -> bool:
     """Whether a failed connection is worth another attempt."""
     if isinstance(exc, TransportError):
@@ -244,6 +258,10 @@ class FederatedClient:
         self._pending: deque[Message] = deque()
         # Set when a round's UPDATE went unacknowledged: if the server hands that round again, train it from here.
         self._unacked: RoundStartState | None = None
+        # The base model's held-out figures (round 0), measured before the first round trained from the job's
+        # initial adapter and reported as base_* in that round's METRICS until an UPDATE carrying them is ACKed.
+        self._base_metrics: dict[str, float] | None = None
+        self._base_pending = False
         self._heartbeats = 0
         self._heartbeat_ok = False
         self._unanswered_since: float | None = None
@@ -306,7 +324,7 @@ class FederatedClient:
                 if isinstance(h, RoundStart):
                     self._record(await self._round(peer, h))
                 elif isinstance(h, Aggregate):
-                    await self._install(peer, h, msg.body)
+                    await self._install(peer, h, msg.body, evaluate=True)
                 elif isinstance(h, Bye):
                     result.bye_reason = h.reason
                     log.info("server said bye: %s", h.reason)
@@ -452,6 +470,7 @@ class FederatedClient:
         return job
 
     def _fresh_state(self, job: Welcome, schema: AdapterSchema) -> None:
+        self._base_pending = True  # nothing trained yet: the first round measures the base model first
         self.view = init_lora_state(schema, job.init_seed)
         self.view_hash = state_hash(self.view)
         self.synced = {k: v.copy() for k, v in self.view.items()}
@@ -581,16 +600,25 @@ class FederatedClient:
         if unacked is not None and unacked.round == rs.round:
             self._roll_back(unacked)  # never train a round on top of its own first training
         start = self._round_start_state(rs.round)
+        assert self.job is not None
         t0 = time.perf_counter()
+        base = await self._base_evaluation()
         metrics = await asyncio.to_thread(self.learner.train, rs.round, rs.train)
         local = self.learner.local_state()
-        delta = {k: local[k] - self.synced[k] for k in self.synced}
         residual_before = dict(self.ef.residual)  # arrays are replaced, never mutated: a shallow copy suffices
-        payload = await asyncio.to_thread(self.ef.compress, delta, rs.uplink)
-        manifest, body = payload.manifest, payload.body
-        new_view = {k: self.view[k] + payload.decoded[k] for k in self.view}
+        if self.job.federation == "local":
+            # Nothing is shared: the UPDATE carries no tensors and only tells the server the round is done here;
+            # the model the round produced is the one to measure (there is no aggregate to wait for).
+            manifest, body, new_view = Manifest(tensors=(), raw_size=0), b"", self.view
+            metrics.update(await self._evaluate(rs.round))
+        else:
+            delta = {k: local[k] - self.synced[k] for k in self.synced}
+            payload = await asyncio.to_thread(self.ef.compress, delta, rs.uplink)
+            manifest, body = payload.manifest, payload.body
+            new_view = {k: self.view[k] + payload.decoded[k] for k in self.view}
         metrics = {
             **metrics,
+            **base,
             "round_s": time.perf_counter() - t0,
             "ef_residual_norm": self.ef.residual_norm(),
         }
@@ -645,23 +673,56 @@ class FederatedClient:
             await self._checkpoint()
             return record
         assert isinstance(h, Ack)
+        self._base_pending = False  # the base figures reached the server with this round's METRICS
         self.view, self.view_hash = new_view, state_hash(new_view)
-        self.synced = local
+        self.synced = local if self.job.federation != "local" else self.synced
         if h.state_hash != self.view_hash:
             raise ProtocolError("server acknowledged a different adapter state", code=ErrorCode.CONFLICTING_UPDATE)
         self.synced_round = rs.round
         await self._checkpoint()
         log.info(
-            "round %d: loss %.4f -> %.4f, sent %d bytes (%.1fx smaller than fp32)",
+            "round %d: loss %.4f -> %.4f%s, sent %d bytes%s",
             rs.round,
             metrics.get("loss_before", float("nan")),
             metrics.get("loss_after", float("nan")),
+            _accuracy_note(metrics, "held-out"),
             record.bytes_up,
-            record.fp32_up / max(record.bytes_up, 1),
+            f" ({record.fp32_up / record.bytes_up:.1f}x smaller than fp32)" if record.fp32_up else " (no tensors)",
         )
         return record
 
-    async def _install(self, peer: MessagePeer, h: Aggregate, body: bytes | bytearray) -> None:
+    async def _base_evaluation(self) -> dict[str, float]:
+        """Before the first round trains from the job's initial adapter (the base model: B = 0), measure it;
+        reported as ``base_<metric>`` until a round carrying it is acknowledged."""
+        if not self._base_pending:
+            return {}
+        if self._base_metrics is None:
+            found = await self._evaluate(0)
+            self._base_metrics = {f"base_{k}": v for k, v in found.items()}
+            if found:
+                log.info("round 0 (base model):%s", _accuracy_note(found, "held-out"))
+        return dict(self._base_metrics)
+
+    async def _evaluate(self, round_: int) -> dict[str, float]:
+        """The learner's held-out figures for the model it holds now (empty if it has no ``evaluate``); the whole
+        held-out set for the base model and after the job's last round."""
+        evaluate = getattr(self.learner, "evaluate", None)
+        if evaluate is None:
+            return {}
+        assert self.job is not None
+        final = round_ == 0 or round_ >= self.job.rounds
+        found = dict(await asyncio.to_thread(evaluate, final))
+        if found and final and round_ > 0:
+            found["eval_final"] = 1.0
+        return found
+
+    async def _install(
+        self, peer: MessagePeer, h: Aggregate, body: bytes | bytearray, *, evaluate: bool = False
+    ) -> None:
+        """Install an AGGREGATE, checkpoint, acknowledge. With ``evaluate`` (a round's aggregate, not a reset)
+        the model it makes (for FedALT: the client's own adapter with the new RoW) is measured first and its
+        figures sent as this round's METRICS, delivered before the ACK so the server's round history holds
+        them."""
         round_var.set(h.round)
         assert self.schema is not None
         manifest = expand(h.manifest, self.schema, self.cfg.transport.limits)  # a compact one names no tensors
@@ -699,13 +760,26 @@ class FederatedClient:
                 self.rows_received[h.round] = state
         self.synced_round = max(self.synced_round, h.round)
         await self._checkpoint()
+        found = await self._evaluate(h.round) if evaluate and h.kind != "local" else {}
+        if found:
+            await peer.send_bulk(Metrics(round=h.round, values=finite_metrics(found)), b"")
+            wait_acked = getattr(peer, "wait_acked", None)
+            if wait_acked is not None and not await wait_acked(10.0):
+                log.warning("round %d: the server did not take the held-out figures in time", h.round)
         peer.send(Ack(ref=MsgType.AGGREGATE, round=h.round, state_hash=state_hash(state)))
         if self.result is not None:
             for rec in self.result.rounds:
                 if rec.round == h.round:
                     rec.fp32_down = fp32_nbytes(manifest)
                     rec.bytes_down = frame_size(h, len(body))
-        log.info("installed %s adapter for round %d (%d contributors)", h.kind, h.round, h.contributors)
+                    rec.metrics.update(found)
+        log.info(
+            "installed %s adapter for round %d (%d contributors)%s",
+            h.kind,
+            h.round,
+            h.contributors,
+            _accuracy_note(found, "held-out after the aggregate"),
+        )
 
     def _save(self, result: ClientResult) -> None:
         self.cfg.run_dir.mkdir(parents=True, exist_ok=True)

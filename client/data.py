@@ -13,6 +13,7 @@ JSONL records, one per line:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -200,6 +201,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     label: int | None = None
+    truncated: bool = False  # max_len cut something (the prompt's content, the response or the text)
 
 
 @dataclass
@@ -235,49 +237,137 @@ class Batch:
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a prompt becomes the tokens a response is conditioned on, in training and evaluation alike.
+
+    ``chat_template``: ``None`` uses the tokenizer's chat template when it has one (a user turn, then the
+    assistant header), ``False`` never does (``[bos] prompt``), ``True`` requires one. ``system_prompt``:
+    ``None`` leaves the template's default system turn as it is (SmolLM2's adds ~20 tokens of its own), ``""``
+    sends an empty system turn, any other text replaces it.
+    """
+
+    chat_template: bool | None = None
+    system_prompt: str | None = None
+
+
+FORMAT_ATTR = "fedquic_prompt_format"  # on a tokenizer: its PromptFormat (set_prompt_format)
+
+
+def set_prompt_format(tokenizer: Any, fmt: PromptFormat) -> None:
+    """Attach ``fmt`` to ``tokenizer``: every encoder in this package reads it there, so training, held-out
+    evaluation and scoring can never disagree on the template."""
+    if fmt.chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("chat_template=True, but this tokenizer has no chat template")
+    setattr(tokenizer, FORMAT_ATTR, fmt)
+
+
+def prompt_format(tokenizer: Any) -> PromptFormat:
+    return getattr(tokenizer, FORMAT_ATTR, None) or PromptFormat()
+
+
+def uses_chat_template(tokenizer: Any) -> bool:
+    fmt = prompt_format(tokenizer)
+    return fmt.chat_template is not False and bool(getattr(tokenizer, "chat_template", None))
+
+
+def _text_ids(tokenizer: Any, text: str) -> list[int]:
+    return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]] if text else []
+
+
+def special_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer itself puts around a text (BERT: ``[CLS]`` ... ``[SEP]``; Llama:
+    ``<s>`` ...); a tokenizer that adds none gets its bos token, if it has one, in front."""
+    cached = getattr(tokenizer, "_fedquic_special_frame", None)
+    if cached is not None:
+        return cached
+    probe = "a b"
+    plain = _text_ids(tokenizer, probe)
+    full = [int(i) for i in tokenizer(probe, add_special_tokens=True)["input_ids"]]
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            pre, post = full[:i], full[i + len(plain) :]
+            break
+    else:  # specials interleaved with the text: none we can place
+        pre, post = [], []
+    if not pre and not post and tokenizer.bos_token_id is not None:
+        pre = [int(tokenizer.bos_token_id)]
+    with contextlib.suppress(AttributeError):  # a tokenizer that takes no attributes is just not cached
+        tokenizer._fedquic_special_frame = (pre, post)
+    return pre, post
+
+
 def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """The tokens a response is conditioned on: the tokenizer's chat template (a user turn and the assistant
-    header) when it has one, else ``[bos] prompt``. Training and evaluation both encode prompts with this."""
-    if getattr(tokenizer, "chat_template", None) and prompt:
+    """The tokens a response is conditioned on: the chat template (the system turn as :class:`PromptFormat`
+    says, a user turn and the assistant header) when it applies, else the tokenizer's leading special tokens
+    (its bos) and the prompt. Training and evaluation both encode prompts with this."""
+    if uses_chat_template(tokenizer):
+        fmt = prompt_format(tokenizer)
+        system = [] if fmt.system_prompt is None else [{"role": "system", "content": fmt.system_prompt}]
         ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            [*system, {"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
         )
         if isinstance(ids, dict) or hasattr(ids, "keys"):  # some versions return a BatchEncoding
             ids = ids["input_ids"]
         return [int(i) for i in ids]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return [*bos, *(tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else [])]
+    return [*special_frame(tokenizer)[0], *_text_ids(tokenizer, prompt)]
+
+
+def _fit_prompt(tokenizer: Any, prompt: str, budget: int) -> list[int]:
+    """``prompt_ids`` of the longest end of ``prompt`` whose encoding takes at most ``budget`` tokens: the
+    content is shortened from its start (the end, next to the answer, matters most), never the template."""
+    content = _text_ids(tokenizer, prompt)
+    keep = len(content)
+    while keep > 0:
+        text = tokenizer.decode(content[len(content) - keep :])
+        ids = prompt_ids(tokenizer, text)
+        if len(ids) <= budget:
+            return ids
+        keep -= max(1, len(ids) - budget)
+    return prompt_ids(tokenizer, "")
 
 
 def encode_example(tokenizer: Any, example: Example, max_len: int) -> Encoded:
-    """``[bos] prompt response [eos]`` with loss on ``response [eos]``.
+    """Generation: ``prompt_ids(prompt) response [eos]`` with loss on ``response [eos]``; plain text:
+    ``[bos] text [eos]``; classification: the text inside the tokenizer's own special tokens (``[CLS] text
+    [SEP]``), no eos needed.
 
-    Over ``max_len``, the prompt loses tokens from its start (the end, next to the answer, matters most), then
-    the response is cut at the end.
+    Over ``max_len`` the prompt's content is shortened from its start, its template kept whole (a prompt
+    template that leaves no room for one answer token is refused with :class:`ConfigError`); then the
+    response is cut at its end. ``Encoded.truncated`` says whether anything was cut.
     """
+    if example.label is not None:  # classification: the text's start kept, scored at the model's own position
+        pre, post = special_frame(tokenizer)
+        room = max_len - len(pre) - len(post)
+        if room < 1:
+            raise ConfigError(f"max_len {max_len} cannot hold the tokenizer's special tokens ({len(pre) + len(post)})")
+        text = _text_ids(tokenizer, example.prompt)
+        ids = [*pre, *text[:room], *post]
+        return Encoded(ids, [IGNORE_INDEX] * len(ids), label=example.label, truncated=len(text) > room)
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ConfigError("tokenizer has no eos token")
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    if example.label is not None:  # classification: the text alone (its start kept), scored at its last token
-        text = tokenizer(example.prompt, add_special_tokens=False)["input_ids"] if example.prompt else []
-        ids = [*bos, *text][:max_len]
-        return Encoded(input_ids=ids, labels=[IGNORE_INDEX] * len(ids), label=example.label)
+        raise ConfigError(
+            "this tokenizer has no eos token: generation training needs one to learn where an answer ends"
+        )
+    response = [*_text_ids(tokenizer, example.response), int(eos)]
+    if not example.prompt:  # plain LM text
+        bos = special_frame(tokenizer)[0]
+        ids = [*bos, *response][:max_len]
+        return Encoded(ids, [IGNORE_INDEX] * len(bos) + ids[len(bos) :], truncated=len(bos) + len(response) > max_len)
     prompt = prompt_ids(tokenizer, example.prompt)
-    # prompt_ids already starts with bos (or the chat template's own start): keep it whole when cutting
-    head = 1 if prompt and bos and prompt[0] == bos[0] else 0
-    bos, prompt = prompt[:head], prompt[head:]
-    response = [*tokenizer(example.response, add_special_tokens=False)["input_ids"], eos]
-    overflow = len(bos) + len(prompt) + len(response) - max_len
-    if overflow > 0:
-        cut = min(overflow, len(prompt))
-        prompt = prompt[cut:]
-        overflow -= cut
-        if overflow > 0:
-            response = response[: len(response) - overflow]
-    ids = [*bos, *prompt, *response]
-    labels = [IGNORE_INDEX] * (len(bos) + len(prompt)) + response
-    return Encoded(input_ids=ids, labels=labels)
+    truncated = len(prompt) + len(response) > max_len
+    if truncated:
+        floor = len(prompt_ids(tokenizer, ""))
+        if floor + 1 > max_len:
+            raise ConfigError(
+                f"max_len {max_len} cannot hold the prompt template ({floor} tokens) and one answer token: "
+                "raise --max-len, or shorten the template (--system-prompt '' or --no-chat-template)"
+            )
+        prompt = _fit_prompt(tokenizer, example.prompt, max(max_len - len(response), floor))
+        response = response[: max_len - len(prompt)]
+    ids = [*prompt, *response]
+    labels = [IGNORE_INDEX] * len(prompt) + response
+    return Encoded(input_ids=ids, labels=labels, truncated=truncated)
 
 
 def collate(encoded: Sequence[Encoded], pad: int) -> Batch:

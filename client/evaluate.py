@@ -163,10 +163,8 @@ def teacher_forced_correct(
             target = batch.labels[:, 1:]
             scored = target != -100
             ok = ((pred == target) | ~scored).all(dim=1)
-            for ex, e, good in zip(chunk, encoded, ok.tolist(), strict=True):
-                # cut by max_len (prompt or response): not the item asked, so not right
-                whole = len(e.input_ids) == len(_prefix(tokenizer, ex.prompt)) + len(_ids(tokenizer, ex.response)) + 1
-                out.append(bool(good) and whole)
+            for e, good in zip(encoded, ok.tolist(), strict=True):
+                out.append(bool(good) and not e.truncated)  # cut by max_len: not the item asked, so not right
     return out
 
 
@@ -258,10 +256,16 @@ def evaluate(
     max_len: int = 48,
     batch_size: int = 8,
     max_new_tokens: int | None = None,
+    casefold: bool = False,
 ) -> dict[str, float]:
     """Every metric that applies to ``examples``: ``loss_eval`` always (for a causal LM: per response token;
     for a classifier: per example), ``acc_exact`` on prompt/response examples, ``acc_mc`` on multiple-choice ones
-    and ``acc_cls`` on labelled ones. Metrics that do not apply are left out."""
+    and ``acc_cls`` on labelled ones. Metrics that do not apply are left out.
+
+    ``acc_exact`` is strict by default: the greedy answer is the reference token for token, then eos (computed
+    teacher-forced, :func:`teacher_forced_correct`: one forward pass per batch, no generation). With
+    ``casefold`` the model generates greedily and answers are compared after :func:`normalize_answer` (case and
+    whitespace ignored), which is more lenient and much slower."""
     from .fedalt import FedALTModel
     from .trainer import batch_loss
 
@@ -281,9 +285,13 @@ def evaluate(
                 total, count = total + float(loss), count + n
     out["loss_eval"] = total / count if count else float("nan")
     generation = [ex for ex in examples if ex.kind == "generation"]
-    if generation:
+    if generation and casefold:
         out["acc_exact"] = exact_match_accuracy(
             model, tokenizer, generation, max_new_tokens=max_new_tokens, batch_size=batch_size
+        )
+    elif generation:
+        out["acc_exact"] = teacher_forced_accuracy(
+            model, tokenizer, generation, max_len=max_len, batch_size=max(batch_size, 16)
         )
     if "mc" in kinds:
         out["acc_mc"] = multiple_choice_accuracy(model, tokenizer, examples, batch_size=batch_size)

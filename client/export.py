@@ -26,12 +26,49 @@ FORMAT = "fedquic-fedalt/1"
 
 
 def export_peft_adapter(fam: FedALTModel, out_dir: Path) -> Path:
-    """Write the individual LoRA as a peft adapter directory; returns the directory to load."""
+    """Write the individual LoRA as a peft adapter directory; returns the directory to load.
+
+    A head the checkpoint lacked (a classifier built for the job) is not in the base model anyone else loads:
+    its weights there would be random. It is exported whole instead, as peft's ``modules_to_save`` (its
+    job-seeded initial weights with the client's LoRA merged in), so ``PeftModel.from_pretrained(base, path)``
+    on a freshly loaded base gives the trained classifier.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fam.model.save_pretrained(str(out_dir), selected_adapters=[LOCAL])
     # peft writes a non-default adapter into a sub-directory named after it.
-    return out_dir / LOCAL if (out_dir / LOCAL / "adapter_config.json").exists() else out_dir
+    path = out_dir / LOCAL if (out_dir / LOCAL / "adapter_config.json").exists() else out_dir
+    if fam.new_heads:
+        _heads_as_modules_to_save(fam, path)
+    return path
+
+
+def _heads_as_modules_to_save(fam: FedALTModel, path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file as save_torch
+
+    heads = fam.new_heads
+    weights_path = path / "adapter_model.safetensors"
+    tensors = load_torch(str(weights_path))
+    prefix = "base_model.model."
+    for head in heads:
+        layer = fam.model.get_submodule(prefix + head)
+        for kind in ("lora_A", "lora_B"):
+            tensors.pop(f"{prefix}{head}.{kind}.weight", None)
+        with torch.no_grad():
+            base = layer.base_layer
+            delta = layer.lora_B[LOCAL].weight.float() @ layer.lora_A[LOCAL].weight.float() * layer.scaling[LOCAL]
+            tensors[f"{prefix}{head}.weight"] = (base.weight.float() + delta).to(base.weight.dtype).contiguous()
+            if base.bias is not None:
+                tensors[f"{prefix}{head}.bias"] = base.bias.detach().clone().contiguous()
+    save_torch(tensors, str(weights_path), metadata={"format": "pt"})
+    config_path = path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    targets = config.get("target_modules") or []
+    config["target_modules"] = sorted(t for t in targets if t not in heads)
+    config["modules_to_save"] = sorted({*(config.get("modules_to_save") or []), *heads})
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _atomic_save(tensors: dict[str, np.ndarray], path: Path) -> None:

@@ -35,7 +35,8 @@ from fedquic.common.adapter import AdapterSchema, TensorDict, init_lora_state, z
 from fedquic.common.errors import CodecError, ConfigError, ErrorCode
 from torch import nn
 
-from .model import default_target_modules, keep_4bit_differentiable
+from .architectures import default_target_modules, head_targets, init_new_heads
+from .model import keep_4bit_differentiable
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +108,12 @@ class _Gate:
 
 
 def _peft_task_type(model: nn.Module) -> str | None:
-    """CAUSAL_LM for causal LMs. Other models (classifiers, vision-language models) get peft's generic PeftModel:
-    peft's SEQ_CLS type would make the classification head trainable and part of the adapter, but the head is
-    part of the frozen base here, as every client must share it."""
-    return "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None
+    """CAUSAL_LM for causal LMs (GPT-2's ``*LMHeadModel`` included). Other models (classifiers, vision-language
+    models) get peft's generic PeftModel: peft's SEQ_CLS type would add a full trainable copy of the head
+    (``modules_to_save``), a second kind of adapter state beside the LoRA tensors. A new head trains through a
+    LoRA of its own instead (:mod:`fedquic.client.architectures`); a trained head stays frozen."""
+    name = type(model).__name__
+    return "CAUSAL_LM" if name.endswith(("ForCausalLM", "LMHeadModel")) else None
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -151,7 +154,12 @@ class FedALTModel:
         self.mixer_init = mixer_init
         self.init_seed = init_seed
 
-        targets = list(lora.target_modules) if lora.target_modules else default_target_modules(base_model)
+        # A head the checkpoint lacked starts from the job seed on every client, and trains through its own LoRA.
+        heads = init_new_heads(base_model, init_seed)
+        if lora.target_modules:
+            targets = [*lora.target_modules, *(h for h in heads if h not in lora.target_modules)]
+        else:
+            targets = default_target_modules(base_model)
         config = LoraConfig(
             r=lora.rank,
             lora_alpha=lora.alpha,
@@ -253,6 +261,18 @@ class FedALTModel:
             p.requires_grad_(id(p) in trainable)
 
     # -- public API ------------------------------------------------------------------------------------
+
+    def __call__(self, **inputs: Any) -> Any:
+        """The forward pass: ``fam(input_ids=..., attention_mask=..., [pixel_values=...])`` runs the wrapped peft
+        model and returns its output (``.logits``: ``[batch, seq, vocab]`` for a causal LM, ``[batch,
+        num_labels]`` for a classifier). Every target layer computes ``W x + g_loc(x)·B_loc A_loc x·s +
+        g_row(x)·B_row A_row x·s`` (module docstring); gradients reach the local LoRA and the mixers only."""
+        return self.model(**inputs)
+
+    @property
+    def new_heads(self) -> list[str]:
+        """Heads the checkpoint lacked (initialised from ``init_seed``, trained through their LoRA)."""
+        return head_targets(self.model.get_base_model())
 
     def schema(self) -> AdapterSchema:
         """Schema of the local adapter (identical for RoW); the unit of aggregation."""

@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,11 +24,21 @@ import torch
 from fedquic.common.errors import ConfigError
 from torch import nn
 
+from .architectures import (
+    NEW_HEADS_ATTR,
+    ModelKind,
+    check_heads,
+    default_target_modules,  # noqa: F401  (re-exported: it was defined here)
+    new_head_modules,
+    num_labels_for,
+    quantization_skip_modules,
+    resolve_kind,
+)
+
 log = logging.getLogger(__name__)
 
 Quantization = Literal["nf4", "int8", "none"]
 ComputeDtype = Literal["float32", "bfloat16"]
-ModelKind = Literal["causal_lm", "seq_cls", "vlm"]
 
 _QUANTIZATIONS: tuple[str, ...] = ("nf4", "int8", "none")
 _COMPUTE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -297,18 +308,20 @@ def _check_model_dir(path: Path) -> Path:
     return path
 
 
-def _quantization_config(spec: LoadSpec) -> Any:
+def _quantization_config(spec: LoadSpec, kind: ModelKind) -> Any:
     from transformers import BitsAndBytesConfig
 
+    skip = {} if (mods := quantization_skip_modules(kind)) is None else {"llm_int8_skip_modules": mods}
     if spec.quantization == "nf4":
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=spec.double_quant,
             bnb_4bit_compute_dtype=spec.torch_dtype,
+            **skip,
         )
     if spec.quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
     return None
 
 
@@ -322,16 +335,11 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def model_kind(path: Path) -> ModelKind:
-    """What a local model directory holds: ``seq_cls`` (a ``*ForSequenceClassification`` architecture), ``vlm``
-    (a config with a ``vision_config``: LLaVA, Idefics3/SmolVLM, ...) or ``causal_lm`` (everything else)."""
-    config = _read_config(_check_model_dir(path))
-    archs = config.get("architectures") or []
-    if any(str(a).endswith("ForSequenceClassification") for a in archs):
-        return "seq_cls"
-    if "vision_config" in config:
-        return "vlm"
-    return "causal_lm"
+def model_kind(path: Path, *, data_kind: str | None = None, requested: str = "auto") -> ModelKind:
+    """What a local model directory is trained as with data of ``data_kind`` (see
+    :func:`fedquic.client.architectures.resolve_kind`): ``seq_cls``, ``vlm`` or ``causal_lm``; a clear
+    :class:`ConfigError` for a pairing that cannot work (an encoder with generation data)."""
+    return resolve_kind(_read_config(_check_model_dir(path)), requested=requested, data_kind=data_kind)
 
 
 def _auto_class(kind: ModelKind) -> Any:
@@ -344,11 +352,24 @@ def _auto_class(kind: ModelKind) -> Any:
     }[kind]
 
 
-def load_base_model(path: Path, spec: LoadSpec | None = None) -> tuple[Any, Any]:
+def load_base_model(
+    path: Path,
+    spec: LoadSpec | None = None,
+    *,
+    data_kind: str | None = None,
+    labels: Sequence[int] = (),
+    num_labels: int | None = None,
+    progress: bool = True,
+) -> tuple[Any, Any]:
     """Load a frozen (optionally 4-bit NF4) model and its tokenizer from a local directory.
 
-    Causal LMs, sequence classifiers and vision-language models (``spec.kind``, detected from config.json by
-    default) load through the matching ``AutoModelFor...`` class; the tokenizer is the directory's own.
+    The kind (causal LM, sequence classifier, vision-language model) comes from ``spec.kind`` or, by default,
+    from config.json and ``data_kind``, the kind of the client's examples (:mod:`fedquic.client.architectures`):
+    an encoder with ``label`` data, or a causal LM with ``label`` data, becomes a sequence classifier whose head
+    has ``num_labels`` classes (default: from ``labels``). A head the checkpoint lacks is left in full
+    precision and listed on the model (``NEW_HEADS_ATTR``) for :class:`~fedquic.client.fedalt.FedALTModel` to
+    initialise from the job's seed and train; a causal LM whose LM head the checkpoint lacks is refused.
+    ``progress=False`` silences transformers' own loading bar.
 
     We do the useful part of peft's ``prepare_model_for_kbit_training`` ourselves: freeze everything and
     turn on non-reentrant gradient checkpointing. We skip its upcast of every non-quantized parameter to
@@ -359,7 +380,8 @@ def load_base_model(path: Path, spec: LoadSpec | None = None) -> tuple[Any, Any]
 
     spec = spec or LoadSpec()
     path = _check_model_dir(path)
-    kind: ModelKind = model_kind(path) if spec.kind == "auto" else spec.kind
+    config = _read_config(path)
+    kind = resolve_kind(config, requested=spec.kind, data_kind=data_kind)
     device = torch.device(spec.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {spec.device!r} requested but CUDA is not available")
@@ -368,15 +390,24 @@ def load_base_model(path: Path, spec: LoadSpec | None = None) -> tuple[Any, Any]
         "dtype": spec.torch_dtype,
         "local_files_only": True,
         "device_map": {"": str(device)},
+        "output_loading_info": True,
     }
-    qcfg = _quantization_config(spec)
+    if kind == "seq_cls":
+        kwargs["num_labels"] = num_labels_for(config, labels, num_labels)
+    qcfg = _quantization_config(spec, kind)
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
     try:
-        model = _auto_class(kind).from_pretrained(str(path), **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        with _quiet_transformers(not progress):
+            model, info = _auto_class(kind).from_pretrained(str(path), **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(f"cannot load base model from {path}: {exc}") from exc
+    new = new_head_modules(model, info.get("missing_keys") or ())
+    check_heads(model, kind, new, str(path))
+    setattr(model, NEW_HEADS_ATTR, new)
+    if new:
+        log.info("%s: new %s head %s (initialised from the job seed, trained with the adapter)", path.name, kind, new)
 
     keep_4bit_differentiable(model)
     if qcfg is not None:
@@ -395,8 +426,9 @@ def load_base_model(path: Path, spec: LoadSpec | None = None) -> tuple[Any, Any]
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.eval()
     log.info(
-        "loaded base model %s (%s, %s, compute %s, checkpointing=%s) on %s",
+        "loaded base model %s (%s as %s, %s, compute %s, checkpointing=%s) on %s",
         path.name,
+        type(model).__name__,
         kind,
         spec.quantization,
         spec.compute_dtype,
@@ -404,6 +436,30 @@ def load_base_model(path: Path, spec: LoadSpec | None = None) -> tuple[Any, Any]
         device,
     )
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_transformers(quiet: bool) -> Iterator[None]:
+    """transformers' "Loading weights" bar and its load-time warnings go to every client log otherwise."""
+    if not quiet:
+        yield
+        return
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # its load report (new heads) is logged by us in one line
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def release_checkpoint_memory(model: nn.Module) -> int:
@@ -490,35 +546,6 @@ def weight_bytes(model: nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # Targets and fingerprint
 # ---------------------------------------------------------------------------------------------------------
-
-
-_HEADS = frozenset({"lm_head", "score", "classifier"})
-
-
-def default_target_modules(model: nn.Module) -> list[str]:
-    """LoRA targets: q_proj/v_proj where they exist (Llama, Mistral, Qwen...), else every Linear but the heads.
-
-    Detected from the module tree rather than ``config.model_type`` so unknown llama-likes work too.
-    bitsandbytes' Linear4bit/Linear8bitLt subclass ``nn.Linear``, so quantized models are covered.
-    In a vision-language model (one with a ``language_model`` submodule) only the language model's layers are
-    targeted, by their full module names: the vision tower and the projector stay as they are.
-    """
-    linears = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not any(True for _ in module.children())
-    ]
-    in_lm = [n for n in linears if ".language_model." in f".{n}"]
-    if in_lm:
-        qv = [n for n in in_lm if n.rsplit(".", 1)[-1] in ("q_proj", "v_proj")]
-        return qv or [n for n in in_lm if n.rsplit(".", 1)[-1] not in _HEADS]
-    leaf_names = {name.rsplit(".", 1)[-1] for name in linears}
-    if {"q_proj", "v_proj"} <= leaf_names:
-        return ["q_proj", "v_proj"]
-    targets = sorted(leaf_names - _HEADS)
-    if not targets:
-        raise ConfigError("the model has no nn.Linear layers to put LoRA on; give target_modules explicitly")
-    return targets
 
 
 def base_model_fingerprint(path: Path) -> str:

@@ -30,6 +30,9 @@ class PeftLearnerConfig(BaseModel):
     model_path: Path
     task: str | None = None  # synthetic data: a task of fedquic.client.data (e.g. "reverse", "mc-reverse", "label")
     data_path: Path | None = None
+    # Held-out data: a file of its own, else a seeded eval_fraction of the training data (never trained on).
+    eval_data_path: Path | None = None
+    eval_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     num_examples: int = Field(default=256, ge=1)
     data_seed: int = 0
     # Device profile (fedquic.client.profiles) and field-by-field overrides of it; None: the profile's value.
@@ -39,12 +42,19 @@ class PeftLearnerConfig(BaseModel):
     gradient_checkpointing: bool | None = None
     device: str | None = None
     micro_batch_size: int | None = Field(default=None, ge=1)
-    max_len: int = Field(default=48, ge=2)
+    # Tokens per example. Longer prompts lose the start of their content, never the chat template.
+    max_len: int = Field(default=256, ge=2)
     threads: int = Field(default=0, ge=0)
-    # Held out from training and evaluated after each round (loss_eval, acc_exact, acc_mc, acc_cls): at most
-    # this many examples and at most a tenth of the data; 0 turns it off.
+    # Held-out items scored after each round's aggregate is installed (loss_eval, acc_exact, acc_mc, acc_cls);
+    # the base model before round 1 and the model after the last round are scored on the whole held-out set.
+    # 0 turns evaluation off.
     eval_samples: int = Field(default=32, ge=0)
-    eval_max_new_tokens: int | None = Field(default=None, ge=1)  # None: longest reference answer + 1
+    eval_casefold: bool = False  # acc_exact ignoring case and whitespace (greedy generation; slower)
+    eval_max_new_tokens: int | None = Field(default=None, ge=1)  # casefold generation; None: longest answer + 1
+    # Prompt encoding (fedquic.client.data.PromptFormat): None = the tokenizer's chat template if it has one.
+    chat_template: bool | None = None
+    system_prompt: str | None = None  # None: the template's default system turn; "": an empty one
+    num_labels: int | None = Field(default=None, ge=2)  # classifier head size (default: from the data's labels)
     progress: bool = True  # a progress bar over each round's steps, when stderr is a terminal
 
     @model_validator(mode="after")
@@ -72,9 +82,12 @@ def round_steps(spec: TrainSpec, n_examples: int) -> int:
     return spec.local_steps
 
 
-def held_out_split(examples: list[Example], k: int, seed: int) -> tuple[list[Example], list[Example]]:
-    """(train, held-out): ``min(k, len // 10)`` examples drawn with a seeded permutation are held out."""
-    k = min(k, len(examples) // 10)
+def held_out_split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, held-out): ``round(fraction · len)`` examples (at least one when ``fraction > 0``, at most all but
+    one) drawn with a seeded permutation are held out, in their original order."""
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(f"eval fraction must be in [0, 1), got {fraction}")
+    k = min(max(round(fraction * len(examples)), 1 if fraction > 0 else 0), len(examples) - 1)
     if k <= 0:
         return list(examples), []
     order = np.random.default_rng([seed, 0xE7A1]).permutation(len(examples))
@@ -82,11 +95,19 @@ def held_out_split(examples: list[Example], k: int, seed: int) -> tuple[list[Exa
     return [ex for i, ex in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 
 
+def _data_kind(examples: list[Example]) -> str:
+    """The kind of a client's data (classification data cannot be mixed with other kinds)."""
+    kinds = {ex.kind for ex in examples}
+    if "label" in kinds and len(kinds) > 1:
+        raise ConfigError("the data mix classification records ({text, label}) with other kinds")
+    return "label" if "label" in kinds else min(kinds, key=("generation", "mc", "text").index)
+
+
 class PeftLearner:
     def __init__(self, cfg: PeftLearnerConfig) -> None:
         import torch
 
-        from .data import load_jsonl, make_task_examples
+        from .data import PromptFormat, load_jsonl, make_task_examples, set_prompt_format
         from .model import LoadSpec, base_model_fingerprint, load_base_model
 
         self.cfg = cfg
@@ -100,7 +121,13 @@ class PeftLearner:
             examples = load_jsonl(cfg.data_path)
         if not examples:
             raise ConfigError("the client has no training examples")
-        self.examples, self.eval_examples = held_out_split(examples, cfg.eval_samples, cfg.data_seed)
+        if cfg.eval_samples == 0:
+            self.examples, self.eval_examples = list(examples), []
+        elif cfg.eval_data_path is not None:
+            self.examples, self.eval_examples = list(examples), load_jsonl(cfg.eval_data_path)
+        else:
+            self.examples, self.eval_examples = held_out_split(examples, cfg.eval_fraction, cfg.data_seed)
+        data_kind = _data_kind([*self.examples, *self.eval_examples])
         self._fingerprint = base_model_fingerprint(cfg.model_path)
         spec = LoadSpec(
             quantization=self.profile.quantization,
@@ -108,7 +135,18 @@ class PeftLearner:
             gradient_checkpointing=self.profile.gradient_checkpointing,
             device=self.profile.device,
         )
-        self.base_model, self.tokenizer = load_base_model(cfg.model_path, spec)
+        self.base_model, self.tokenizer = load_base_model(
+            cfg.model_path,
+            spec,
+            data_kind=data_kind,
+            labels=[ex.label for ex in [*self.examples, *self.eval_examples] if ex.label is not None],
+            num_labels=cfg.num_labels,
+            progress=cfg.progress,
+        )
+        set_prompt_format(
+            self.tokenizer, PromptFormat(chat_template=cfg.chat_template, system_prompt=cfg.system_prompt)
+        )
+        self._warn_truncated()
         self.fam = None  # the FedALTModel, built once the job's LoRA settings are known
         log.info(
             "loaded %s (profile %s: %s), %d training and %d held-out examples",
@@ -175,25 +213,49 @@ class PeftLearner:
         if state:
             self._model().set_mixer_state(state)
 
-    def evaluate(self) -> dict[str, float]:
-        """Held-out metrics (see :func:`fedquic.client.evaluate.evaluate`); empty without held-out data."""
+    def _warn_truncated(self) -> None:
+        from .data import encode_example
+
+        for what, items in (("training", self.examples), ("held-out", self.eval_examples)):
+            enc = [encode_example(self.tokenizer, ex, self.cfg.max_len) for ex in items]
+            cut = [e for e in enc if e.truncated]
+            if cut:
+                log.warning(
+                    "%d of %d %s examples are longer than --max-len %d tokens: their prompts lose the start of "
+                    "their content (the template stays whole); held-out ones that are cut count as wrong",
+                    len(cut),
+                    len(items),
+                    what,
+                    self.cfg.max_len,
+                )
+
+    def evaluate(self, final: bool = False) -> dict[str, float]:
+        """Held-out metrics of the model as it is now (see :func:`fedquic.client.evaluate.evaluate`), with
+        ``eval_n`` (items scored) and ``eval_s``; on the first ``eval_samples`` held-out items, or all of them
+        when ``final`` (the base model before round 1, the model after the last round). Empty without
+        held-out data."""
         from .evaluate import evaluate
 
         if not self.eval_examples:
             return {}
+        items = self.eval_examples if final else self.eval_examples[: self.cfg.eval_samples]
         t0 = time.perf_counter()
         out = evaluate(
             self._model(),
             self.tokenizer,
-            self.eval_examples,
+            items,
             max_len=self.cfg.max_len,
             batch_size=self.profile.micro_batch_size or 8,
             max_new_tokens=self.cfg.eval_max_new_tokens,
+            casefold=self.cfg.eval_casefold,
         )
+        out["eval_n"] = float(len(items))
         out["eval_s"] = time.perf_counter() - t0
         return out
 
     def train(self, round_: int, spec: TrainSpec) -> dict[str, float]:
+        """One round of local training; training metrics only (the app evaluates when the round's aggregate is
+        installed: :meth:`evaluate`)."""
         from .data import tokenize_examples
         from .progress import TrainProgress
         from .trainer import TrainConfig, evaluate_loss, train_local
@@ -202,7 +264,7 @@ class PeftLearner:
         if spec.local_steps == 0 and spec.local_epochs is None:
             batches = tokenize_examples(self.tokenizer, self.examples[:32], self.cfg.max_len)
             loss = evaluate_loss(fam, batches)
-            return {"loss_before": loss, "loss_after": loss, "train_s": 0.0, "steps": 0.0, **self.evaluate()}
+            return {"loss_before": loss, "loss_after": loss, "train_s": 0.0, "steps": 0.0}
         steps = round_steps(spec, len(self.examples))
         cfg = TrainConfig(
             steps=steps,
@@ -231,14 +293,25 @@ class PeftLearner:
             "train_s": res.seconds,
             "steps": float(res.steps),
             "samples": float(res.samples),
-            **self.evaluate(),
         }
 
     def save(self, out_dir: Path) -> None:
-        """Write the trained adapters: a peft directory of the individual LoRA and the full FedALT model."""
+        """Write the trained adapters: a peft directory of the individual LoRA (``peft/local``) and the full
+        FedALT model (``fedalt``: both LoRAs and the mixers)."""
         from .export import export_peft_adapter, save_fedalt
 
         fam = self._model()
         peft_dir = export_peft_adapter(fam, Path(out_dir) / "peft")
         save_fedalt(fam, Path(out_dir) / "fedalt")
-        log.info("saved adapters: peft %s, fedalt %s", peft_dir, Path(out_dir) / "fedalt")
+        if fam.federation == "fedalt":
+            log.info(
+                "saved adapters: %s is the client's own LoRA only (a plain peft adapter, without the Rest-of-World "
+                "LoRA and the mixers); %s is the whole FedALT model the held-out figures were measured on "
+                "(load it with fedquic.client.export.load_fedalt)",
+                peft_dir,
+                Path(out_dir) / "fedalt",
+            )
+        else:
+            log.info(
+                "saved adapters: peft %s (the whole trained adapter), fedalt %s", peft_dir, Path(out_dir) / "fedalt"
+            )

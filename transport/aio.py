@@ -215,6 +215,22 @@ class Peer(QuicConnectionProtocol):
             self.transmit()
         return frame_size(header, len(body))
 
+    async def wait_acked(self, timeout: float) -> bool:
+        """Wait until the peer's QUIC stack has acknowledged everything written so far (every stream); False on
+        timeout. A message acknowledged this way has reached the peer's inbox, so a control message sent after
+        it is handled after it, although the two travel on different streams."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.core.unacked_bytes() > 0:
+            self._check_open()
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            self._progress.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), left)
+        return True
+
     def send_error(self, exc: FedQuicError) -> None:
         with contextlib.suppress(Exception):
             self.send(Error(code=int(exc.code), message=str(exc)[:4000]))

@@ -65,7 +65,7 @@ def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
     # report files exist and parse
     for p in out["plots"]:
         assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    saved = json.loads((run / "federated_report.json").read_text())
+    saved = json.loads((run / "federated.json").read_text())
     assert [r["variant"] for r in saved["variants"]] == list(rows)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["acc_fedalt"] == out["acc_fedalt"] and set(summary["targets"]) >= {"ef_beats_noef"}

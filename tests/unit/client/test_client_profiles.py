@@ -78,14 +78,17 @@ def test_micro_batches_give_the_same_training(load_tiny) -> None:
 
 def test_held_out_split_is_disjoint_deterministic_and_bounded() -> None:
     examples = make_examples("copy", 100, seed=0)
-    train, held = held_out_split(examples, 32, seed=1)
-    assert len(held) == 10 and len(train) == 90  # at most a tenth
+    train, held = held_out_split(examples, 0.1, seed=1)
+    assert len(held) == 10 and len(train) == 90  # the fraction asked
     assert set(train).isdisjoint(held) and sorted(train + held, key=examples.index) == examples
-    assert held_out_split(examples, 32, seed=1) == (train, held)
-    assert held_out_split(examples, 32, seed=2)[1] != held
-    assert held_out_split(examples, 3, seed=1)[1].__len__() == 3
-    assert held_out_split(examples, 0, seed=1) == (examples, [])
-    assert held_out_split(examples[:9], 32, seed=1) == (examples[:9], [])
+    assert held_out_split(examples, 0.1, seed=1) == (train, held)
+    assert held_out_split(examples, 0.1, seed=2)[1] != held
+    assert len(held_out_split(examples, 0.25, seed=1)[1]) == 25
+    assert held_out_split(examples, 0.0, seed=1) == (examples, [])
+    assert len(held_out_split(examples[:5], 0.1, seed=1)[1]) == 1  # at least one item when a fraction is asked
+    assert len(held_out_split(examples[:2], 0.9, seed=1)[0]) == 1  # and one left to train on
+    with pytest.raises(ConfigError):
+        held_out_split(examples, 1.0, seed=1)
 
 
 @pytest.mark.parametrize(("task", "metric"), [("reverse", "acc_exact"), ("mc-sort", "acc_mc")])
@@ -96,10 +99,13 @@ def test_learner_reports_held_out_metrics(tiny_model_dir: Path, task: str, metri
     assert len(learner.eval_examples) == 6 and learner.num_samples() == 54
     learner.attach(Welcome(version=1, job_id="j", rounds=1, init_seed=0, lora=LoraJobSpec(rank=4)))
     metrics = learner.train(1, TrainSpec(local_steps=2, batch_size=4))
-    assert 0.0 <= metrics[metric] <= 1.0 and math.isfinite(metrics["loss_eval"]) and metrics["eval_s"] > 0
-    other = "acc_mc" if metric == "acc_exact" else "acc_exact"
-    assert other not in metrics
     assert metrics["samples"] == 8.0  # the job's batch size, whatever the profile's micro-batch
+    assert metric not in metrics  # training reports training figures; the app asks for held-out ones
+    held = learner.evaluate()
+    assert 0.0 <= held[metric] <= 1.0 and math.isfinite(held["loss_eval"]) and held["eval_s"] > 0
+    assert held["eval_n"] == 6.0
+    other = "acc_mc" if metric == "acc_exact" else "acc_exact"
+    assert other not in held
 
 
 class FakeTty(io.StringIO):

@@ -81,12 +81,14 @@ def test_report_groups_seeds_and_writes_plots(tmp_path: Path) -> None:
         14.142, 1e-3
     )
     assert rows["fedalt"]["seeds"] == [0, 1] and rows["fedalt"]["per_client"]["a"] == pytest.approx(70.0)
-    assert rows["local"]["acc_std"] == 0.0 and rows["fedalt"]["wall_s"] == pytest.approx(30.5)
+    assert rows["local"]["acc_std"] is None and rows["local"]["n"] == 1 and rows["fedalt"]["n"] == 2
+    assert rows["fedalt"]["wall_s"] == pytest.approx(30.5) and rows["fedalt"]["wall_source"] == "job.json"
     assert "copy" in out["table"] and "reverse" in out["markdown"] and "70.00 ± 14.14" in out["markdown"]
     for p in out["plots"]:
         assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    saved = json.loads((tmp_path / "img" / "t_report.json").read_text())
-    assert saved["variants"][0]["variant"] == "fedalt"
+    saved = json.loads((tmp_path / "img" / "t.json").read_text())
+    assert saved["variants"][0]["variant"] == "fedalt" and saved["variants"][1]["acc_std"] is None
+    assert not (tmp_path / "img" / "t_report.json").exists()
 
 
 def test_cli_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
