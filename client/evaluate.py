@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from fedquic.common.errors import ConfigError
 from torch import nn
 
-from .data import Example, pad_id, prompt_ids, tokenize_examples
+from .data import IGNORE_INDEX, Example, pad_id, prompt_ids, tokenize_examples
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def exact_match_accuracy(
 
 
 def teacher_forced_correct(
-    model: Any, tokenizer: Any, examples: Sequence[Example], *, max_len: int = 48, batch_size: int = 64
+    model: Any, tokenizer: Any, examples: Sequence[Example], *, max_len: int = 48, batch_size: int = 32
 ) -> list[bool]:
     """Per example: whether every response token *and* the eos after it is the argmax given the true prefix.
 
@@ -158,14 +158,32 @@ def teacher_forced_correct(
             chunk = examples[lo : lo + batch_size]
             encoded = [encode_example(tokenizer, ex, max_len) for ex in chunk]
             batch = collate(encoded, pad).to(device)
-            logits = module(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            # Only the positions that predict a response token need logits: with a real vocabulary (49k for
+            # SmolLM2) the full [batch, seq, vocab] tensor is most of the memory and a fifth of the compute.
+            width = batch.input_ids.shape[1]
+            labelled = (batch.labels != IGNORE_INDEX).any(dim=0).nonzero()
+            keep = width - max(int(labelled[0]) - 1, 0) if len(labelled) else width
+            logits = _tail_logits(module, batch.input_ids, batch.attention_mask, keep)
             pred = logits[:, :-1].argmax(dim=-1)  # prediction for position t+1
-            target = batch.labels[:, 1:]
-            scored = target != -100
+            target = batch.labels[:, width - keep + 1 :]
+            scored = target != IGNORE_INDEX
             ok = ((pred == target) | ~scored).all(dim=1)
             for e, good in zip(encoded, ok.tolist(), strict=True):
                 out.append(bool(good) and not e.truncated)  # cut by max_len: not the item asked, so not right
     return out
+
+
+def _tail_logits(module: nn.Module, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
+    """Logits of the last ``keep`` positions: transformers' ``logits_to_keep`` where the model takes it (the head
+    then runs on those positions only), else the full logits sliced."""
+    if keep < ids.shape[1]:
+        try:
+            logits = module(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+        except TypeError:  # a model without the argument
+            pass
+        else:  # a model that takes any keyword may have ignored it: slice what came back
+            return logits[:, logits.shape[1] - keep :]
+    return module(input_ids=ids, attention_mask=mask).logits[:, ids.shape[1] - keep :]
 
 
 def teacher_forced_accuracy(

@@ -49,7 +49,9 @@ class PeftLearnerConfig(BaseModel):
     # the base model before round 1 and the model after the last round are scored on the whole held-out set.
     # 0 turns evaluation off.
     eval_samples: int = Field(default=32, ge=0)
-    eval_casefold: bool = False  # acc_exact ignoring case and whitespace (greedy generation; slower)
+    eval_casefold: bool = False
+    # Training examples behind each round's loss_before/loss_after (two extra forward passes over them).
+    loss_samples: int = Field(default=32, ge=1)  # acc_exact ignoring case and whitespace (greedy generation; slower)
     eval_max_new_tokens: int | None = Field(default=None, ge=1)  # casefold generation; None: longest answer + 1
     # Prompt encoding (fedquic.client.data.PromptFormat): None = the tokenizer's chat template if it has one.
     chat_template: bool | None = None
@@ -276,6 +278,7 @@ class PeftLearner:
             micro_batch_size=self.profile.micro_batch_size,
             schedule=spec.lr_schedule,
             warmup_steps=spec.warmup_steps,
+            eval_samples=self.cfg.loss_samples,
         )
         every = max(1, steps // 4)
         label = f"round {round_}/{self._rounds}" if getattr(self, "_rounds", None) else f"round {round_}"

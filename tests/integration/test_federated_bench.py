@@ -71,9 +71,11 @@ def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
     assert summary["acc_fedalt"] == out["acc_fedalt"] and set(summary["targets"]) >= {"ef_beats_noef"}
     for job in (run / "jobs").iterdir():
         hist = [json.loads(line) for line in (job / "server" / "history.jsonl").read_text().splitlines()]
-        assert [h["round"] for h in hist] == [1, 2, 3]  # 2 training rounds + the evaluation-only round
-        # intermediate rounds score the first 32 test items, the model after the last round all 64
-        assert [{c["n_test"] for c in h["clients"].values()} for h in hist] == [{32}, {32}, {64}]
+        assert [h["round"] for h in hist] == [1, 2]  # each round's figures are of the model after its aggregate
+        # the base model and intermediate rounds score the first 32 test items, the model after the last round all 64
+        assert [{c["eval_n"] for c in h["clients"].values()} for h in hist] == [{32}, {64}]
+        assert {c["base_eval_n"] for c in hist[0]["clients"].values()} == {32}
+        assert all(c.get("eval_final") == 1.0 for c in hist[-1]["clients"].values())
     # the user-facing command reads the same run the same way
     rep = subprocess.run(
         [sys.executable, "-m", "fedquic", "report", str(run), "--out", str(tmp_path / "rep")],
