@@ -330,6 +330,8 @@ def client_data(cmd: dict[str, Any]) -> tuple[list[Any], list[Any]]:
         held = {p for p, _ in test}
         draw = task_examples(cmd["family"], n_train + n_test, seed=cmd["seed"] + 1)
         train = [Example(p, a) for p, a in draw if p not in held][:n_train]
+        if len(train) < n_train:
+            raise RuntimeError(f"{cmd['family']}: only {len(train)} training items outside the test set")
         return train, [Example(p, a) for p, a in test]
     if cmd["data"] == "dirichlet":
         idx, n_clients, alpha = cmd["index"], cmd["num_clients"], cmd["alpha"]

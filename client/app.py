@@ -303,6 +303,12 @@ class FederatedClient:
             return ClientResult(job_id=self.job.job_id if self.job else "", bye_reason=str(exc))
         self.result.bye_reason = self.result.bye_reason or str(exc)
         self._save(self.result)
+        save = getattr(self.learner, "save", None)
+        if save is not None:  # the job ended under us (e.g. while we measured the last round): keep the adapters
+            try:
+                save(self.cfg.run_dir / "adapters")
+            except Exception as err:
+                log.error("could not save the adapters: %s", err)
         return self.result
 
     async def _run_once(self) -> ClientResult:
@@ -711,7 +717,11 @@ class FederatedClient:
             return {}
         assert self.job is not None
         final = round_ == 0 or round_ >= self.job.rounds
-        found = dict(await asyncio.to_thread(evaluate, final))
+        try:
+            found = dict(await asyncio.to_thread(evaluate, final))
+        except Exception as exc:  # a failed measurement (out of memory...) must not cost the round or the job
+            log.error("held-out evaluation failed (round %d): %s: %s", round_, type(exc).__name__, exc)
+            return {}
         if found and final and round_ > 0:
             found["eval_final"] = 1.0
         return found
@@ -728,6 +738,7 @@ class FederatedClient:
         manifest = expand(h.manifest, self.schema, self.cfg.transport.limits)  # a compact one names no tensors
         self.schema.check_manifest(manifest, what=f"{h.kind} adapter for round {h.round}")
         decoded = decode_tensors(manifest, body, self.cfg.transport.limits)
+        self._base_pending = False  # what the client holds is no longer the job's initial adapter alone
         if h.kind == "local":
             if h.delta:
                 raise ProtocolError("a `local` AGGREGATE must be dense (delta=false)", code=ErrorCode.BAD_HEADER)
@@ -760,7 +771,9 @@ class FederatedClient:
                 self.rows_received[h.round] = state
         self.synced_round = max(self.synced_round, h.round)
         await self._checkpoint()
-        found = await self._evaluate(h.round) if evaluate and h.kind != "local" else {}
+        # A round's aggregate, not a reset (dense, no contributors: the server's copy re-sent after a rejoin).
+        is_result = h.kind != "local" and (h.delta or h.contributors > 0)
+        found = await self._evaluate(h.round) if evaluate and is_result else {}
         if found:
             await peer.send_bulk(Metrics(round=h.round, values=finite_metrics(found)), b"")
             wait_acked = getattr(peer, "wait_acked", None)

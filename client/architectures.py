@@ -47,7 +47,7 @@ ENCODER_TYPES = frozenset(
 )  # fmt: skip
 # Names of task heads: never LoRA targets by default; kept out of 4-bit quantization where they are new.
 HEAD_NAMES = frozenset({"lm_head", "score", "classifier", "pre_classifier", "out_proj", "embed_out"})
-_HEAD_MODULES = ("classifier", "pre_classifier", "score", "lm_head", "embed_out")
+_HEAD_MODULES = ("classifier", "pre_classifier", "score", "lm_head", "embed_out", "pooler", "sequence_summary")
 # LoRA targets by family, first match wins: separate q/v projections, then the fused forms.
 _TARGET_PREFERENCES: tuple[tuple[str, ...], ...] = (
     ("q_proj", "v_proj"),  # Llama, Mistral, Qwen2, Gemma, OPT, ...
@@ -128,12 +128,13 @@ def num_labels_for(config: dict[str, Any], labels: Iterable[int], requested: int
         if need > own:
             raise ConfigError(f"the data hold label {need - 1}, but {describe(config)} has {own} classes")
         return int(own)
-    if len(seen) < need:
-        log.warning(
-            "the head gets %d classes from the largest label in this client's data; every client of a job needs "
-            "the same number: set --num-labels if some client's data miss the top label",
-            need,
-        )
+    log.warning(
+        "the new classification head gets %d classes from the largest label in this client's data (%d distinct "
+        "labels); every client of a job must build the same head: set --num-labels if some client's data miss "
+        "the top label (a different head is refused at JOIN as a schema mismatch)",
+        max(need, 2),
+        len(seen),
+    )
     return max(need, 2)
 
 
@@ -143,12 +144,20 @@ def quantization_skip_modules(kind: ModelKind) -> list[str] | None:
 
 
 def new_head_modules(model: nn.Module, missing_keys: Iterable[str]) -> list[str]:
-    """Full names of the linear layers whose weights the checkpoint lacked (freshly initialised heads)."""
+    """Full names of the linear layers whose weights the checkpoint lacked (freshly initialised heads).
+
+    Only task heads may be missing: a missing weight anywhere else (a renamed key, a partial checkpoint) would
+    train on random values without a word, so it is refused."""
     missing = set(missing_keys)
-    out = []
+    out, body = [], []
     for name, module in model.named_modules():
         if _is_linear(module) and f"{name}.weight" in missing:
-            out.append(name)
+            (out if set(name.split(".")) & set(_HEAD_MODULES) else body).append(name)
+    if body:
+        raise ConfigError(
+            f"the checkpoint lacks the weights of {', '.join(sorted(body)[:5])}{' ...' if len(body) > 5 else ''}: "
+            "they are not a task head, so the model would train on random layers; is the folder complete?"
+        )
     return sorted(out)
 
 

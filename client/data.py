@@ -304,9 +304,13 @@ def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     if uses_chat_template(tokenizer):
         fmt = prompt_format(tokenizer)
         system = [] if fmt.system_prompt is None else [{"role": "system", "content": fmt.system_prompt}]
-        ids = tokenizer.apply_chat_template(
-            [*system, {"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-        )
+        try:
+            ids = tokenizer.apply_chat_template(
+                [*system, {"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
+        except Exception as exc:  # jinja2's TemplateError: e.g. Gemma's template refuses a system turn
+            hint = " (this template may take no system turn: leave --system-prompt unset)" if system else ""
+            raise ConfigError(f"the tokenizer's chat template failed: {exc}{hint}") from None
         if isinstance(ids, dict) or hasattr(ids, "keys"):  # some versions return a BatchEncoding
             ids = ids["input_ids"]
         return [int(i) for i in ids]

@@ -308,9 +308,7 @@ def evaluate(
             model, tokenizer, generation, max_new_tokens=max_new_tokens, batch_size=batch_size
         )
     elif generation:
-        out["acc_exact"] = teacher_forced_accuracy(
-            model, tokenizer, generation, max_len=max_len, batch_size=max(batch_size, 16)
-        )
+        out["acc_exact"] = teacher_forced_accuracy(model, tokenizer, generation, max_len=max_len, batch_size=batch_size)
     if "mc" in kinds:
         out["acc_mc"] = multiple_choice_accuracy(model, tokenizer, examples, batch_size=batch_size)
     if "label" in kinds:

@@ -180,8 +180,11 @@ def import_gguf(
     if done is not None and done.source_sha256 == sha and done.dtype == dtype and (out_dir / "config.json").exists():
         say(f"{out_dir} already holds this model (imported from the same file); nothing to do")
         return out_dir
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise ConfigError(f"{out_dir} exists and holds something else; choose another folder or pass --force")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not force:
+            raise ConfigError(f"{out_dir} exists and holds something else; choose another folder or pass --force")
+        if not ((out_dir / "config.json").is_file() or (out_dir / IMPORT_RECORD).is_file()):
+            raise ConfigError(f"{out_dir} does not hold a model; --force only replaces a model folder")
 
     import torch
     import transformers

@@ -46,6 +46,10 @@ class Learner(Protocol):
     # Optional methods, looked up with getattr (a learner without them works):
     #
     # * ``save(out_dir: Path) -> None``: called once the job ends, to write the trained adapters.
+    # * ``evaluate(final: bool) -> dict[str, float]``: held-out figures of the model as it is now. The app calls
+    #   it before the first round trains (the base model, reported as ``base_<metric>``), after every round's
+    #   installed aggregate (``local`` jobs: after training), with ``final`` for the base model and the last
+    #   round (score everything then; a subset in between). Must not change the model.
     # * ``extra_state() -> TensorDict`` and ``load_extra_state(state: TensorDict) -> None``: learner state that
     #   is neither the individual LoRA nor the Rest-of-World adapter but must survive a restart (the FedALT
     #   mixers; an optimizer state if the learner keeps one across rounds), as float32 numpy arrays. The app

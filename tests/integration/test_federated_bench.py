@@ -90,19 +90,18 @@ def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.benchmark  # ~45 minutes: a documented command whose results are committed, not a CI step
-@pytest.mark.timeout(85 * 60)  # pyproject's 300 s default is for ordinary tests
+@pytest.mark.benchmark  # ~2 hours: a documented command whose results are committed, not a CI step
+@pytest.mark.timeout(200 * 60)  # pyproject's 300 s default is for ordinary tests
 def test_full_benchmark(tmp_path: Path) -> None:
-    """The full run docs/benchmarks.md reports (8 clients, 9 variants, 15 jobs; ~45 minutes on 2 cores, pre-training
-    of the base model included on a cold cache): it completes, and its JSON and report hold every variant, seed,
-    client and key. Whether the targets are met is reported in the JSON (``targets``), not asserted: they are
+    """The full run docs/benchmarks.md reports (SmolLM2-135M-Instruct in NF4, 8 clients, 9 variants, 15 jobs; about
+    two hours on 2 cores): it completes, and its JSON and report hold every variant, seed, client and key. Whether the targets are met is reported in the JSON (``targets``), not asserted: they are
     measurements of the method, not of the code."""
     run = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "federated.py"), "--json", "--run-dir", str(run)],
         capture_output=True,
         text=True,
-        timeout=80 * 60,  # below the marker's limit, so the benchmark is killed with its workers
+        timeout=195 * 60,  # below the marker's limit, so the benchmark is killed with its workers
         cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -113,8 +112,8 @@ def test_full_benchmark(tmp_path: Path) -> None:
     assert len(rows) == 9
     for name, r in rows.items():
         assert len(r["seeds"]) == (3 if name in ("local", "fedavg", "fedalt") else 1), name
-        assert len(r["per_client"]) == 8 and len(set(r["clients"].values())) == 8  # one task family each
-        assert [c[0] for c in r["curve"]] == list(range(9))  # the base model, then after each of the 8 rounds
+        assert len(r["per_client"]) == 8 and len(set(r["clients"].values())) == 8  # one task each
+        assert [c[0] for c in r["curve"]] == list(range(4))  # the base model, then after each of the 3 rounds
     assert rows["fedalt+topk10+ef"]["wire_ratio"] > rows["fedalt+int8"]["wire_ratio"] > 3.0
     for margin, verdict in (
         ("fedalt_minus_best_baseline", "fedalt_beats_baselines_by_2"),
@@ -125,5 +124,5 @@ def test_full_benchmark(tmp_path: Path) -> None:
         assert math.isfinite(out["targets"][margin]) and isinstance(out["targets"][verdict], bool), margin
     for job in (run / "jobs").iterdir():
         hist = [json.loads(line) for line in (job / "server" / "history.jsonl").read_text().splitlines()]
-        assert [h["round"] for h in hist] == list(range(1, 10))  # 8 training rounds + the evaluation-only round
-        assert {c["n_test"] for c in hist[-1]["clients"].values()} == {1000}  # the final score: 1,000 items each
+        assert [h["round"] for h in hist] == [1, 2, 3]
+        assert {c["eval_n"] for c in hist[-1]["clients"].values()} == {300}  # the final score: 300 items each

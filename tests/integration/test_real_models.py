@@ -109,3 +109,27 @@ async def test_minilm_becomes_a_federated_classifier(minilm_dir: Path, one_round
         before = base(**x).logits.clone()
         after = PeftModel.from_pretrained(base, str(tmp_path / "c0" / "adapters" / "peft" / "local"))(**x).logits
     assert not torch.allclose(before, after, atol=1e-5)
+
+
+def test_model_commands(smollm2_dir: Path, minilm_dir: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    def fedquic(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "fedquic", *args], capture_output=True, text=True, timeout=300)
+
+    again = fedquic("model", "import", "--smollm2", "--out", str(smollm2_dir))
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout + again.stderr
+    other = smollm2_dir.parent / "occupied"
+    other.mkdir()
+    (other / "x").write_text("mine")
+    refused = fedquic("model", "import", "--smollm2", "--out", str(other))
+    assert refused.returncode != 0 and "--force" in refused.stderr and (other / "x").exists()
+
+    info = json.loads(fedquic("model", "info", str(minilm_dir), "--json").stdout)
+    assert info["architecture"] == "BertModel" and info["trained_as"].startswith("refused: ")
+    assert "[CLS]" in info["special_tokens"]
+    data = tmp_path / "cls.jsonl"
+    data.write_text('{"text": "good", "label": 1}\n{"text": "bad", "label": 0}\n')
+    with_data = fedquic("model", "info", str(minilm_dir), "--data", str(data), "--json")
+    assert json.loads(with_data.stdout)["trained_as"] == "seq_cls"

@@ -184,3 +184,15 @@ def test_acc_exact_is_strict_unless_casefold_is_asked(tiny_model_dir: Any) -> No
     assert evaluate(model, tok, upper, max_len=16)["acc_exact"] == 1.0
     assert evaluate(model, tok, lower, max_len=16)["acc_exact"] == 0.0  # strict: case counts
     assert evaluate(model, tok, lower, max_len=16, casefold=True)["acc_exact"] == 1.0
+
+
+def test_only_task_heads_may_be_missing_from_a_checkpoint() -> None:
+    from fedquic.client.architectures import new_head_modules
+
+    model = nn.Sequential()
+    model.add_module("encoder", _Attn(("query", "value")))
+    model.add_module("classifier", nn.Linear(8, 2))
+    assert new_head_modules(model, ["classifier.weight", "classifier.bias"]) == ["classifier"]
+    assert new_head_modules(model, []) == []
+    with pytest.raises(ConfigError, match=r"encoder\.query"):
+        new_head_modules(model, ["encoder.query.weight", "classifier.weight"])
