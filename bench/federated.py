@@ -43,7 +43,7 @@ Run
 ---
 ::
 
-    .venv/bin/python bench/federated.py --json --img-dir docs/img   # full run, SmolLM2 (see docs/benchmarks.md)
+    .venv/bin/python bench/federated.py --json --img-dir docs/img/smollm2   # full run, SmolLM2 (docs/benchmarks.md)
     .venv/bin/python bench/federated.py --model char --json         # the earlier char-level benchmark
     .venv/bin/python bench/federated.py --quick --json              # 2 clients, tiny model: smoke test (<1 min)
 
