@@ -122,6 +122,23 @@ def load_fedalt(base_model: Any, in_dir: Path) -> FedALTModel:
     return fam
 
 
+def exported_head_classes(adapter_dir: Path) -> int | None:
+    """The class count of a classification head exported whole (``modules_to_save``), None if there is none."""
+    from safetensors import safe_open
+
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{adapter_dir} is not a peft adapter directory: {exc}") from None
+    heads = config.get("modules_to_save") or []
+    if not heads:
+        return None
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="np") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+    outs = [shapes[k][0] for k in shapes for h in heads if k.endswith(f".{h}.weight") and len(shapes[k]) == 2]
+    return int(min(outs)) if outs else None
+
+
 def merge_into_base(base_path: Path, adapter_dir: Path, out_dir: Path) -> Path:
     """``fedavg``/``local`` mode: fold an exported peft adapter into a full-precision copy of the base model
     (W + B·A·s) and save it as a plain transformers model directory. A 4-bit base cannot take the merge without
@@ -130,7 +147,12 @@ def merge_into_base(base_path: Path, adapter_dir: Path, out_dir: Path) -> Path:
 
     from .model import LoadSpec, load_base_model
 
-    base, tokenizer = load_base_model(Path(base_path), LoadSpec(quantization="none", gradient_checkpointing=False))
+    spec = LoadSpec(quantization="none", gradient_checkpointing=False)
+    num_labels = exported_head_classes(Path(adapter_dir))
+    if num_labels is None:
+        base, tokenizer = load_base_model(Path(base_path), spec)
+    else:  # a classifier whose head was built for the job: load the same kind of model, the same head size
+        base, tokenizer = load_base_model(Path(base_path), spec, data_kind="label", num_labels=num_labels)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     out_dir = Path(out_dir)
     merged.save_pretrained(str(out_dir))

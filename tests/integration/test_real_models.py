@@ -105,10 +105,19 @@ async def test_minilm_becomes_a_federated_classifier(minilm_dir: Path, one_round
         load_base_model, minilm_dir, LoadSpec(quantization="none"), data_kind="label", num_labels=2
     )
     x = tok(["the film was great"], return_tensors="pt")
+    adapter = tmp_path / "c0" / "adapters" / "peft" / "local"
     with torch.no_grad():
         before = base(**x).logits.clone()
-        after = PeftModel.from_pretrained(base, str(tmp_path / "c0" / "adapters" / "peft" / "local"))(**x).logits
+        after = PeftModel.from_pretrained(base, str(adapter))(**x).logits
     assert not torch.allclose(before, after, atol=1e-5)
+    # merged into a plain transformers classifier, it gives the same logits
+    from fedquic.client.export import merge_into_base
+    from transformers import AutoModelForSequenceClassification
+
+    merged_dir = await asyncio.to_thread(merge_into_base, minilm_dir, adapter, tmp_path / "merged")
+    merged = AutoModelForSequenceClassification.from_pretrained(str(merged_dir))
+    with torch.no_grad():
+        assert torch.allclose(merged(**x).logits, after, atol=1e-4)
 
 
 def test_model_commands(smollm2_dir: Path, minilm_dir: Path, tmp_path: Path) -> None:
