@@ -706,7 +706,7 @@ class FederatedClient:
             found = await self._evaluate(0)
             self._base_metrics = {f"base_{k}": v for k, v in found.items()}
             if found:
-                log.info("round 0 (base model):%s", _accuracy_note(found, "held-out"))
+                log.info("round 0 (base model)%s", _accuracy_note(found, "held-out"))
         return dict(self._base_metrics)
 
     async def _evaluate(self, round_: int) -> dict[str, float]:
