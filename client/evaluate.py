@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from fedquic.common.errors import ConfigError
 from torch import nn
 
-from .data import IGNORE_INDEX, Example, pad_id, prompt_ids, tokenize_examples
+from .data import IGNORE_INDEX, Example, _text_ids, pad_id, prompt_ids, tokenize_examples
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,6 @@ def _device(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
-
-
-def _ids(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
 def _prefix(tokenizer: Any, prompt: str) -> list[int]:
@@ -128,7 +124,7 @@ def exact_match_accuracy(
     if not examples:
         return float("nan")
     if max_new_tokens is None:
-        max_new_tokens = max(len(_ids(tokenizer, ex.response)) for ex in examples) + 1
+        max_new_tokens = max(len(_text_ids(tokenizer, ex.response)) for ex in examples) + 1
     outs = greedy_generate(
         model, tokenizer, [ex.prompt for ex in examples], max_new_tokens=max_new_tokens, batch_size=batch_size
     )
@@ -216,7 +212,7 @@ def score_options(
         if not prefix:
             raise ConfigError("multiple-choice scoring needs a prompt or a bos token to condition on")
         for opt in options:
-            opt_ids = _ids(tokenizer, opt)
+            opt_ids = _text_ids(tokenizer, opt)
             if not opt_ids:
                 raise ConfigError(f"option {opt!r} has no tokens")
             rows.append((i, [*prefix, *opt_ids], len(prefix)))
