@@ -69,3 +69,58 @@ def test_cut_examples_count_as_wrong(tok) -> None:  # type: ignore[no-untyped-de
     table[a, tok.eos_token_id] = 10.0
     assert teacher_forced_correct(model, tok, [Example("x=", "a")], max_len=48) == [True]
     assert teacher_forced_correct(model, tok, [Example("x=", "a")], max_len=3) == [False]  # eos cut off
+
+
+def _tiny_causal(family: str, vocab: int) -> Any:
+    import transformers
+
+    common = {"vocab_size": vocab, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+    configs = {
+        "llama": lambda: transformers.LlamaConfig(hidden_size=32, **common),
+        "gemma2": lambda: transformers.Gemma2Config(hidden_size=32, head_dim=8, num_key_value_heads=4, **common),
+        "phi3": lambda: transformers.Phi3Config(hidden_size=32, num_key_value_heads=4, pad_token_id=0, **common),
+        "gpt_neox": lambda: transformers.GPTNeoXConfig(hidden_size=32, max_position_embeddings=128, **common),
+        "gpt2": lambda: transformers.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128),
+    }
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(configs[family]()).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3", "gpt_neox", "gpt2"])
+def test_shared_prefix_cache_gives_the_full_forward_logits(tok, family: str) -> None:  # type: ignore[no-untyped-def]
+    from fedquic.client.data import collate, encode_example, pad_id
+    from fedquic.client.evaluate import _SharedPrefix, _tail_logits
+
+    model = _tiny_causal(family, len(tok))
+    rng = random.Random(1)
+    examples = [
+        Example(f"Reverse the word: {''.join(rng.choices('abcdefgh', k=rng.randint(1, 9)))}=", "ab" * rng.randint(1, 3))
+        for _ in range(9)
+    ]
+    encoded = [encode_example(tok, ex, 64) for ex in examples]
+    with torch.no_grad():
+        prefix = _SharedPrefix.build(model, encoded, torch.device("cpu"))
+        assert prefix is not None
+        n = prefix.ids.shape[1]
+        assert n >= len(tok("Reverse the word: ", add_special_tokens=False)["input_ids"])
+        first_label = min(next(i for i, lab in enumerate(e.labels) if lab != -100) for e in encoded)
+        assert n <= first_label - 1  # the position predicting the first answer token is never in the cache
+        batch = collate(encoded, pad_id(tok))
+        keep = batch.input_ids.shape[1] - (first_label - 1)
+        want = _tail_logits(model, batch.input_ids, batch.attention_mask, keep)
+        got = prefix.tail_logits(model, batch.input_ids, batch.attention_mask, keep)
+        again = prefix.tail_logits(model, batch.input_ids, batch.attention_mask, keep)  # the cache is not consumed
+    assert got is not None and got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(again, want, atol=1e-4, rtol=1e-4)
+
+
+def test_no_shared_prefix_without_common_tokens(tok) -> None:  # type: ignore[no-untyped-def]
+    from fedquic.client.data import encode_example
+    from fedquic.client.evaluate import _SharedPrefix
+
+    model = _tiny_causal("llama", len(tok))
+    encoded = [encode_example(tok, Example(p, "x"), 64) for p in ("abcdefgh=", "zyxwvuts=")]
+    shared = 1 if tok.bos_token_id is not None else 0  # at most the bos: below MIN_TOKENS
+    assert shared < _SharedPrefix.MIN_TOKENS
+    assert _SharedPrefix.build(model, encoded, torch.device("cpu")) is None
