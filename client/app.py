@@ -89,7 +89,6 @@ FINAL_CODES = frozenset(
         ErrorCode.IDENTITY_MISMATCH,
         ErrorCode.SCHEMA_MISMATCH,
         ErrorCode.UNSUPPORTED_VERSION,
-        ErrorCode.JOB_FULL,
         ErrorCode.UNSUPPORTED_ENCODING,
     }
 )

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from ..common.atomic import atomic_write_with
 from ..common.errors import ConfigError
 from .fedalt import LOCAL, ROW, FedALTModel, LoraSpec
 
@@ -72,9 +72,8 @@ def _heads_as_modules_to_save(fam: FedALTModel, path: Path) -> None:
 
 
 def _atomic_save(tensors: dict[str, np.ndarray], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    atomic_write_with(path, lambda tmp: save_file(arrays, str(tmp)))
 
 
 def save_fedalt(fam: FedALTModel, out_dir: Path) -> Path:

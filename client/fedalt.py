@@ -27,12 +27,13 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from fedquic.common.adapter import AdapterSchema, TensorDict, init_lora_state, zeros_state
 from fedquic.common.errors import CodecError, ConfigError, ErrorCode
+from fedquic.common.names import FEDERATIONS, MIXERS, Federation, Mixer
 from torch import nn
 
 from .architectures import default_target_modules, head_targets, init_new_heads
@@ -40,14 +41,10 @@ from .model import keep_4bit_differentiable
 
 log = logging.getLogger(__name__)
 
-Mixer = Literal["learned", "fixed"]
-Federation = Literal["fedalt", "fedavg", "local"]
 
 LOCAL = "local"
 ROW = "row"
 ROUTERS_ATTR = "fedalt_routers"  # on the outer PeftModel, outside every tuner layer
-_MIXERS = ("learned", "fixed")
-_FEDERATIONS = ("fedalt", "fedavg", "local")
 _FIXED_GATE = 0.5
 
 
@@ -137,12 +134,12 @@ class FedALTModel:
         from peft import LoraConfig, get_peft_model
         from peft.tuners.lora import LoraLayer
 
-        if mixer not in _MIXERS:
-            raise ConfigError(f"mixer must be one of {list(_MIXERS)}, got {mixer!r}")
+        if mixer not in MIXERS:
+            raise ConfigError(f"mixer must be one of {list(MIXERS)}, got {mixer!r}")
         if not 0.0 < mixer_init < 1.0:
             raise ConfigError(f"mixer_init (the local adapter's initial gate) must be in (0, 1), got {mixer_init}")
-        if federation not in _FEDERATIONS:
-            raise ConfigError(f"federation must be one of {list(_FEDERATIONS)}, got {federation!r}")
+        if federation not in FEDERATIONS:
+            raise ConfigError(f"federation must be one of {list(FEDERATIONS)}, got {federation!r}")
         if hasattr(base_model, "peft_config"):
             raise ConfigError("base model already carries peft adapters; load a fresh base model per FedALTModel")
         if federation != "fedalt" and mixer == "learned":

@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,7 +36,9 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from ..common.adapter import TensorDict, state_hash
+from ..common.atomic import atomic_write_bytes
 from ..common.errors import ConfigError
+from ..common.names import ADAPTER_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -84,31 +85,6 @@ class ClientState:
         for kind, s in self.held.items():
             out[f"held.{kind}"] = s
         return out
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the renames inside ``path`` durable; some filesystems (and Windows) cannot open a directory.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees either the old file or the whole new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _flatten(state: ClientState) -> dict[str, np.ndarray]:
@@ -214,7 +190,7 @@ class StateStore:
             if not sep or section not in sections:
                 raise ConfigError(f"client checkpoint {path}: unexpected tensor {key!r}")
             sections[section][name] = arr
-        held = {kind: sections[f"held.{kind}"] for kind in ("row", "global") if f"held.{kind}" in meta["sections"]}
+        held = {kind: sections[f"held.{kind}"] for kind in ADAPTER_KINDS if f"held.{kind}" in meta["sections"]}
         try:
             state = ClientState(
                 job_id=str(meta["job_id"]),

@@ -26,7 +26,7 @@ class ErrorCode(IntEnum):
     ROUND_NOT_OPEN = 11
     CONFLICTING_UPDATE = 12
     IDENTITY_MISMATCH = 13
-    JOB_FULL = 14
+    # 14 was JOB_FULL, never sent (a job has no client cap): reserved, never reused.
     TIMEOUT = 15
     SHUTTING_DOWN = 16
     DECOMPRESSION = 17

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .adapter import AdapterSchema
 from .codec import AnyManifest, Encoding, EncodingSpec
+from .names import AdapterKind, Federation, Mixer
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
@@ -90,8 +91,8 @@ class Welcome(Header):
     job_id: str = Id
     rounds: int = Field(ge=1, le=1_000_000)
     init_seed: int = Field(ge=0, le=2**63 - 1)
-    federation: Literal["fedalt", "fedavg", "local"] = "fedalt"
-    mixer: Literal["fixed", "learned"] = "fixed"
+    federation: Federation = "fedalt"
+    mixer: Mixer = "fixed"
     mixer_init: float = Field(default=0.9, gt=0, lt=1)  # the learned mixer's starting weight on the own adapter
     lora: LoraJobSpec = LoraJobSpec()
     # Uplink error feedback (EF-SGD): what compression drops is carried into the client's next update. A job-level
@@ -106,7 +107,7 @@ class SyncState(BaseModel):
 
     round: int = Field(ge=0, le=1_000_000)  # the last round whose UPDATE or AGGREGATE was acknowledged
     view_hash: str = Hash  # hash of its individual LoRA as the server reconstructed it
-    held: dict[Literal["row", "global"], str] = Field(default_factory=dict, max_length=2)  # kind -> state hash
+    held: dict[AdapterKind, str] = Field(default_factory=dict, max_length=2)  # kind -> state hash
 
 
 class Join(Header):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .common.names import FEDERATIONS
 
 log = logging.getLogger("fedquic")
 
@@ -114,7 +115,7 @@ def _add_server_args(s: argparse.ArgumentParser) -> None:
         choices=("drop", "fold"),
         help="a late update is refused (the client sends it with its next one) or folded into the next round",
     )
-    s.add_argument("--federation", choices=("fedalt", "fedavg", "local"))
+    s.add_argument("--federation", choices=FEDERATIONS)
     s.add_argument("--mixer", choices=("fixed", "learned"))
     s.add_argument(
         "--mixer-init",
@@ -510,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rounds", type=int, default=3)
     d.add_argument("--local-steps", type=int, help="local steps per round (default 15; --real: 8)")
     d.add_argument("--lr", type=float, help="client learning rate (default 1e-2; --real: 3e-3)")
-    d.add_argument("--federation", choices=("fedalt", "fedavg", "local"), default="fedalt")
+    d.add_argument("--federation", choices=FEDERATIONS, default="fedalt")
     d.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
     d.add_argument("--log-level", default="INFO")
     d.set_defaults(func=cmd_demo)
@@ -579,14 +580,6 @@ def _setup(args: argparse.Namespace) -> None:
 
     level = "WARNING" if getattr(args, "quiet", False) else args.log_level
     setup_logging(level, filename=str(args.log_file) if getattr(args, "log_file", None) else None)
-
-
-def _transport(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from .transport.settings import TransportSettings
-
-    if args.max_datagram_size is None:
-        return TransportSettings()
-    return TransportSettings(max_datagram_size=args.max_datagram_size)
 
 
 def _server_settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]

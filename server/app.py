@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..common.adapter import AdapterSchema, TensorDict, init_lora_state, state_hash, zeros_state
+from ..common.atomic import atomic_write_bytes
 from ..common.codec import (
     CompactManifest,
     Encoding,
@@ -59,6 +60,7 @@ from ..common.messages import (
     UploadRequest,
     Welcome,
 )
+from ..common.names import ADAPTER_KINDS
 from ..transport.aio import FedQuicServer, Peer
 from ..transport.connection import BulkPermit
 from ..transport.framing import frame_size
@@ -68,14 +70,14 @@ from .downlink import downlink_change
 from .memory import pin_mmap_threshold, trim
 from .metrics import MetricsEndpoint, ServerMetrics, render_prometheus
 from .rounds import Action, CloseRound, Fail, Finish, Phase, ResumeRound, RoundMachine, StartRound
-from .store import ClientRecordOnDisk, JobRecord, Kind, ServerStore, atomic_write_bytes
+from .store import ClientRecordOnDisk, JobRecord, Kind, ServerStore
 
 log = logging.getLogger(__name__)
 
 JOIN_TIMEOUT_S = 300.0  # after WELCOME the client builds its adapters (a real model loads first)
 RESET_ACK_TIMEOUT_S = 300.0
 DENSE = EncodingSpec.parse("fp32")
-KINDS: tuple[Kind, ...] = ("row", "global")
+KINDS: tuple[Kind, ...] = ADAPTER_KINDS  # type: ignore[assignment]
 
 
 @dataclass
@@ -1008,11 +1010,4 @@ class AggregationServer:
                     rec.peer.send(Bye(reason=reason))
 
 
-async def serve_job(cfg: ServerConfig) -> JobResult:
-    """Run one federated job to completion (the ``fedquic server`` command)."""
-    server = AggregationServer(cfg)
-    await server.start()
-    return await server.run()
-
-
-__all__ = ["AggregationServer", "JobError", "JobResult", "serve_job"]
+__all__ = ["AggregationServer", "JobError", "JobResult"]

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..common.codec import EncodingSpec
 from ..common.messages import LoraJobSpec, TrainSpec
+from ..common.names import Federation, Mixer
 from ..transport.settings import TlsFiles, TransportSettings
 from .rounds import RoundPolicy
 
@@ -20,8 +21,8 @@ class JobConfig(BaseModel):
 
     job_id: str = "fedquic-job"
     init_seed: int = Field(default=0, ge=0)
-    federation: Literal["fedalt", "fedavg", "local"] = "fedalt"
-    mixer: Literal["fixed", "learned"] = "fixed"
+    federation: Federation = "fedalt"
+    mixer: Mixer = "fixed"
     # The learned mixer's starting weight on the client's own adapter (the RoW gets 1 - p): it starts as a
     # per-layer constant and learns per token from there. 0.5 is the FedALT paper's neutral start, which halves
     # the own adapter's scale against local training. Measured (docs/benchmarks.md, learning quality): 0.9 is

@@ -17,22 +17,22 @@ never a mix. Tensors are safetensors; metadata is JSON. No pickle.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from ..common.adapter import AdapterSchema, TensorDict
+from ..common.atomic import atomic_write_bytes, fsync_dir
 from ..common.errors import ConfigError
+from ..common.names import AdapterKind
 from .rounds import RoundSnapshot
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-Kind = Literal["row", "global"]
+Kind = AdapterKind
 
 
 class JobRecord(BaseModel):
@@ -61,26 +61,6 @@ class ClientRecordOnDisk(BaseModel):
     closed_round: int = 0  # the last round whose aggregate was computed for this client
     # Per round: the figures history.jsonl reports (the client's METRICS, bytes, timings), saved with the update.
     stats: dict[int, dict[str, float]] = Field(default_factory=dict)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 class ServerStore:
@@ -131,27 +111,13 @@ class ServerStore:
         d = self.clients_dir / rec.client_id
         d.mkdir(parents=True, exist_ok=True)
         for name, tensors in new_files.items():
-            data = st_save(dict(tensors))
-            tmp = d / (name + ".tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, d / name)
+            atomic_write_bytes(d / name, st_save(dict(tensors)), sync_dir=False)
         if new_files:
             fsync_dir(d)  # the tensor files are durable before the record that names them
         atomic_write_bytes(d / "meta.json", rec.model_dump_json(indent=1).encode())
         if old is not None:
             for stale in _files(old) - _files(rec):
                 (d / stale).unlink(missing_ok=True)
-
-    def drop_all(self) -> None:
-        """Forget every client (a new job in the same run directory)."""
-        for cid in self.client_ids():
-            d = self.clients_dir / cid
-            for p in d.iterdir():
-                p.unlink()
-            d.rmdir()
 
 
 def _files(rec: ClientRecordOnDisk) -> set[str]:

@@ -273,8 +273,9 @@ class FedQuicConnection:
 
     # -- receiving -----------------------------------------------------------------------------
 
-    def handle_event(self, event: QuicEvent, now: float = 0.0) -> list[AppEvent]:
-        """Our events for one QUIC event; ``now`` (seconds, any monotonic clock) dates new streams."""
+    def handle_event(self, event: QuicEvent, now: float) -> list[AppEvent]:
+        """Our events for one QUIC event; ``now`` (seconds, any monotonic clock; required, so a caller cannot
+        date every stream at 0 by forgetting it) dates new streams."""
         if self._violated:
             return []
         if isinstance(event, StreamDataReceived):

@@ -11,8 +11,9 @@ an empty Certificate message. This module, tied to the pinned ``aioquic==1.7.*``
   certificate (subject CN, which must agree with a ``fedquic://client/<id>`` URI SAN when one is present).
 
 The server reads the identity once the handshake completes, before any fedquic message is handled, and
-refuses a HELLO that claims another id. The server issues no session tickets yet, so every handshake is a
-full one and always carries a certificate.
+refuses a HELLO that claims another id. A full handshake always carries a certificate; a resumed one (a
+session ticket, 0-RTT) carries none and takes the identity recorded with the ticket
+(:mod:`fedquic.transport.tickets`).
 """
 
 from __future__ import annotations

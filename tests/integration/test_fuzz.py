@@ -143,7 +143,7 @@ def run_one(
     pos = 0
     for c in [*cuts, len(data)]:
         out += core.handle_event(
-            StreamDataReceived(data=data[pos:c], end_stream=end and c == len(data), stream_id=stream_id)
+            StreamDataReceived(data=data[pos:c], end_stream=end and c == len(data), stream_id=stream_id), 0.0
         )
         pos = c
     kinds = []

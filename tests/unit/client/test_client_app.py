@@ -448,7 +448,7 @@ def test_what_is_retried() -> None:
     assert is_retryable(TransportError("lost"))
     assert is_retryable(TransportError("timeout", code=ErrorCode.TIMEOUT))
     assert is_retryable(RemoteError("stopping", code=ErrorCode.SHUTTING_DOWN))
-    for code in (ErrorCode.CERTIFICATE, ErrorCode.IDENTITY_MISMATCH, ErrorCode.SCHEMA_MISMATCH, ErrorCode.JOB_FULL):
+    for code in (ErrorCode.CERTIFICATE, ErrorCode.IDENTITY_MISMATCH, ErrorCode.SCHEMA_MISMATCH):
         assert not is_retryable(TransportError("refused", code=code))
         assert not is_retryable(RemoteError("refused", code=code))
     assert not is_retryable(RemoteError("bad", code=ErrorCode.CONFLICTING_UPDATE))

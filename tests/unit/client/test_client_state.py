@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedquic.client.state import META_FILE, ClientState, StateStore, atomic_write_bytes
+from fedquic.client.state import META_FILE, ClientState, StateStore
 from fedquic.common.adapter import state_hash
+from fedquic.common.atomic import atomic_write_bytes
 from fedquic.common.errors import ConfigError
 from safetensors.numpy import load_file
 

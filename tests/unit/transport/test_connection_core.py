@@ -72,24 +72,24 @@ def test_messages_come_out_whole_whatever_the_chunking(server_core) -> None:  # 
 def test_too_many_open_bulk_streams_is_a_violation(server_core) -> None:  # type: ignore[no-untyped-def]
     core = server_core(max_open_streams=2)
     half = bulk_frame(100)[:50]
-    assert core.handle_event(StreamDataReceived(half, False, uni(0))) == []
-    assert core.handle_event(StreamDataReceived(half, False, uni(1))) == []
-    [ev] = core.handle_event(StreamDataReceived(half, False, uni(2)))
+    assert core.handle_event(StreamDataReceived(half, False, uni(0)), 0.0) == []
+    assert core.handle_event(StreamDataReceived(half, False, uni(1)), 0.0) == []
+    [ev] = core.handle_event(StreamDataReceived(half, False, uni(2)), 0.0)
     assert isinstance(ev, ProtocolViolation) and ev.error.code is ErrorCode.LIMIT_EXCEEDED
-    assert core.handle_event(StreamDataReceived(half, False, uni(3))) == []  # nothing more after a violation
+    assert core.handle_event(StreamDataReceived(half, False, uni(3)), 0.0) == []  # nothing more after a violation
 
 
 def test_buffered_bytes_are_bounded_per_connection(server_core) -> None:  # type: ignore[no-untyped-def]
     core = server_core(max_buffered_bytes=1 << 16)
     # a claim over the bound is refused at its prefix, before anything is buffered
-    [ev] = core.handle_event(StreamDataReceived(bulk_frame(1 << 17)[:32], False, uni(0)))
+    [ev] = core.handle_event(StreamDataReceived(bulk_frame(1 << 17)[:32], False, uni(0)), 0.0)
     assert isinstance(ev, ProtocolViolation) and ev.error.code is ErrorCode.LIMIT_EXCEEDED
     # claims under it that together pass it: refused when the bytes held would
     core = server_core(max_buffered_bytes=1 << 16)
     frame = bulk_frame(40_000)
-    assert core.handle_event(StreamDataReceived(frame[:30_000], False, uni(0))) == []
+    assert core.handle_event(StreamDataReceived(frame[:30_000], False, uni(0)), 0.0) == []
     assert core.buffered_bytes() == 30_000 - 16  # what is held: header and body bytes (the prefix is parsed)
-    [ev] = core.handle_event(StreamDataReceived(frame[:36_000], False, uni(1)))
+    [ev] = core.handle_event(StreamDataReceived(frame[:36_000], False, uni(1)), 0.0)
     assert isinstance(ev, ProtocolViolation) and ev.error.code is ErrorCode.LIMIT_EXCEEDED
 
 
@@ -99,7 +99,7 @@ def test_a_claimed_body_costs_nothing_until_its_bytes_arrive(server_core) -> Non
     core = server_core()
     claim = bytearray(encode_frame(Update(**UPDATE_FIELDS, manifest=Manifest(tensors=(), raw_size=1 << 29)), b""))
     claim[8:16] = (1 << 29).to_bytes(8, "big")  # the prefix now claims a 512 MiB body
-    assert core.handle_event(StreamDataReceived(bytes(claim) + b"x", False, uni(0))) == []
+    assert core.handle_event(StreamDataReceived(bytes(claim) + b"x", False, uni(0)), 0.0) == []
     assert core.buffered_bytes() == len(claim) - 16 + 1  # the header and one body byte, not 512 MiB
 
 
@@ -121,7 +121,7 @@ def test_streams_the_server_did_not_allow_are_refused_at_their_first_bytes(
     server_core, stream: int, frame: bytes, why: str
 ) -> None:  # type: ignore[no-untyped-def]
     core = server_core(permit=False)
-    [ev] = core.handle_event(StreamDataReceived(frame[:16], False, stream))
+    [ev] = core.handle_event(StreamDataReceived(frame[:16], False, stream), 0.0)
     assert isinstance(ev, ProtocolViolation), why
     assert ev.error.code is ErrorCode.UNEXPECTED_MESSAGE
     assert core.buffered_bytes() == 0
@@ -132,15 +132,15 @@ def test_a_grant_lets_one_update_of_its_size_through(server_core) -> None:  # ty
     core = server_core(permit=False, budget=budget)
     assert budget.try_reserve(100)
     core.permit(MsgType.UPDATE, BulkPermit(max_body=100, count=1, reserved=True))
-    [msg] = core.handle_event(StreamDataReceived(bulk_frame(100), True, uni(0)))
+    [msg] = core.handle_event(StreamDataReceived(bulk_frame(100), True, uni(0)), 0.0)
     assert isinstance(msg, MessageReceived)
     assert budget.used == 0  # the reservation went back when the frame completed
-    [ev] = core.handle_event(StreamDataReceived(bulk_frame(100)[:16], False, uni(1)))  # the grant is spent
+    [ev] = core.handle_event(StreamDataReceived(bulk_frame(100)[:16], False, uni(1)), 0.0)  # the grant is spent
     assert isinstance(ev, ProtocolViolation)
     # larger than granted: refused at the prefix
     core = server_core(permit=False, budget=budget)
     core.permit(MsgType.UPDATE, BulkPermit(max_body=99, count=1))
-    [ev] = core.handle_event(StreamDataReceived(bulk_frame(100)[:16], False, uni(0)))
+    [ev] = core.handle_event(StreamDataReceived(bulk_frame(100)[:16], False, uni(0)), 0.0)
     assert isinstance(ev, ProtocolViolation) and ev.error.code is ErrorCode.LIMIT_EXCEEDED
 
 
@@ -148,9 +148,9 @@ def test_a_grant_lets_one_update_of_its_size_through(server_core) -> None:  # ty
 def test_the_server_wide_budget_refuses_unreserved_streams_and_a_close_frees_everything(server_core) -> None:  # type: ignore[no-untyped-def]
     budget = BufferBudget(limit=1 << 16)
     a, b = server_core(budget=budget), server_core(budget=budget)
-    assert a.handle_event(StreamDataReceived(bulk_frame(50_000)[:40_000], False, uni(0))) == []
+    assert a.handle_event(StreamDataReceived(bulk_frame(50_000)[:40_000], False, uni(0)), 0.0) == []
     assert budget.held == 40_000 - 16
-    [ev] = b.handle_event(StreamDataReceived(bulk_frame(50_000)[:100], False, uni(0)))  # 40k + 50k > 64k
+    [ev] = b.handle_event(StreamDataReceived(bulk_frame(50_000)[:100], False, uni(0)), 0.0)  # 40k + 50k > 64k
     assert isinstance(ev, ProtocolViolation) and ev.error.code is ErrorCode.LIMIT_EXCEEDED
     assert budget.try_reserve(10_000)
     a.permit(MsgType.UPDATE, BulkPermit(max_body=10_000, count=1, reserved=True))
@@ -181,19 +181,19 @@ def test_a_stream_that_never_finishes_expires(server_core) -> None:  # type: ign
 
 def test_stream_ending_inside_a_frame_and_second_frame_on_bulk_stream(server_core) -> None:  # type: ignore[no-untyped-def]
     core = server_core()
-    [ev] = core.handle_event(StreamDataReceived(bulk_frame(10)[:-3], True, uni(0)))
+    [ev] = core.handle_event(StreamDataReceived(bulk_frame(10)[:-3], True, uni(0)), 0.0)
     assert isinstance(ev, ProtocolViolation) and ev.error.code is ErrorCode.MALFORMED_FRAME
     core = server_core()
-    events = core.handle_event(StreamDataReceived(bulk_frame(10) + bulk_frame(10), False, uni(0)))
+    events = core.handle_event(StreamDataReceived(bulk_frame(10) + bulk_frame(10), False, uni(0)), 0.0)
     assert isinstance(events[-1], ProtocolViolation)
 
 
 def test_resets_and_close_become_our_events(server_core) -> None:  # type: ignore[no-untyped-def]
     core = server_core()
-    core.handle_event(StreamDataReceived(bulk_frame(100)[:40], False, uni(0)))
-    [ev] = core.handle_event(StreamReset(error_code=7, stream_id=uni(0)))
+    core.handle_event(StreamDataReceived(bulk_frame(100)[:40], False, uni(0)), 0.0)
+    [ev] = core.handle_event(StreamReset(error_code=7, stream_id=uni(0)), 0.0)
     assert ev == StreamAborted(uni(0), 7) and core.buffered_bytes() == 0
-    [ev] = core.handle_event(ConnectionTerminated(error_code=0x105, frame_type=None, reason_phrase="bye"))
+    [ev] = core.handle_event(ConnectionTerminated(error_code=0x105, frame_type=None, reason_phrase="bye"), 0.0)
     assert ev == PeerClosed(0x105, "bye")
 
 
@@ -206,10 +206,10 @@ def test_before_the_handshake_only_hello_and_heartbeat_are_accepted(server_core)
     hello = Hello(versions=SUPPORTED_VERSIONS, client_id="c", base_fingerprint="ab", num_samples=1)
     core = server_core(established=False)
     data = encode_frame(hello) + encode_frame(Heartbeat(seq=1))
-    out = core.handle_event(StreamDataReceived(data=data, end_stream=False, stream_id=0))
+    out = core.handle_event(StreamDataReceived(data=data, end_stream=False, stream_id=0), 0.0)
     assert [type(e) for e in out] == [MessageReceived, MessageReceived]
     out = core.handle_event(
-        StreamDataReceived(data=encode_frame(Ack(ref=MsgType.UPDATE, round=1)), end_stream=False, stream_id=0)
+        StreamDataReceived(data=encode_frame(Ack(ref=MsgType.UPDATE, round=1)), end_stream=False, stream_id=0), 0.0
     )
     [violation] = out
     assert isinstance(violation, ProtocolViolation) and violation.error.code is ErrorCode.UNEXPECTED_MESSAGE

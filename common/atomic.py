@@ -1,0 +1,72 @@
+"""Crash-safe writes: after a crash a reader finds the old file or the whole new one, never a torn one.
+
+One recipe for every durable file the server and the client write (job and client records, checkpoints,
+exported adapters, ready files): write a temporary file beside the target, flush and fsync it, rename it over
+the target (atomic on POSIX within one filesystem), then fsync the directory so the rename itself survives a
+power cut. Writers that only take a path (``safetensors.save_file``, ``torch.save``) go through
+:func:`atomic_write_with`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the renames inside ``path`` durable. Some filesystems (and Windows) cannot open or fsync a directory:
+    there the rename is as durable as that filesystem makes it, and this is a no-op."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tmp_for(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def atomic_write_with(path: Path, write: Callable[[Path], None], *, sync_dir: bool = True) -> None:
+    """Call ``write(tmp)`` to produce the new file, fsync it, and rename it over ``path``.
+
+    ``sync_dir=False`` leaves the directory fsync to the caller, who renames several files into one directory
+    and syncs it once (the tensor files of a commit before the record that names them)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_for(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    if sync_dir:
+        fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (see the module docstring)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+
+    atomic_write_with(path, write, sync_dir=sync_dir)
+
+
+def atomic_write_text(path: Path, text: str, *, sync_dir: bool = True) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), sync_dir=sync_dir)
+
+
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_with", "fsync_dir"]

@@ -1,0 +1,25 @@
+"""The names both sides of a job agree on, defined once (stdlib only, so the CLI can take its choices from here
+without importing numpy or pydantic).
+
+The server's job config, WELCOME, the client's FedALT layer, the store and the CLI's ``choices`` all take them
+from this module.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+# What the client trains and installs: FedALT (own LoRA + Rest-of-World LoRA + mixer), FedAvg (one shared LoRA)
+# or local only (no tensors exchanged). See fedquic.client.fedalt.
+Federation = Literal["fedalt", "fedavg", "local"]
+FEDERATIONS: tuple[str, ...] = get_args(Federation)
+
+# FedALT's mixer between the own adapter and the RoW: fixed weights or a learned per-token router.
+Mixer = Literal["fixed", "learned"]
+MIXERS: tuple[str, ...] = get_args(Mixer)
+
+# What an AGGREGATE carries: a Rest-of-World LoRA (FedALT) or the global LoRA (FedAvg).
+AdapterKind = Literal["row", "global"]
+ADAPTER_KINDS: tuple[str, ...] = get_args(AdapterKind)
+
+__all__ = ["ADAPTER_KINDS", "FEDERATIONS", "MIXERS", "AdapterKind", "Federation", "Mixer"]
