@@ -182,7 +182,9 @@ def run_job(
             if p.poll() is None:
                 p.kill()
     hist_file = run / "server" / "history.jsonl"
-    history = [json.loads(line) for line in hist_file.read_text().splitlines()] if hist_file.is_file() else []
+    from fedquic.server.history import read_history_dicts
+
+    history = read_history_dicts(hist_file)
     times = [h["time"] for h in history]
     gaps = [b - a for a, b in itertools.pairwise(times)]
     return RunResult(

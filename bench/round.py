@@ -44,6 +44,7 @@ from fedquic.common.codec import EncodingSpec
 from fedquic.common.messages import TrainSpec
 from fedquic.server.app import AggregationServer
 from fedquic.server.config import JobConfig, MetricsSettings, ServerConfig
+from fedquic.server.history import read_history_dicts
 from fedquic.server.rounds import RoundPolicy
 from fedquic.transport.pki import DevPki, init_dev_pki, issue_client_cert
 from fedquic.transport.settings import TlsFiles, TransportSettings
@@ -103,7 +104,7 @@ async def one_encoding(name: str, pki: DevPki, work: Path, nbytes: int, dgram: i
                 p.kill()
     if not result.ok:
         raise RuntimeError(f"{name}: job failed: {result.reason}")
-    hist = [json.loads(line) for line in (work / name / "server" / "history.jsonl").read_text().splitlines()]
+    hist = read_history_dicts(work / name / "server" / "history.jsonl")
     r1, r2 = hist[0], hist[1]
     clients = list(r2["clients"].values())
 

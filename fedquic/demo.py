@@ -102,13 +102,9 @@ def _write_real_data(folder: Path, task: str) -> tuple[Path, Path]:
 
 
 def _read_history(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rows.append(json.loads(line))
-    return rows
+    from .server.history import read_history_dicts
+
+    return read_history_dicts(path)  # each client's METRICS and the server's figures merged
 
 
 def _wait_ready(path: Path, proc: subprocess.Popen, timeout_s: float) -> dict:

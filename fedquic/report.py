@@ -110,17 +110,11 @@ def _num(x: Any) -> float | None:
 
 
 def load_history(path: Path) -> list[dict[str, Any]]:
-    """One record per line; a torn last line (a crash mid-write) is skipped."""
-    out = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
-    return out
+    """One record per round (:mod:`fedquic.server.history`, either version), each client's METRICS and the
+    server's figures merged under ``clients``; a torn last line (a crash mid-write) is skipped."""
+    from .server.history import read_history_dicts
+
+    return read_history_dicts(Path(path))
 
 
 def split_jobs(history: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:

@@ -67,6 +67,7 @@ from ..transport.framing import frame_size
 from .aggregation import LeaveOneOut, clip_deviation, exact_mean, fedavg, leave_one_out_exact
 from .config import ServerConfig
 from .downlink import downlink_change
+from .history import HISTORY_VERSION, HistoryRow, append_history
 from .memory import pin_mmap_threshold, trim
 from .metrics import MetricsEndpoint, ServerMetrics, render_prometheus
 from .rounds import Action, CloseRound, Fail, Finish, Phase, ResumeRound, RoundMachine, StartRound
@@ -92,7 +93,8 @@ class ClientRecord:
     held: dict[str, TensorDict] | None = None
     # Only with downlink_error_feedback off (a measurement switch): the target last sent, per kind.
     last_target: dict[str, TensorDict] = field(default_factory=dict)
-    stats: dict[int, dict[str, float]] = field(default_factory=dict)
+    stats: dict[int, dict[str, float]] = field(default_factory=dict)  # per round, measured here
+    reported: dict[int, dict[str, float]] = field(default_factory=dict)  # per round, the client's METRICS
     aggregate_acks: dict[int, asyncio.Future[None]] = field(default_factory=dict)
     held_hash_pending: dict[int, tuple[str, str]] = field(default_factory=dict)  # round -> (kind, hash to ACK)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one durable commit at a time per client
@@ -173,7 +175,12 @@ class AggregationServer:
         for cid in self.store.client_ids():
             disk = self.store.load_client(cid)
             assert disk is not None
-            self.records[cid] = ClientRecord(cid, disk, stats={r: dict(v) for r, v in disk.stats.items()})
+            self.records[cid] = ClientRecord(
+                cid,
+                disk,
+                stats={r: dict(v) for r, v in disk.stats.items()},
+                reported={r: dict(v) for r, v in disk.reported.items()},
+            )
         snap = job.round
         received = {cid: snap.round for cid, r in self.records.items() if snap.round in r.disk.updates}
         self.machine, actions = RoundMachine.restore(self.cfg.policy, snap, received, self.clock())
@@ -602,7 +609,7 @@ class AggregationServer:
         elif isinstance(h, UploadRequest):
             self._on_upload_request(rec, h)
         elif isinstance(h, Metrics):
-            rec.stats.setdefault(h.round, {}).update(h.values)
+            rec.reported.setdefault(h.round, {}).update(h.values)  # kept apart from the server's figures
         elif isinstance(h, Ack) and h.ref is MsgType.AGGREGATE:
             expected = rec.held_hash_pending.pop(h.round, None)
             fut = rec.aggregate_acks.get(h.round)
@@ -758,6 +765,7 @@ class AggregationServer:
                     # This round's figures (the client's METRICS, bytes, timings) go to disk with the update, so a
                     # restart still writes them to history; rounds before the last are already in history.
                     "stats": {r: dict(v) for r, v in rec.stats.items() if r >= h.round - 1},
+                    "reported": {r: dict(v) for r, v in rec.reported.items() if r >= h.round - 1},
                 }
             )
             # Acknowledged only once it is on disk: a crash after the ACK loses nothing.
@@ -988,20 +996,20 @@ class AggregationServer:
         return out
 
     def _write_history(self, round_: int, contributors: list[str], agg_s: float, close_s: float) -> None:
-        row = {
-            "round": round_,
-            "time": time.time(),
-            "job_id": self.cfg.job.job_id,
-            "federation": self.cfg.job.federation,
-            "contributors": contributors,
-            "aggregate_s": round(agg_s, 6),
-            "close_s": round(close_s, 6),
-            "clients": {cid: rec.stats.get(round_, {}) for cid, rec in sorted(self.records.items())},
-        }
-        with self.history_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        recs = sorted(self.records.items())
+        row = HistoryRow(
+            version=HISTORY_VERSION,
+            round=round_,
+            time=time.time(),
+            job_id=self.cfg.job.job_id,
+            federation=self.cfg.job.federation,
+            contributors=contributors,
+            aggregate_s=round(agg_s, 6),
+            close_s=round(close_s, 6),
+            clients={cid: rec.stats.get(round_, {}) for cid, rec in recs},
+            reported={cid: rec.reported[round_] for cid, rec in recs if round_ in rec.reported},
+        )
+        append_history(self.history_path, row)
 
     def _say_bye(self, reason: str) -> None:
         for rec in list(self.clients.values()):

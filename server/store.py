@@ -59,8 +59,10 @@ class ClientRecordOnDisk(BaseModel):
     held_files: dict[Kind, str] = Field(default_factory=dict)  # absent: zeros (row) / the init (global)
     ef_file: str | None = None  # written by earlier versions (a downlink residual); no longer used
     closed_round: int = 0  # the last round whose aggregate was computed for this client
-    # Per round: the figures history.jsonl reports (the client's METRICS, bytes, timings), saved with the update.
+    # Per round: what the server measured (bytes, timings; history.jsonl's ``clients``), saved with the update.
     stats: dict[int, dict[str, float]] = Field(default_factory=dict)
+    # Per round: the client's own METRICS (history.jsonl's ``reported``). Earlier versions kept them in ``stats``.
+    reported: dict[int, dict[str, float]] = Field(default_factory=dict)
 
 
 class ServerStore:

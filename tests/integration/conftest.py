@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fedquic.server.history import read_history_dicts
 
 OneRound = Callable[..., Awaitable[list[Any]]]
 
@@ -73,7 +73,7 @@ def one_round(dev_pki: Any) -> OneRound:
             )
         result, *_ = await asyncio.wait_for(asyncio.gather(server.run(), *(c.run() for c in clients)), timeout=240)
         assert result.ok and result.rounds_completed == 1
-        history = [json.loads(line) for line in (tmp / "server" / "history.jsonl").read_text().splitlines()]
+        history = read_history_dicts(tmp / "server" / "history.jsonl")
         # The held-out figures of the base model and after the aggregate reached the server's history.
         for cid in (f"c{i}" for i in range(len(data))):
             stats = history[0]["clients"][cid]

@@ -19,6 +19,7 @@ import pytest
 import torch
 from fedquic.client.data import make_examples, make_label_examples
 from fedquic.client.model import _char_tokenizer, build_tiny_vlm
+from fedquic.server.history import read_history_dicts
 
 pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -245,7 +246,7 @@ async def test_local_mode_shares_no_tensors_and_measures_what_it_trained(
 ) -> None:
     data = [_write_data(tmp_path / f"data{i}.jsonl", "generation", seed=i) for i in range(2)]
     learners = await one_round(tiny_model_dir, data, tmp_path, job={"federation": "local"})
-    row = json.loads((tmp_path / "server" / "history.jsonl").read_text().splitlines()[0])
+    row = read_history_dicts(tmp_path / "server" / "history.jsonl")[0]
     for cid in ("c0", "c1"):
         stats = row["clients"][cid]
         assert stats["fp32_up"] == 0 and stats["bytes_up"] < 1024, stats  # a header, no tensors

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fedquic.server.history import read_history_dicts
 
 pytest.importorskip("torch")
 pytest.importorskip("peft")
@@ -70,7 +71,7 @@ def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
     summary = json.loads((run / "summary.json").read_text())
     assert summary["acc_fedalt"] == out["acc_fedalt"] and set(summary["targets"]) >= {"ef_beats_noef"}
     for job in (run / "jobs").iterdir():
-        hist = [json.loads(line) for line in (job / "server" / "history.jsonl").read_text().splitlines()]
+        hist = read_history_dicts(job / "server" / "history.jsonl")
         assert [h["round"] for h in hist] == [1, 2]  # each round's figures are of the model after its aggregate
         # the base model and intermediate rounds score the first 32 test items, the model after the last round all 64
         assert [{c["eval_n"] for c in h["clients"].values()} for h in hist] == [{32}, {64}]
@@ -124,6 +125,6 @@ def test_full_benchmark(tmp_path: Path) -> None:
     ):
         assert math.isfinite(out["targets"][margin]) and isinstance(out["targets"][verdict], bool), margin
     for job in (run / "jobs").iterdir():
-        hist = [json.loads(line) for line in (job / "server" / "history.jsonl").read_text().splitlines()]
+        hist = read_history_dicts(job / "server" / "history.jsonl")
         assert [h["round"] for h in hist] == [1, 2, 3]
         assert {c["eval_n"] for c in hist[-1]["clients"].values()} == {300}  # the final score: 300 items each

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from fedquic.server.history import read_history_dicts
 
 pytest.importorskip("bitsandbytes")
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")]
@@ -71,7 +72,7 @@ async def test_smollm2_federates_in_nf4(smollm2_dir: Path, one_round: Any, tmp_p
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         data.append(path)
     learners = await one_round(smollm2_dir, data, tmp_path, system_prompt="", max_len=64, eval_fraction=0.2)
-    history = json.loads((tmp_path / "server" / "history.jsonl").read_text().splitlines()[0])
+    history = read_history_dicts(tmp_path / "server" / "history.jsonl")[0]
     stats = history["clients"]["c0"]
     assert 0.0 <= stats["acc_exact"] <= 1.0 and 0.0 <= stats["base_acc_exact"] <= 1.0
     assert learners[0].tokenizer.chat_template  # prompts went through the model's own chat template
@@ -98,7 +99,7 @@ async def test_minilm_becomes_a_federated_classifier(minilm_dir: Path, one_round
     tok = learners[0].tokenizer
     ids = tok("the film was great")["input_ids"]
     assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id  # BERT sees its [CLS] ... [SEP]
-    stats = json.loads((tmp_path / "server" / "history.jsonl").read_text().splitlines()[0])["clients"]["c0"]
+    stats = read_history_dicts(tmp_path / "server" / "history.jsonl")[0]["clients"]["c0"]
     assert "acc_cls" in stats and "base_acc_cls" in stats
 
     base, tok = await asyncio.to_thread(

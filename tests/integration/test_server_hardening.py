@@ -5,7 +5,6 @@ held aggregate differs from the server's record."""
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import threading
 
@@ -17,6 +16,7 @@ from fedquic.common.errors import ErrorCode
 from fedquic.common.messages import SUPPORTED_VERSIONS, Error, Hello, TrainSpec
 from fedquic.server.app import AggregationServer
 from fedquic.server.config import JobConfig
+from fedquic.server.history import read_history_dicts
 from fedquic.server.rounds import RoundPolicy
 from fedquic.transport.aio import connect_peer
 from fedquic.transport.pki import issue_client_cert
@@ -126,7 +126,7 @@ async def test_upload_figures_survive_a_server_crash_after_the_ack(loopback_serv
     restarted = AggregationServer(server.cfg.model_copy(update={"run_dir": crashed}))
     restarted._restore()
     restarted._write_history(1, ["c0"], 0.0, 0.0)  # what its round close writes
-    [row] = [json.loads(line) for line in (crashed / "history.jsonl").read_text().splitlines()]
+    [row] = read_history_dicts(crashed / "history.jsonl")
     figures = row["clients"]["c0"]
     assert figures["bytes_up"] > 0 and figures["fp32_up"] > 0 and "loss_after" in figures and "round_s" in figures
 
