@@ -26,19 +26,13 @@ Resilience (see docs/client.md):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import math
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
-
-from pydantic import BaseModel, ConfigDict, Field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
 from ..common.adapter import AdapterSchema, TensorDict, init_lora_state, state_hash, zeros_state
 from ..common.codec import Encoding, Manifest, decode_tensors, expand, fp32_nbytes, to_compact
@@ -73,104 +67,16 @@ from ..common.messages import (
     UploadRequest,
     Welcome,
 )
-from ..transport.aio import connect_peer
 from ..transport.framing import frame_size
-from ..transport.settings import TlsFiles, TransportSettings
 from ..transport.tickets import TicketJar
+from .config import ClientConfig
+from .connector import Connector, MessagePeer, quic_connector
 from .learner import Learner
+from .reconnect import LATE_CODES, is_retryable, remote_error
+from .results import ClientResult, RoundRecord, accuracy_note, finite_metrics
 from .state import ClientState, StateStore
 
 log = logging.getLogger(__name__)
-
-# Refusals that a new attempt cannot change.
-FINAL_CODES = frozenset(
-    {
-        ErrorCode.CERTIFICATE,
-        ErrorCode.IDENTITY_MISMATCH,
-        ErrorCode.SCHEMA_MISMATCH,
-        ErrorCode.UNSUPPORTED_VERSION,
-        ErrorCode.UNSUPPORTED_ENCODING,
-    }
-)
-# ERROR messages that mean "the server is going away or too slow", worth a reconnect.
-_RETRYABLE_REMOTE = frozenset({ErrorCode.SHUTTING_DOWN, ErrorCode.TIMEOUT})
-# An UPDATE refused with one of these came after its round closed: keep the change for the next round.
-LATE_CODES = frozenset({ErrorCode.LATE_UPDATE, ErrorCode.ROUND_NOT_OPEN})
-
-
-class ClientConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    client_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-    host: str = "127.0.0.1"
-    port: int = Field(default=4433, ge=1, le=65535)
-    server_name: str | None = None
-    tls: TlsFiles
-    transport: TransportSettings = TransportSettings()
-    run_dir: Path = Path("runs/client")
-    message_timeout_s: float = Field(default=3600.0, gt=0)
-    # Connecting is retried with exponential backoff and jitter, before the job is joined (clients may start
-    # before the server) and after (the server restarted): at most connect_attempts consecutive failures. A
-    # refused certificate, identity or schema is not retried.
-    connect_attempts: int = Field(default=8, ge=1)
-    backoff_initial_s: float = Field(default=0.5, gt=0)
-    backoff_max_s: float = Field(default=30.0, gt=0)
-    # Write run_dir/state after every sync and resume from it on start.
-    checkpoint: bool = True
-    # Liveness: while waiting for the server, send a HEARTBEAT every heartbeat_s; if what we wrote on the control
-    # stream stays unacknowledged by the server's QUIC stack for liveness_timeout_s, the server is gone (killed,
-    # rebooted: a dead peer sends no close) and the client reconnects instead of waiting for QUIC's idle timeout.
-    heartbeat_s: float = Field(default=5.0, gt=0)
-    liveness_timeout_s: float = Field(default=30.0, gt=0)
-
-
-class MessagePeer(Protocol):
-    """What the loop needs from a connection (:class:`fedquic.transport.aio.Peer` is the real one)."""
-
-    session_resumed: bool
-
-    def send(self, header: Header, body: bytes = b"") -> int: ...
-
-    async def send_bulk(self, header: Header, body: bytes) -> int: ...
-
-    async def recv(self, timeout: float | None = None) -> Message: ...
-
-    async def aclose(self, code: int = 0, reason: str = "") -> None: ...
-
-
-Connector = Callable[["ClientConfig"], contextlib.AbstractAsyncContextManager[Any]]
-
-
-@contextlib.asynccontextmanager
-async def quic_connector(
-    cfg: ClientConfig, *, tickets: TicketJar | None = None, hello: Hello | None = None
-) -> AsyncIterator[MessagePeer]:
-    """Connect over QUIC; with a ticket from an earlier connection the session resumes and ``hello`` rides in
-    0-RTT data (HELLO is idempotent, so a replay of it changes nothing)."""
-    early = [hello] if hello is not None else []
-    async with connect_peer(
-        cfg.host, cfg.port, cfg.transport, cfg.tls, cfg.server_name, tickets=tickets, early=early
-    ) as peer:
-        peer.hello_sent = hello is not None  # type: ignore[attr-defined]
-        yield peer
-
-
-@dataclass
-class RoundRecord:
-    round: int
-    metrics: dict[str, float]
-    bytes_up: int = 0
-    bytes_down: int = 0
-    fp32_up: int = 0
-    fp32_down: int = 0
-    accepted: bool = True  # False: the server refused the UPDATE as late (the change goes into the next one)
-
-
-@dataclass
-class ClientResult:
-    job_id: str
-    rounds: list[RoundRecord] = field(default_factory=list)
-    bye_reason: str = ""
 
 
 @dataclass
@@ -190,43 +96,6 @@ class RoundStartState:
     round: int
     local: TensorDict
     extra: TensorDict
-
-
-def finite_metrics(values: dict[str, float]) -> dict[str, float]:
-    """The values METRICS can carry: JSON has no NaN or infinity (a diverged loss would be sent as null, which the
-    server refuses as a malformed header and closes the connection over). The round log keeps them all."""
-    dropped = sorted(k for k, v in values.items() if not math.isfinite(v))
-    if dropped:
-        log.warning("not reporting non-finite metrics: %s", ", ".join(dropped))
-    return {k: v for k, v in values.items() if math.isfinite(v)}
-
-
-_ACC_KEYS = ("acc_exact", "acc_mc", "acc_cls", "acc_tf")
-
-
-def _accuracy_note(metrics: dict[str, float], what: str) -> str:
-    """``", held-out acc_exact 41.0% (32 items), loss 1.234"`` for a log line; empty without figures."""
-    parts = [f"{k} {100 * metrics[k]:.1f}%" for k in _ACC_KEYS if k in metrics]
-    if "loss_eval" in metrics:
-        parts.append(f"loss {metrics['loss_eval']:.4f}")
-    if not parts:
-        return ""
-    n = f" ({int(metrics['eval_n'])} items)" if "eval_n" in metrics else ""
-    return f", {what} {', '.join(parts)}{n}"
-
-
-def is_retryable(exc: BaseException) -> bool:
-    """Whether a failed connection is worth another attempt."""
-    if isinstance(exc, TransportError):
-        return exc.code not in FINAL_CODES
-    if isinstance(exc, RemoteError):
-        return exc.code in _RETRYABLE_REMOTE
-    return False
-
-
-def _remote_error(h: Error) -> RemoteError:
-    code = ErrorCode(h.code) if h.code in ErrorCode._value2member_map_ else None
-    return RemoteError(f"server refused: {h.message}", code=code)
 
 
 class FederatedClient:
@@ -335,7 +204,7 @@ class FederatedClient:
                     log.info("server said bye: %s", h.reason)
                     break
                 elif isinstance(h, Error):
-                    raise _remote_error(h)
+                    raise remote_error(h)
                 elif isinstance(h, Ack):
                     log.warning("ignoring a stray ACK of %s for round %d", h.ref.name, h.round)
                 elif msg.type not in (MsgType.HEARTBEAT, MsgType.METRICS):
@@ -417,7 +286,7 @@ class FederatedClient:
     async def _expect(self, peer: MessagePeer, kind: type[Header]) -> Message:
         msg = await self._next(peer)
         if isinstance(msg.header, Error):
-            raise _remote_error(msg.header)
+            raise remote_error(msg.header)
         if not isinstance(msg.header, kind):
             raise ProtocolError(f"expected {kind.__name__}, got {msg.type.name}", code=ErrorCode.UNEXPECTED_MESSAGE)
         return msg
@@ -457,7 +326,7 @@ class FederatedClient:
         peer.send(Join(adapter=schema, resume=resume))
         msg = await self._wait_for(peer, lambda m: isinstance(m.header, Ack) and m.header.ref is MsgType.JOIN)
         if isinstance(msg.header, Error):
-            raise _remote_error(msg.header)
+            raise remote_error(msg.header)
         ack = msg.header
         assert isinstance(ack, Ack)
         self._heartbeat_ok = True
@@ -504,7 +373,7 @@ class FederatedClient:
             msg = await self._wait_for(peer, lambda m: isinstance(m.header, (Aggregate, RoundStart, Bye)))
             h = msg.header
             if isinstance(h, Error):
-                raise _remote_error(h)
+                raise remote_error(h)
             if not isinstance(h, Aggregate):
                 raise SchemaMismatchError(
                     f"the server holds adapter state {server_hash}, the client {self.view_hash}, "
@@ -668,7 +537,7 @@ class FederatedClient:
             if isinstance(h, Bye):
                 record.accepted = False
                 return record
-            err = _remote_error(h)
+            err = remote_error(h)
             if err.code not in LATE_CODES:
                 raise err
             # The round closed without us: view and synced stay, so this round's change is in the next delta.
@@ -690,7 +559,7 @@ class FederatedClient:
             rs.round,
             metrics.get("loss_before", float("nan")),
             metrics.get("loss_after", float("nan")),
-            _accuracy_note(metrics, "held-out"),
+            accuracy_note(metrics, "held-out"),
             record.bytes_up,
             f" ({record.fp32_up / record.bytes_up:.1f}x smaller than fp32)" if record.fp32_up else " (no tensors)",
         )
@@ -705,7 +574,7 @@ class FederatedClient:
             found = await self._evaluate(0)
             self._base_metrics = {f"base_{k}": v for k, v in found.items()}
             if found:
-                log.info("round 0 (base model)%s", _accuracy_note(found, "held-out"))
+                log.info("round 0 (base model)%s", accuracy_note(found, "held-out"))
         return dict(self._base_metrics)
 
     async def _evaluate(self, round_: int) -> dict[str, float]:
@@ -790,7 +659,7 @@ class FederatedClient:
             h.kind,
             h.round,
             h.contributors,
-            _accuracy_note(found, "held-out after the aggregate"),
+            accuracy_note(found, "held-out after the aggregate"),
         )
 
     def _save(self, result: ClientResult) -> None:
@@ -810,6 +679,7 @@ __all__ = [
     "FederatedClient",
     "RoundRecord",
     "RoundStartState",
+    "finite_metrics",
     "is_retryable",
     "run_client",
 ]

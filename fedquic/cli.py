@@ -73,6 +73,8 @@ SERVER_FLAGS: tuple[tuple[str, str], ...] = (
     ("mixer", "job.mixer"),
     ("mixer_init", "job.mixer_init"),
     ("row_mode", "job.row_mode"),
+    ("aggregation", "job.aggregation"),
+    ("plugins", "plugins"),
     ("clip_norm", "job.clip_norm"),
     ("rank", "job.lora.rank"),
     ("alpha", "job.lora.alpha"),
@@ -128,6 +130,19 @@ def _add_server_args(s: argparse.ArgumentParser) -> None:
         choices=("factor-mean", "exact"),
         help="Rest-of-World: average A and B separately (the FedALT paper) or the exact mean of the "
         "products B·A re-factored to rank r by SVD (default factor-mean)",
+    )
+    s.add_argument(
+        "--aggregation",
+        metavar="RULE",
+        help="aggregation rule by name: fedavg, loo-factor-mean, loo-exact, or one a --plugin registers "
+        "(default: fedavg for --federation fedavg, loo-<row-mode> for fedalt)",
+    )
+    s.add_argument(
+        "--plugin",
+        dest="plugins",
+        action="append",
+        metavar="MODULE",
+        help="Python module to import at start, e.g. one that registers an aggregation rule (repeatable)",
     )
     s.add_argument(
         "--clip-norm",

@@ -64,13 +64,14 @@ from ..common.names import ADAPTER_KINDS
 from ..transport.aio import FedQuicServer, Peer
 from ..transport.connection import BulkPermit
 from ..transport.framing import frame_size
-from .aggregation import LeaveOneOut, clip_deviation, exact_mean, fedavg, leave_one_out_exact
+from .aggregation import clip_deviation
 from .config import ServerConfig
 from .downlink import downlink_change
 from .history import HISTORY_VERSION, HistoryRow, append_history
 from .memory import pin_mmap_threshold, trim
 from .metrics import MetricsEndpoint, ServerMetrics, render_prometheus
 from .rounds import Action, CloseRound, Fail, Finish, Phase, ResumeRound, RoundMachine, StartRound
+from .rules import RoundInputs, Target, job_rule, load_plugins
 from .store import ClientRecordOnDisk, JobRecord, Kind, ServerStore
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,8 @@ class AggregationServer:
         self.schema: AdapterSchema | None = None
         self.base_fingerprint: str | None = None
         self._init_state: TensorDict | None = None
+        load_plugins(cfg.plugins)
+        self.rule = job_rule(cfg.job)  # None: a local job aggregates nothing
         self.store = ServerStore(cfg.run_dir / "state")
         self.metrics = ServerMetrics()
         self._endpoint = MetricsEndpoint(self._metrics_text, self.status)
@@ -848,7 +851,9 @@ class AggregationServer:
         # Every client's payload is encoded, persisted and sent concurrently: one slow receiver does not hold up
         # the others. A client whose aggregate for this round is already on disk (a close redone after a crash)
         # is skipped; it gets a dense reset when it rejoins.
-        sent = await asyncio.gather(*(self._send_aggregate(act.round, cid, *entry) for cid, entry in targets.items()))
+        sent = await asyncio.gather(
+            *(self._send_aggregate(act.round, cid, t.make, t.kind, t.contributors) for cid, t in targets.items())
+        )
         waits = [fut for fut in sent if fut is not None]
         if waits:
             # Delivery is the client's ACK, not our write returning.
@@ -950,29 +955,18 @@ class AggregationServer:
         change = downlink_change(rec.held[kind], target, self.cfg.job.downlink, reference=reference)
         return change.payload, change.held_after
 
-    def _aggregate(
-        self, contributors: list[str], states: list[TensorDict], weights: list[float]
-    ) -> dict[str, tuple[Callable[[], TensorDict], str, int]]:
-        """Per recipient: (its target state, computed on demand; kind; number of clients averaged).
-
-        Pure numpy, runs in a thread. Leave-one-out rows are produced per client when its payload is encoded,
-        so closing a round needs O(P) memory per client in flight, not O(N·P).
-        """
+    def _aggregate(self, contributors: list[str], states: list[TensorDict], weights: list[float]) -> dict[str, Target]:
+        """Per recipient: its target state (computed on demand), kind and number of clients averaged, from the
+        job's aggregation rule (:mod:`fedquic.server.rules`). Pure numpy, runs in a thread."""
         job = self.cfg.job
-        if job.federation == "local" or not contributors:
+        if self.rule is None or not contributors:
             return {}
         if job.clip_norm is not None:
             assert self._init_state is not None
             states = [clip_deviation(s, self._init_state, job.clip_norm) for s in states]
-        out: dict[str, tuple[Callable[[], TensorDict], str, int]] = {}
         # No free-riding: a client that missed its rounds (inactive) is sent nothing until it contributes again.
         listeners = [c for c in self.clients if c not in contributors and self.machine.receives_aggregate(c)]
-        if job.federation == "fedavg":
-            g = fedavg(states, weights)
-            for cid in [*contributors, *listeners]:
-                out[cid] = (lambda: g, "global", len(states))
-            return out
-        if len(states) < job.min_row_contributors:
+        if self.rule.kind == "row" and len(states) < job.min_row_contributors:
             # Privacy floor: a RoW built from too few clients would hand out one client's adapter.
             log.warning(
                 "round closed with %d contributor(s), fewer than %d: no Rest-of-World adapter is sent",
@@ -980,19 +974,13 @@ class AggregationServer:
                 job.min_row_contributors,
             )
             return {}
-        if job.row_mode == "exact":
-            rows = leave_one_out_exact(states, weights)
-            for cid, row in zip(contributors, rows, strict=True):
-                out[cid] = (lambda row=row: row, "row", len(states) - 1)
-        else:
-            loo = LeaveOneOut(states, weights)
-            for k, cid in enumerate(contributors):
-                out[cid] = (lambda k=k: loo.row(k), "row", len(states) - 1)
-        others = [c for c in listeners if c not in out]
-        if others:
-            mean = exact_mean(states, weights) if job.row_mode == "exact" else fedavg(states, weights)
-            for cid in others:
-                out[cid] = (lambda: mean, "row", len(states))
+        out = self.rule.targets(RoundInputs(contributors, states, weights, listeners))
+        wrong = sorted({t.kind for t in out.values()} - {self.rule.kind})
+        if wrong:
+            raise JobError(f"aggregation rule {self.rule.name!r} returned {wrong} targets, not {self.rule.kind!r}")
+        unknown = sorted(set(out) - set(self.records))
+        if unknown:
+            raise JobError(f"aggregation rule {self.rule.name!r} targets unknown clients {unknown}")
         return out
 
     def _write_history(self, round_: int, contributors: list[str], agg_s: float, close_s: float) -> None:

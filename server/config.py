@@ -40,6 +40,9 @@ class JobConfig(BaseModel):
     # Rest-of-World construction: "factor-mean" averages A and B separately (the FedALT paper); "exact" takes
     # the mean of the products B·A and re-factors it to rank r by truncated SVD.
     row_mode: Literal["factor-mean", "exact"] = "factor-mean"
+    # The aggregation rule by name (fedquic.server.rules: built-in fedavg, loo-factor-mean, loo-exact, or one a
+    # plugin registers). None: fedavg for federation=fedavg, loo-<row_mode> for fedalt.
+    aggregation: str | None = Field(default=None, min_length=1, max_length=64)
     # Robust aggregation: each client's contribution (its adapter minus the shared init) is scaled down to this
     # global L2 norm before averaging. None: no clipping.
     clip_norm: float | None = Field(default=None, gt=0)
@@ -91,3 +94,6 @@ class ServerConfig(BaseModel):
     # finished job's state aside to state.finished-TIME/ (its history.jsonl inside) and starts a new job there.
     # A job that did not finish is always resumed.
     on_finished: Literal["exit", "restart"] = "exit"
+    # Python modules imported before the job is checked, to register extensions (aggregation rules:
+    # fedquic.server.rules.register_rule), e.g. plugins = ["mylab.median_rule"].
+    plugins: tuple[str, ...] = Field(default=(), max_length=64)

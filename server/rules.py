@@ -1,0 +1,194 @@
+"""Aggregation rules: the extension point where a round's contributions become what each client is sent.
+
+A rule is a small object with a ``name``, the ``kind`` of adapter it sends (``"global"``: one shared LoRA that
+replaces the client's own, FedAvg-style; ``"row"``: a Rest-of-World LoRA the client keeps beside its own,
+FedALT-style) and ``targets(inputs)``, which maps each recipient to its :class:`Target`. Rules are pure numpy
+(they run in a worker thread) and registered by name; the job picks one with ``JobConfig.aggregation``.
+The built-ins are registered below exactly as an outside rule would be::
+
+    from fedquic.server.rules import RoundInputs, Target, register_rule
+
+    class Median:
+        name, kind = "median", "global"
+        def targets(self, inp: RoundInputs) -> dict[str, Target]:
+            med = {k: np.median([s[k] for s in inp.states], axis=0) for k in inp.states[0]}
+            return {cid: Target(lambda: med, "global", len(inp.states)) for cid in inp.recipients}
+
+    register_rule(Median())
+
+What stays outside every rule, in the server: which clients contribute and which listen (stragglers get an
+aggregate only while they are active), clipping each contribution (``clip_norm``), the privacy floor on
+Rest-of-World adapters (``min_row_contributors``), and encoding, persisting and sending each target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from ..common.adapter import TensorDict
+from ..common.errors import ConfigError
+from ..common.names import ADAPTER_KINDS, AdapterKind
+from .aggregation import LeaveOneOut, exact_mean, fedavg, leave_one_out_exact
+
+if TYPE_CHECKING:
+    from .config import JobConfig
+
+
+@dataclass(frozen=True)
+class RoundInputs:
+    """One closed round, as a rule sees it."""
+
+    contributors: Sequence[str]  # the clients whose updates the round holds, in the order of ``states``
+    states: Sequence[TensorDict]  # each contributor's adapter (clipped when the job clips)
+    weights: Sequence[float]  # one per state (uniform, or by sample count: JobConfig.weighting)
+    listeners: Sequence[str]  # active clients that contributed nothing this round but receive an aggregate
+
+    @property
+    def recipients(self) -> list[str]:
+        return [*self.contributors, *self.listeners]
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one client is to hold after the round. ``make`` computes it on demand, one client at a time, so
+    a leave-one-out round needs O(P) memory per client in flight, not O(N·P)."""
+
+    make: Callable[[], TensorDict]
+    kind: AdapterKind
+    contributors: int  # how many clients' adapters it averages (AGGREGATE's ``contributors``)
+
+
+@runtime_checkable
+class AggregationRule(Protocol):
+    name: str
+    kind: AdapterKind
+
+    def targets(self, inputs: RoundInputs) -> dict[str, Target]: ...
+
+
+_RULES: dict[str, AggregationRule] = {}
+
+
+def register_rule(rule: AggregationRule, *, replace: bool = False) -> AggregationRule:
+    """Make ``rule`` available to jobs as ``aggregation = rule.name``; returns it (usable as a decorator on an
+    instance). Registering a taken name is an error unless ``replace``."""
+    if not isinstance(rule, AggregationRule):
+        raise TypeError(f"{rule!r} is not an aggregation rule (name, kind, targets)")
+    if rule.kind not in ADAPTER_KINDS:
+        raise ConfigError(f"rule {rule.name!r}: kind must be one of {list(ADAPTER_KINDS)}, got {rule.kind!r}")
+    if rule.name in _RULES and not replace:
+        raise ConfigError(f"an aggregation rule named {rule.name!r} is already registered")
+    _RULES[rule.name] = rule
+    return rule
+
+
+def get_rule(name: str) -> AggregationRule:
+    try:
+        return _RULES[name]
+    except KeyError:
+        raise ConfigError(f"unknown aggregation rule {name!r}; registered: {sorted(_RULES)}") from None
+
+
+def rule_names() -> list[str]:
+    return sorted(_RULES)
+
+
+# -- the built-ins -------------------------------------------------------------------------------------------
+
+
+class FedAvg:
+    """One weighted mean for everyone (FedAvg): the client replaces its adapter with it."""
+
+    name = "fedavg"
+    kind: AdapterKind = "global"
+
+    def targets(self, inp: RoundInputs) -> dict[str, Target]:
+        g = fedavg(inp.states, inp.weights)
+        return {cid: Target(lambda: g, "global", len(inp.states)) for cid in inp.recipients}
+
+
+class LeaveOneOutFactorMean:
+    """FedALT's Rest-of-World: client k gets the mean of every *other* client's adapter, A and B averaged
+    separately as the paper does; a listener gets the mean of all."""
+
+    name = "loo-factor-mean"
+    kind: AdapterKind = "row"
+
+    def targets(self, inp: RoundInputs) -> dict[str, Target]:
+        loo = LeaveOneOut(inp.states, inp.weights)
+        n = len(inp.states)
+        out = {cid: Target(lambda k=k: loo.row(k), "row", n - 1) for k, cid in enumerate(inp.contributors)}
+        others = [c for c in inp.listeners if c not in out]
+        if others:
+            mean = fedavg(inp.states, inp.weights)
+            out.update({cid: Target(lambda: mean, "row", n) for cid in others})
+        return out
+
+
+class LeaveOneOutExact:
+    """Rest-of-World as the mean of the products B·A of the others, re-factored to rank r by truncated SVD."""
+
+    name = "loo-exact"
+    kind: AdapterKind = "row"
+
+    def targets(self, inp: RoundInputs) -> dict[str, Target]:
+        rows = leave_one_out_exact(inp.states, inp.weights)
+        n = len(inp.states)
+        out = {cid: Target(lambda row=row: row, "row", n - 1) for cid, row in zip(inp.contributors, rows, strict=True)}
+        others = [c for c in inp.listeners if c not in out]
+        if others:
+            mean = exact_mean(inp.states, inp.weights)
+            out.update({cid: Target(lambda: mean, "row", n) for cid in others})
+        return out
+
+
+for _rule in (FedAvg(), LeaveOneOutFactorMean(), LeaveOneOutExact()):
+    register_rule(_rule)
+
+
+def default_rule(federation: str, row_mode: str = "factor-mean") -> str:
+    """The rule a job uses when it names none: FedAvg's mean, or FedALT's leave-one-out by ``row_mode``."""
+    if federation == "fedavg":
+        return "fedavg"
+    return "loo-exact" if row_mode == "exact" else "loo-factor-mean"
+
+
+def job_rule(job: JobConfig) -> AggregationRule | None:
+    """The job's rule (None for ``local``: nothing is aggregated), checked against its federation: a FedAvg job
+    sends a global adapter, a FedALT job a Rest-of-World one."""
+    if job.federation == "local":
+        return None
+    rule = get_rule(job.aggregation or default_rule(job.federation, job.row_mode))
+    want = "global" if job.federation == "fedavg" else "row"
+    if rule.kind != want:
+        raise ConfigError(
+            f"aggregation rule {rule.name!r} sends {rule.kind!r} adapters; federation={job.federation!r} needs "
+            f"{want!r} ones (rules of that kind: {[n for n in rule_names() if _RULES[n].kind == want]})"
+        )
+    return rule
+
+
+def load_plugins(modules: Sequence[str]) -> None:
+    """Import each module, which registers its rules (``ServerConfig.plugins``)."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(f"plugin module {name!r} cannot be imported: {exc}") from exc
+
+
+__all__ = [
+    "AggregationRule",
+    "RoundInputs",
+    "Target",
+    "default_rule",
+    "get_rule",
+    "job_rule",
+    "load_plugins",
+    "register_rule",
+    "rule_names",
+]
