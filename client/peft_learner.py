@@ -49,9 +49,12 @@ class PeftLearnerConfig(BaseModel):
     # the base model before round 1 and the model after the last round are scored on the whole held-out set.
     # 0 turns evaluation off.
     eval_samples: int = Field(default=32, ge=0)
-    eval_casefold: bool = False
+    eval_casefold: bool = False  # acc_exact ignoring case and whitespace (greedy generation; slower)
     # Training examples behind each round's loss_before/loss_after (two extra forward passes over them).
-    loss_samples: int = Field(default=32, ge=1)  # acc_exact ignoring case and whitespace (greedy generation; slower)
+    loss_samples: int = Field(default=32, ge=1)
+    # The local objective by name (fedquic.client.objectives: causal-lm, classification, or one registered by
+    # the caller); None: the built-in that fits the data.
+    objective: str | None = Field(default=None, min_length=1, max_length=64)
     eval_max_new_tokens: int | None = Field(default=None, ge=1)  # casefold generation; None: longest answer + 1
     # Prompt encoding (fedquic.client.data.PromptFormat): None = the tokenizer's chat template if it has one.
     chat_template: bool | None = None
@@ -265,7 +268,7 @@ class PeftLearner:
         fam = self._model()
         if spec.local_steps == 0 and spec.local_epochs is None:
             batches = tokenize_examples(self.tokenizer, self.examples[:32], self.cfg.max_len)
-            loss = evaluate_loss(fam, batches)
+            loss = evaluate_loss(fam, batches, self.cfg.objective)
             return {"loss_before": loss, "loss_after": loss, "train_s": 0.0, "steps": 0.0}
         steps = round_steps(spec, len(self.examples))
         cfg = TrainConfig(
@@ -279,6 +282,7 @@ class PeftLearner:
             schedule=spec.lr_schedule,
             warmup_steps=spec.warmup_steps,
             eval_samples=self.cfg.loss_samples,
+            objective=self.cfg.objective,
         )
         every = max(1, steps // 4)
         label = f"round {round_}/{self._rounds}" if getattr(self, "_rounds", None) else f"round {round_}"

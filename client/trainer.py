@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from fedquic.common.errors import ConfigError
 
-from .data import IGNORE_INDEX, Batch, Example, collate, encode_example, pad_id, tokenize_examples
+from .data import Batch, Example, collate, encode_example, pad_id, tokenize_examples
 from .fedalt import FedALTModel
 from .model import keep_4bit_differentiable
+from .objectives import get_objective, objective_for
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class TrainConfig:
     micro_batch_size: int | None = None
     schedule: str = "constant"  # constant, linear or cosine decay to 0 over the round's steps
     warmup_steps: int = 0  # linear warm-up from 0 before the schedule
+    objective: str | None = None  # a registered local objective (fedquic.client.objectives); None: by the data
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_samples"):
@@ -80,28 +81,14 @@ def _device(fam: FedALTModel) -> torch.device:
     return fam.trainable_parameters()[0].device
 
 
-def batch_loss(fam: FedALTModel, batch: Batch) -> tuple[torch.Tensor, int]:
-    """Summed loss of a batch and what it sums over: next-token cross-entropy over the labelled positions, or
-    for a classification batch (``class_labels``) the cross-entropy of each row's class. ``pixel_values`` are
-    passed to vision-language models."""
-    extra = {} if batch.pixel_values is None else {"pixel_values": batch.pixel_values}
-    logits = fam.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **extra).logits
-    if batch.class_labels is not None:
-        if logits.dim() != 2:
-            raise ConfigError("classification examples need a sequence-classification model")
-        return F.cross_entropy(logits.float(), batch.class_labels, reduction="sum"), len(batch)
-    targets = batch.labels[:, 1:]
-    n = int((targets != IGNORE_INDEX).sum())
-    loss = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss, n
+def batch_loss(fam: FedALTModel, batch: Batch, objective: str | None = None) -> tuple[torch.Tensor, int]:
+    """Summed loss of a batch and what it sums over, by the named local objective
+    (:mod:`fedquic.client.objectives`) or the built-in that fits the batch: next-token cross-entropy over the
+    labelled positions, or for a classification batch (``class_labels``) the cross-entropy of each row's class."""
+    return objective_for(batch, objective).loss(fam, batch)
 
 
-def evaluate_loss(fam: FedALTModel, batches: Sequence[Batch]) -> float:
+def evaluate_loss(fam: FedALTModel, batches: Sequence[Batch], objective: str | None = None) -> float:
     """Token-weighted mean loss over ``batches`` (no grad, eval mode)."""
     was_training = fam.model.training
     fam.model.eval()
@@ -110,7 +97,7 @@ def evaluate_loss(fam: FedALTModel, batches: Sequence[Batch]) -> float:
     try:
         with torch.no_grad():
             for batch in batches:
-                loss, n = batch_loss(fam, batch.to(device))
+                loss, n = batch_loss(fam, batch.to(device), objective)
                 total += float(loss)
                 count += n
     finally:
@@ -156,7 +143,9 @@ def train_local(
     eval_batches = tokenize_examples(
         tokenizer, _eval_subset(examples, cfg.eval_samples), cfg.max_len, batch_size=cfg.forward_batch
     )
-    loss_before = evaluate_loss(fam, eval_batches)
+    if cfg.objective is not None:
+        get_objective(cfg.objective)  # an unknown name fails before any work, listing the registered ones
+    loss_before = evaluate_loss(fam, eval_batches, cfg.objective)
 
     rng = np.random.default_rng(cfg.seed)  # local generator: no shared RNG state between threads
     order: list[int] = []
@@ -180,9 +169,9 @@ def train_local(
                 for lo in range(0, len(idx), step_size):
                     micro.append(collate([encoded[i] for i in idx[lo : lo + step_size]], pad).to(device))
             # Normalise by the tokens of the whole accumulated step, so grad_accum=k equals a k-times batch.
-            total_tokens = sum(b.target_count() for b in micro)
+            total_tokens = sum(objective_for(b, cfg.objective).count(b) for b in micro)
             for batch in micro:
-                loss, _ = batch_loss(fam, batch)
+                loss, _ = batch_loss(fam, batch, cfg.objective)
                 (loss / max(total_tokens, 1)).backward()
                 step_loss += float(loss.detach())
             if anchors:  # FedProx: the gradient of mu/2·‖w − w0‖², added directly (no graph needed)
@@ -203,7 +192,7 @@ def train_local(
         fam.model.eval()
         optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - start
-    loss_after = evaluate_loss(fam, eval_batches)
+    loss_after = evaluate_loss(fam, eval_batches, cfg.objective)
     samples = cfg.steps * cfg.grad_accum * cfg.batch_size
     log.info(
         "trained %d steps (%d samples) in %.2fs: loss %.4f -> %.4f",

@@ -212,6 +212,7 @@ CLIENT_FLAGS: tuple[tuple[str, str], ...] = (
     ("chat_template", "learner.chat_template"),
     ("system_prompt", "learner.system_prompt"),
     ("num_labels", "learner.num_labels"),
+    ("objective", "learner.objective"),
     ("max_len", "learner.max_len"),
     ("threads", "learner.threads"),
 )
@@ -259,6 +260,12 @@ def _add_client_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--eval-data", type=Path, help="held-out JSONL (same records as --data); default: carve from --data")
     c.add_argument(
         "--eval-fraction", type=float, help="share of --data held out when there is no --eval-data (default 0.1)"
+    )
+    c.add_argument(
+        "--objective",
+        metavar="NAME",
+        help="local objective: causal-lm or classification (default: the one that fits --data), or one "
+        "registered in fedquic.client.objectives",
     )
     c.add_argument(
         "--eval-casefold",
