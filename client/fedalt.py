@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from fedquic.common.adapter import AdapterSchema, TensorDict, init_lora_state, zeros_state
 from fedquic.common.errors import CodecError, ConfigError, ErrorCode
-from fedquic.common.names import FEDERATIONS, MIXERS, Federation, Mixer
+from fedquic.common.names import FEDERATIONS, MIXER_INIT, MIXERS, Federation, Mixer
 from torch import nn
 
 from .architectures import default_target_modules, head_targets, init_new_heads
@@ -129,7 +129,7 @@ class FedALTModel:
         init_seed: int,
         mixer: Mixer = "fixed",
         federation: Federation = "fedalt",
-        mixer_init: float = 0.9,
+        mixer_init: float = MIXER_INIT,
     ) -> None:
         from peft import LoraConfig, get_peft_model
         from peft.tuners.lora import LoraLayer

@@ -124,6 +124,30 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
+def _step_chunks(cfg: TrainConfig, n: int, rng: np.random.Generator, order: list[int]) -> list[list[int]]:
+    """The example indices of one optimizer step, in micro-batches of at most ``cfg.forward_batch``: epochs of
+    shuffled indices (``order`` carries the rest of the current epoch between steps), no example twice an epoch."""
+    chunks = []
+    for _ in range(cfg.grad_accum):
+        idx = []
+        while len(idx) < cfg.batch_size:
+            if not order:
+                order.extend(rng.permutation(n).tolist())
+            idx.append(order.pop())
+        chunks += [idx[lo : lo + cfg.forward_batch] for lo in range(0, len(idx), cfg.forward_batch)]
+    return chunks
+
+
+def _add_prox_grad(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], mu: float) -> None:
+    """FedProx: the gradient of mu/2·‖w − w0‖², added directly to each parameter's gradient (no graph needed)."""
+    if not anchors:
+        return
+    with torch.no_grad():
+        for p, a in zip(params, anchors, strict=True):
+            if p.grad is not None:
+                p.grad.add_(p - a, alpha=mu)
+
+
 def train_local(
     fam: FedALTModel,
     examples: Sequence[Example],
@@ -146,7 +170,6 @@ def train_local(
     if cfg.objective is not None:
         get_objective(cfg.objective)  # an unknown name fails before any work, listing the registered ones
     loss_before = evaluate_loss(fam, eval_batches, cfg.objective)
-
     rng = np.random.default_rng(cfg.seed)  # local generator: no shared RNG state between threads
     order: list[int] = []
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -158,27 +181,17 @@ def train_local(
         for step in range(1, cfg.steps + 1):
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
-            micro = []
-            for _ in range(cfg.grad_accum):
-                idx = []
-                while len(idx) < cfg.batch_size:  # epochs of shuffled indices, no example twice per epoch
-                    if not order:
-                        order = rng.permutation(len(encoded)).tolist()
-                    idx.append(order.pop())
-                step_size = cfg.forward_batch
-                for lo in range(0, len(idx), step_size):
-                    micro.append(collate([encoded[i] for i in idx[lo : lo + step_size]], pad).to(device))
+            micro = [
+                collate([encoded[i] for i in chunk], pad).to(device)
+                for chunk in _step_chunks(cfg, len(encoded), rng, order)
+            ]
             # Normalise by the tokens of the whole accumulated step, so grad_accum=k equals a k-times batch.
             total_tokens = sum(objective_for(b, cfg.objective).count(b) for b in micro)
             for batch in micro:
                 loss, _ = batch_loss(fam, batch, cfg.objective)
                 (loss / max(total_tokens, 1)).backward()
                 step_loss += float(loss.detach())
-            if anchors:  # FedProx: the gradient of mu/2·‖w − w0‖², added directly (no graph needed)
-                with torch.no_grad():
-                    for p, a in zip(params, anchors, strict=True):
-                        if p.grad is not None:
-                            p.grad.add_(p - a, alpha=cfg.prox_mu)
+            _add_prox_grad(params, anchors, cfg.prox_mu)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from .adapter import AdapterSchema
 from .codec import AnyManifest, Encoding, EncodingSpec
-from .names import AdapterKind, Federation, Mixer
+from .names import MIXER_INIT, AdapterKind, Federation, Mixer
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
@@ -83,21 +83,37 @@ class Hello(Header):
     encodings: tuple[Encoding, ...] = Field(default=(Encoding.FP32, Encoding.INT8), max_length=16)
 
 
-class Welcome(Header):
-    """Server -> client: the negotiated version and the job the client joins."""
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
+
+
+class JobTerms(BaseModel):
+    """What every client of a job must agree on, declared once: the server's ``JobConfig`` extends it, WELCOME
+    carries it (:class:`Welcome` is one), and the client builds its adapters from it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    init_seed: Seed  # seed of the shared initial adapter
+    federation: Federation = "fedalt"
+    mixer: Mixer = "fixed"
+    # The learned mixer's starting weight on the client's own adapter (the RoW gets 1 - p).
+    mixer_init: float = Field(default=MIXER_INIT, gt=0, lt=1)
+    lora: LoraJobSpec = LoraJobSpec()
+    # Uplink error feedback (EF-SGD): what compression drops is carried into the client's next update. A job-level
+    # choice like the encoding itself; off only to measure what it buys (dropped values are then lost for good).
+    uplink_error_feedback: bool = True
+
+    def job_terms(self) -> dict[str, Any]:
+        """The fields of :class:`JobTerms` only (what a server puts in WELCOME from its job config)."""
+        return {name: getattr(self, name) for name in JobTerms.model_fields}
+
+
+class Welcome(Header, JobTerms):
+    """Server -> client: the negotiated version and the job the client joins (its :class:`JobTerms`)."""
 
     msg_type = MsgType.WELCOME
     version: int = Field(ge=1, le=255)
     job_id: str = Id
     rounds: int = Field(ge=1, le=1_000_000)
-    init_seed: int = Field(ge=0, le=2**63 - 1)
-    federation: Federation = "fedalt"
-    mixer: Mixer = "fixed"
-    mixer_init: float = Field(default=0.9, gt=0, lt=1)  # the learned mixer's starting weight on the own adapter
-    lora: LoraJobSpec = LoraJobSpec()
-    # Uplink error feedback (EF-SGD): what compression drops is carried into the client's next update. A job-level
-    # choice like the encoding itself; off only to measure what it buys (dropped values are then lost for good).
-    uplink_error_feedback: bool = True
 
 
 class SyncState(BaseModel):

@@ -18,8 +18,13 @@ FEDERATIONS: tuple[str, ...] = get_args(Federation)
 Mixer = Literal["fixed", "learned"]
 MIXERS: tuple[str, ...] = get_args(Mixer)
 
+# The learned mixer's default starting weight on the client's own adapter. 0.5 is the FedALT paper's neutral
+# start, which halves the own adapter's scale against local training; measured (docs/benchmarks.md): 0.9 is
+# better when clients' tasks differ, 0.5 when they share one (label skew).
+MIXER_INIT = 0.9
+
 # What an AGGREGATE carries: a Rest-of-World LoRA (FedALT) or the global LoRA (FedAvg).
 AdapterKind = Literal["row", "global"]
 ADAPTER_KINDS: tuple[str, ...] = get_args(AdapterKind)
 
-__all__ = ["ADAPTER_KINDS", "FEDERATIONS", "MIXERS", "AdapterKind", "Federation", "Mixer"]
+__all__ = ["ADAPTER_KINDS", "FEDERATIONS", "MIXERS", "MIXER_INIT", "AdapterKind", "Federation", "Mixer"]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .common.names import FEDERATIONS
+from .common.names import FEDERATIONS, MIXER_INIT
 
 log = logging.getLogger("fedquic")
 
@@ -122,7 +122,7 @@ def _add_server_args(s: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--mixer-init",
         type=float,
-        help="the learned mixer's starting weight on each client's own adapter, in (0, 1) (default 0.9, for "
+        help=f"the learned mixer's starting weight on each client's own adapter, in (0, 1) (default {MIXER_INIT}, for "
         "clients whose tasks differ; 0.5, the FedALT paper's neutral start, when they share one)",
     )
     s.add_argument(

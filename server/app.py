@@ -487,12 +487,7 @@ class AggregationServer:
                 version=max(common),
                 job_id=job.job_id,
                 rounds=self.cfg.policy.rounds,
-                init_seed=job.init_seed,
-                federation=job.federation,
-                mixer=job.mixer,
-                mixer_init=job.mixer_init,
-                lora=job.lora,
-                uplink_error_feedback=job.uplink_error_feedback,
+                **job.job_terms(),
             )
         )
         msg = await peer.recv(timeout=JOIN_TIMEOUT_S)  # the client builds its adapters first

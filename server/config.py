@@ -8,34 +8,25 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..common.codec import EncodingSpec
-from ..common.messages import LoraJobSpec, TrainSpec
-from ..common.names import Federation, Mixer
+from ..common.messages import JobTerms, Seed, TrainSpec
 from ..transport.settings import TlsFiles, TransportSettings
 from .rounds import RoundPolicy
 
 
-class JobConfig(BaseModel):
-    """What every client of the job must agree on, plus the per-round training recipe."""
+class JobConfig(JobTerms):
+    """The job: what every client must agree on (:class:`JobTerms`, sent in WELCOME: federation, mixer,
+    mixer_init, lora, uplink_error_feedback, init_seed) plus the server's own settings and the per-round
+    training recipe (sent in ROUND_START)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     job_id: str = "fedquic-job"
-    init_seed: int = Field(default=0, ge=0)
-    federation: Federation = "fedalt"
-    mixer: Mixer = "fixed"
-    # The learned mixer's starting weight on the client's own adapter (the RoW gets 1 - p): it starts as a
-    # per-layer constant and learns per token from there. 0.5 is the FedALT paper's neutral start, which halves
-    # the own adapter's scale against local training. Measured (docs/benchmarks.md, learning quality): 0.9 is
-    # better when clients' tasks differ, 0.5 when they share one (label skew).
-    mixer_init: float = Field(default=0.9, gt=0, lt=1)
-    lora: LoraJobSpec = LoraJobSpec()
+    init_seed: Seed = 0
     train: TrainSpec = TrainSpec()
     uplink: EncodingSpec = EncodingSpec()
     downlink: EncodingSpec = EncodingSpec()
-    # Error feedback: what compression drops is carried into the next payload instead of being lost. Uplink: each
-    # client's UPDATE (the flag is sent in WELCOME); downlink: each client is sent C(target − what it holds +
-    # residual). Off only to measure what it buys.
-    uplink_error_feedback: bool = True
+    # Downlink error feedback: each client is sent C(target − what it holds), so what compression drops reaches
+    # it in a later round (uplink_error_feedback, sent in WELCOME, is a JobTerms field). Off only to measure.
     downlink_error_feedback: bool = True
     # Rest-of-World construction: "factor-mean" averages A and B separately (the FedALT paper); "exact" takes
     # the mean of the products B·A and re-factors it to rank r by truncated SVD.

@@ -1,0 +1,71 @@
+"""Size limits of the layout (issue 17): no module in server/ or client/ over 450 lines, no function outside
+bench/ and tests/ over 70 lines.
+
+The modules and functions still over the limit are listed with their size today: the list may only shrink and
+its sizes only fall, so the limits hold for everything new and every split is kept. When an entry gets under
+the limit the test says to delete it.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+MODULE_LINES = 450
+FUNCTION_LINES = 70
+
+# Over the limit today (being split: docs/architecture.md, "Where it is going"). Never add to these.
+LONG_MODULES = {"server/app.py": 1009, "client/app.py": 685, "client/model.py": 568}
+LONG_FUNCTIONS = {
+    "server/app.py:_register": 113,
+    "server/app.py:_on_update": 74,
+    "client/app.py:_round": 96,
+    "client/fedalt.py:__init__": 85,
+    "client/gguf_import.py:import_gguf": 90,
+    "client/model.py:load_base_model": 84,
+    "fedquic/cli.py:_add_server_args": 85,
+    "fedquic/cli.py:_add_client_args": 80,
+    "fedquic/cli.py:build_parser": 121,
+    "fedquic/demo.py:run_demo": 153,
+    "fedquic/report.py:summarize_history": 101,
+    "fedquic/synthetic.py:main": 84,
+}
+
+
+def _module_sizes() -> dict[str, int]:
+    out = {}
+    for pkg in ("server", "client"):
+        for p in sorted((ROOT / pkg).glob("*.py")):
+            out[f"{pkg}/{p.name}"] = len(p.read_text().splitlines())
+    return out
+
+
+def _function_sizes() -> dict[str, int]:
+    out: dict[str, int] = {}
+    for pkg in ("common", "transport", "server", "client", "fedquic"):
+        for p in sorted((ROOT / pkg).rglob("*.py")):
+            rel = p.relative_to(ROOT).as_posix()
+            for node in ast.walk(ast.parse(p.read_text())):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    key = f"{rel}:{node.name}"
+                    out[key] = max(out.get(key, 0), node.end_lineno - node.lineno + 1)  # type: ignore[operator]
+    return out
+
+
+def _check(sizes: dict[str, int], limit: int, known: dict[str, int], what: str) -> None:
+    over = {k: n for k, n in sizes.items() if n > limit}
+    new = {k: n for k, n in over.items() if k not in known}
+    grown = {k: (known[k], n) for k, n in over.items() if k in known and n > known[k]}
+    fixed = sorted(k for k in known if sizes.get(k, 0) <= limit)
+    assert not new, f"{what} over {limit} lines: {new}"
+    assert not grown, f"{what} that grew past their recorded size (recorded, now): {grown}"
+    assert not fixed, f"now within {limit} lines, delete from the list in {__file__}: {fixed}"
+
+
+def test_modules_within_450_lines() -> None:
+    _check(_module_sizes(), MODULE_LINES, LONG_MODULES, "modules in server/ and client/")
+
+
+def test_functions_within_70_lines() -> None:
+    _check(_function_sizes(), FUNCTION_LINES, LONG_FUNCTIONS, "functions")
