@@ -39,6 +39,12 @@ take one job after another as JSON lines on stdin (a :class:`FederatedClient` ar
 per job), answering on their own stdout. The table and plots come from the servers' ``history.jsonl`` files
 through :mod:`fedquic.report`, exactly as ``fedquic report RUN_DIR`` makes them.
 
+On CPU the clients take turns: at most ``--cpu-slots`` (default: cores / ``--threads``) train or score at once
+(:class:`CpuSlots`). Eight processes computing at once on two cores time-share them and each step costs ~1.5x
+its time alone; real clients have a device each. What each client computes, and when in the protocol, is
+unchanged. The base model's scores are computed in the first job and reused by the later ones (every job starts
+from the same frozen model with zero adapter deltas, on the same items); its METRICS say ``base_cached``.
+
 Run
 ---
 ::
