@@ -64,6 +64,7 @@ from ..common.names import ADAPTER_KINDS
 from ..transport.aio import FedQuicServer, Peer
 from ..transport.connection import BulkPermit
 from ..transport.framing import frame_size
+from .admission import AdmissionEvent, Expired, UploadAdmission
 from .aggregation import clip_deviation
 from .config import ServerConfig
 from .downlink import downlink_change
@@ -142,7 +143,9 @@ class AggregationServer:
         self._done: asyncio.Future[JobResult] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
-        self._upload_slots = asyncio.Semaphore(cfg.upload_slots)
+        self.admission = UploadAdmission(cfg.upload_slots, cfg.upload_slot_timeout_s, self._transport.budget)
+        self._admission_timer: asyncio.Future[None] | None = None
+        self._granted_peers: dict[tuple[str, int], Peer] = {}  # (client, round) -> the connection granted
         self._downlink_slots = asyncio.Semaphore(cfg.downlink_slots)
         self.port: int = 0
         self.history_path = cfg.run_dir / "history.jsonl"
@@ -668,47 +671,67 @@ class AggregationServer:
         task.add_done_callback(self._tasks.discard)
 
     async def _grant(self, rec: ClientRecord, round_: int, nbytes: int) -> None:
-        """Wait for a free upload slot (FIFO) and room in the server's buffer budget, grant it, hold it until the
-        update is handled or the slot expires. The grant lets exactly one UPDATE stream of at most ``nbytes``
-        through the connection (any other bulk stream is refused at its first bytes), with room reserved."""
+        """Queue the request with the admission rule (:mod:`fedquic.server.admission`: upload slots in arrival
+        order, room in the buffer budget), and hold its place until the update is handled, the client leaves
+        or the grant expires; then give the place to the next in line. The grant itself is sent by
+        :meth:`_carry_admission` when the rule makes it."""
         done = rec.upload_done[round_]
-        m = self.metrics
+        key = (rec.client_id, round_)
         try:
-            m.uploads_waiting += 1
-            try:
-                await self._upload_slots.acquire()
-            finally:
-                m.uploads_waiting -= 1
-            try:
-                budget = self._transport.budget
-                while not budget.try_reserve(nbytes):  # other connections hold the budget: wait, in order
-                    if rec.peer is None or done.is_set():
-                        return
-                    await asyncio.sleep(0.05)
-                peer = rec.peer
-                if peer is None or done.is_set():
-                    budget.unreserve(nbytes)
-                    return
-                peer.core.permit(MsgType.UPDATE, BulkPermit(max_body=nbytes, count=1, reserved=True))
-                m.uploads_in_flight += 1
-                m.uploads_in_flight_max = max(m.uploads_in_flight_max, m.uploads_in_flight)
-                # Wall-clock marks (with accepted_at) let a history reader measure the server's ingest rate.
-                rec.stats.setdefault(round_, {})["granted_at"] = time.time()
-                try:
-                    with contextlib.suppress(TransportError):
-                        rec.peer.send(UploadGrant(round=round_, expires_s=self.cfg.upload_slot_timeout_s))
-                    try:
-                        await asyncio.wait_for(done.wait(), self.cfg.upload_slot_timeout_s)
-                    except asyncio.TimeoutError:
-                        log.warning("round %d: %s did not use its upload slot in time", round_, rec.client_id)
-                finally:
-                    m.uploads_in_flight -= 1
-                    peer.core.revoke(MsgType.UPDATE)  # an unused grant gives its reserved room back
-            finally:
-                self._upload_slots.release()
+            self._carry_admission(self.admission.request(key, nbytes, self.clock()))
+            await done.wait()
         finally:
+            granted_to = self._granted_peers.pop(key, None)
+            if granted_to is not None:  # the connection the grant was for, even if the client has a new one
+                granted_to.core.revoke(MsgType.UPDATE)  # an unused grant gives its reserved room back
+            self._carry_admission(self.admission.release(key, self.clock()))
             if rec.upload_done.get(round_) is done:
                 del rec.upload_done[round_]
+
+    def _carry_admission(self, events: list[AdmissionEvent]) -> None:
+        """Carry out the admission rule's decisions: permit and announce a grant, or revoke an expired one."""
+        for ev in events:
+            cid, round_ = ev.key  # type: ignore[misc]
+            rec = self.records.get(cid)
+            done = rec.upload_done.get(round_) if rec is not None else None
+            if isinstance(ev, Expired):
+                log.warning("round %d: %s did not use its upload slot in time", round_, cid)
+                granted_to = self._granted_peers.pop(ev.key, None)
+                if granted_to is not None:
+                    granted_to.core.revoke(MsgType.UPDATE)
+                if done is not None:
+                    done.set()
+                continue
+            peer = rec.peer if rec is not None else None
+            if peer is None or done is None or done.is_set():  # gone between the request and its turn
+                self._transport.budget.unreserve(ev.nbytes)
+                self._carry_admission(self.admission.release(ev.key, self.clock()))
+                continue
+            peer.core.permit(MsgType.UPDATE, BulkPermit(max_body=ev.nbytes, count=1, reserved=True))
+            self._granted_peers[ev.key] = peer
+            # Wall-clock marks (with accepted_at) let a history reader measure the server's ingest rate.
+            rec.stats.setdefault(round_, {})["granted_at"] = time.time()  # type: ignore[union-attr]
+            with contextlib.suppress(TransportError):
+                peer.send(UploadGrant(round=round_, expires_s=self.cfg.upload_slot_timeout_s))
+        m = self.metrics
+        m.uploads_waiting, m.uploads_in_flight = self.admission.waiting, self.admission.in_flight
+        m.uploads_in_flight_max = max(m.uploads_in_flight_max, self.admission.in_flight_max)
+        if (self.admission.waiting or self.admission.in_flight) and self._admission_timer is None:
+            self._admission_timer = task = asyncio.ensure_future(self._admission_clock())
+            self._tasks.add(task)  # cancelled by close()
+            task.add_done_callback(self._tasks.discard)
+
+    async def _admission_clock(self) -> None:
+        """Tell the admission rule the time while it holds requests: expiries at their deadline, and every 50 ms
+        while the head of line waits for budget that other connections free without telling us."""
+        try:
+            while self.admission.waiting or self.admission.in_flight:
+                deadline = self.admission.next_deadline()
+                wait = 1.0 if deadline is None else max(deadline - self.clock(), 0.0)
+                await asyncio.sleep(min(wait, 0.05 if self.admission.waiting_for_budget else 1.0))
+                self._carry_admission(self.admission.poll(self.clock()))
+        finally:
+            self._admission_timer = None
 
     async def _on_update(self, rec: ClientRecord, h: Update, body: bytes) -> None:
         round_var.set(h.round)
