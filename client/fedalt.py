@@ -118,6 +118,27 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float32).clone().numpy()
 
 
+def _lora_targets(lora: LoraSpec, base_model: nn.Module, heads: list[str]) -> list[str]:
+    """The job's target modules plus any head the checkpoint lacked, else the family's defaults (which include
+    new heads)."""
+    if lora.target_modules:
+        return [*lora.target_modules, *(h for h in heads if h not in lora.target_modules)]
+    return default_target_modules(base_model)
+
+
+def _check_args(base_model: nn.Module, mixer: str, federation: str, mixer_init: float) -> None:
+    if mixer not in MIXERS:
+        raise ConfigError(f"mixer must be one of {list(MIXERS)}, got {mixer!r}")
+    if not 0.0 < mixer_init < 1.0:
+        raise ConfigError(f"mixer_init (the local adapter's initial gate) must be in (0, 1), got {mixer_init}")
+    if federation not in FEDERATIONS:
+        raise ConfigError(f"federation must be one of {list(FEDERATIONS)}, got {federation!r}")
+    if hasattr(base_model, "peft_config"):
+        raise ConfigError("base model already carries peft adapters; load a fresh base model per FedALTModel")
+    if federation != "fedalt" and mixer == "learned":
+        log.info("mixer=%r ignored: federation=%r has a single adapter", mixer, federation)
+
+
 class FedALTModel:
     """A base model wrapped with the "local" (+ "row" + gate, for FedALT) LoRA adapters."""
 
@@ -134,16 +155,7 @@ class FedALTModel:
         from peft import LoraConfig, get_peft_model
         from peft.tuners.lora import LoraLayer
 
-        if mixer not in MIXERS:
-            raise ConfigError(f"mixer must be one of {list(MIXERS)}, got {mixer!r}")
-        if not 0.0 < mixer_init < 1.0:
-            raise ConfigError(f"mixer_init (the local adapter's initial gate) must be in (0, 1), got {mixer_init}")
-        if federation not in FEDERATIONS:
-            raise ConfigError(f"federation must be one of {list(FEDERATIONS)}, got {federation!r}")
-        if hasattr(base_model, "peft_config"):
-            raise ConfigError("base model already carries peft adapters; load a fresh base model per FedALTModel")
-        if federation != "fedalt" and mixer == "learned":
-            log.info("mixer=%r ignored: federation=%r has a single adapter", mixer, federation)
+        _check_args(base_model, mixer, federation, mixer_init)
         keep_4bit_differentiable(base_model)  # in case the caller loaded the model without load_base_model
         self.lora = lora
         self.federation: Federation = federation
@@ -152,11 +164,7 @@ class FedALTModel:
         self.init_seed = init_seed
 
         # A head the checkpoint lacked starts from the job seed on every client, and trains through its own LoRA.
-        heads = init_new_heads(base_model, init_seed)
-        if lora.target_modules:
-            targets = [*lora.target_modules, *(h for h in heads if h not in lora.target_modules)]
-        else:
-            targets = default_target_modules(base_model)
+        targets = _lora_targets(lora, base_model, init_new_heads(base_model, init_seed))
         config = LoraConfig(
             r=lora.rank,
             lora_alpha=lora.alpha,
@@ -197,14 +205,11 @@ class FedALTModel:
         self.set_local_state(init_lora_state(self._schema, init_seed))
         if federation == "fedalt":
             self.set_row_state(zeros_state(self._schema))  # round 1: RoW contributes nothing
+        routers = sum(p.numel() for p in self._routers.values())
+        shown = mixer if federation == "fedalt" else "-"
         log.info(
             "FedALT model: federation=%s mixer=%s targets=%s rank=%d, %d adapter values, %d router values",
-            federation,
-            mixer if federation == "fedalt" else "-",
-            targets,
-            lora.rank,
-            self._schema.numel,
-            sum(p.numel() for p in self._routers.values()),
+            *(federation, shown, targets, lora.rank, self._schema.numel, routers),
         )
 
     # -- construction helpers --------------------------------------------------------------------------

@@ -21,7 +21,6 @@ LONG_FUNCTIONS = {
     "server/app.py:_register": 113,
     "server/app.py:_on_update": 74,
     "client/app.py:_round": 96,
-    "client/fedalt.py:__init__": 85,
     "client/gguf_import.py:import_gguf": 90,
     "client/model.py:load_base_model": 84,
     "fedquic/cli.py:_add_server_args": 85,
