@@ -65,14 +65,13 @@ from ..transport.aio import FedQuicServer, Peer
 from ..transport.connection import BulkPermit
 from ..transport.framing import frame_size
 from .admission import AdmissionEvent, Expired, UploadAdmission
-from .aggregation import clip_deviation
 from .config import ServerConfig
 from .downlink import downlink_change
-from .history import HISTORY_VERSION, HistoryRow, append_history
+from .history import append_history, history_row
 from .memory import pin_mmap_threshold, trim
 from .metrics import MetricsEndpoint, ServerMetrics, render_prometheus
 from .rounds import Action, CloseRound, Fail, Finish, Phase, ResumeRound, RoundMachine, StartRound
-from .rules import RoundInputs, Target, job_rule, load_plugins
+from .rules import RoundInputs, Target, job_rule, load_plugins, round_targets
 from .store import ClientRecordOnDisk, JobRecord, Kind, ServerStore
 
 log = logging.getLogger(__name__)
@@ -974,48 +973,22 @@ class AggregationServer:
         return change.payload, change.held_after
 
     def _aggregate(self, contributors: list[str], states: list[TensorDict], weights: list[float]) -> dict[str, Target]:
-        """Per recipient: its target state (computed on demand), kind and number of clients averaged, from the
-        job's aggregation rule (:mod:`fedquic.server.rules`). Pure numpy, runs in a thread."""
-        job = self.cfg.job
-        if self.rule is None or not contributors:
-            return {}
-        if job.clip_norm is not None:
-            assert self._init_state is not None
-            states = [clip_deviation(s, self._init_state, job.clip_norm) for s in states]
-        # No free-riding: a client that missed its rounds (inactive) is sent nothing until it contributes again.
+        """Per recipient: its target (computed on demand), from the job's rule (:func:`rules.round_targets`).
+        No free-riding: a client that missed its rounds (inactive) is sent nothing until it contributes again."""
         listeners = [c for c in self.clients if c not in contributors and self.machine.receives_aggregate(c)]
-        if self.rule.kind == "row" and len(states) < job.min_row_contributors:
-            # Privacy floor: a RoW built from too few clients would hand out one client's adapter.
-            log.warning(
-                "round closed with %d contributor(s), fewer than %d: no Rest-of-World adapter is sent",
-                len(states),
-                job.min_row_contributors,
-            )
-            return {}
-        out = self.rule.targets(RoundInputs(contributors, states, weights, listeners))
-        wrong = sorted({t.kind for t in out.values()} - {self.rule.kind})
-        if wrong:
-            raise JobError(f"aggregation rule {self.rule.name!r} returned {wrong} targets, not {self.rule.kind!r}")
-        unknown = sorted(set(out) - set(self.records))
-        if unknown:
-            raise JobError(f"aggregation rule {self.rule.name!r} targets unknown clients {unknown}")
-        return out
+        inputs = RoundInputs(contributors, states, weights, listeners)
+        return round_targets(self.rule, self.cfg.job, inputs, self._init_state, known=self.records)
 
     def _write_history(self, round_: int, contributors: list[str], agg_s: float, close_s: float) -> None:
         recs = sorted(self.records.items())
-        row = HistoryRow(
-            version=HISTORY_VERSION,
-            round=round_,
-            time=time.time(),
-            job_id=self.cfg.job.job_id,
-            federation=self.cfg.job.federation,
-            contributors=contributors,
-            aggregate_s=round(agg_s, 6),
-            close_s=round(close_s, 6),
-            clients={cid: rec.stats.get(round_, {}) for cid, rec in recs},
-            reported={cid: rec.reported[round_] for cid, rec in recs if round_ in rec.reported},
-        )
-        append_history(self.history_path, row)
+        append_history(
+            self.history_path,
+            history_row(
+                round_, self.cfg.job, contributors, agg_s, close_s,
+                clients={cid: rec.stats.get(round_, {}) for cid, rec in recs},
+                reported={cid: rec.reported[round_] for cid, rec in recs if round_ in rec.reported},
+            ),
+        )  # fmt: skip
 
     def _say_bye(self, reason: str) -> None:
         for rec in list(self.clients.values()):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,31 @@ class HistoryRow(BaseModel):
         return out
 
 
+def history_row(
+    round_: int,
+    job: Any,
+    contributors: list[str],
+    aggregate_s: float,
+    close_s: float,
+    *,
+    clients: dict[str, Figures],
+    reported: dict[str, Figures],
+) -> HistoryRow:
+    """The record of one closed round (``job``: the server's JobConfig, for its id and federation)."""
+    return HistoryRow(
+        version=HISTORY_VERSION,
+        round=round_,
+        time=time.time(),
+        job_id=job.job_id,
+        federation=job.federation,
+        contributors=contributors,
+        aggregate_s=round(aggregate_s, 6),
+        close_s=round(close_s, 6),
+        clients=clients,
+        reported=reported,
+    )
+
+
 def read_history(path: Path) -> list[HistoryRow]:
     """Every round record in ``path`` (empty if there is no file yet), in file order."""
     path = Path(path)
@@ -95,4 +121,4 @@ def append_history(path: Path, row: HistoryRow) -> None:
         os.fsync(f.fileno())
 
 
-__all__ = ["HISTORY_VERSION", "HistoryRow", "append_history", "read_history", "read_history_dicts"]
+__all__ = ["HISTORY_VERSION", "HistoryRow", "append_history", "history_row", "read_history", "read_history_dicts"]

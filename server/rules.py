@@ -23,17 +23,20 @@ Rest-of-World adapters (``min_row_contributors``), and encoding, persisting and 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from ..common.adapter import TensorDict
-from ..common.errors import ConfigError
+from ..common.errors import ConfigError, JobError
 from ..common.names import ADAPTER_KINDS, AdapterKind
-from .aggregation import LeaveOneOut, exact_mean, fedavg, leave_one_out_exact
+from .aggregation import LeaveOneOut, clip_deviation, exact_mean, fedavg, leave_one_out_exact
 
 if TYPE_CHECKING:
     from .config import JobConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,39 @@ def job_rule(job: JobConfig) -> AggregationRule | None:
     return rule
 
 
+def round_targets(
+    rule: AggregationRule | None,
+    job: JobConfig,
+    inputs: RoundInputs,
+    init_state: TensorDict | None,
+    known: Collection[str],
+) -> dict[str, Target]:
+    """What the server sends after a round, around the rule: each contribution clipped (``clip_norm``), the
+    Rest-of-World privacy floor (``min_row_contributors``), and the rule's answer checked (kind, recipients)."""
+    if rule is None or not inputs.contributors:
+        return {}
+    states = inputs.states
+    if job.clip_norm is not None:
+        assert init_state is not None
+        states = [clip_deviation(s, init_state, job.clip_norm) for s in states]
+    if rule.kind == "row" and len(states) < job.min_row_contributors:
+        # Privacy floor: a RoW built from too few clients would hand out one client's adapter.
+        log.warning(
+            "round closed with %d contributor(s), fewer than %d: no Rest-of-World adapter is sent",
+            len(states),
+            job.min_row_contributors,
+        )
+        return {}
+    out = rule.targets(RoundInputs(inputs.contributors, states, inputs.weights, inputs.listeners))
+    wrong = sorted({t.kind for t in out.values()} - {rule.kind})
+    if wrong:
+        raise JobError(f"aggregation rule {rule.name!r} returned {wrong} targets, not {rule.kind!r}")
+    unknown = sorted(set(out) - set(known))
+    if unknown:
+        raise JobError(f"aggregation rule {rule.name!r} targets unknown clients {unknown}")
+    return out
+
+
 def load_plugins(modules: Sequence[str]) -> None:
     """Import each module, which registers its rules (``ServerConfig.plugins``)."""
     import importlib
@@ -190,5 +226,6 @@ __all__ = [
     "job_rule",
     "load_plugins",
     "register_rule",
+    "round_targets",
     "rule_names",
 ]
