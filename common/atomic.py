@@ -10,22 +10,33 @@ power cut. Writers that only take a path (``safetensors.save_file``, ``torch.sav
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
 
+# fsync on a directory fails with these where the filesystem cannot sync directories (the rename is then as
+# durable as that filesystem makes it); any other error (EIO...) is a failed write and is raised.
+_NO_DIR_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EACCES, errno.EISDIR}
+
 
 def fsync_dir(path: Path) -> None:
-    """Make the renames inside ``path`` durable. Some filesystems (and Windows) cannot open or fsync a directory:
-    there the rename is as durable as that filesystem makes it, and this is a no-op."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+    """Make the renames inside ``path`` durable. Windows cannot open a directory and some filesystems cannot
+    fsync one: there this is a no-op; a real I/O error is raised (a caller that acknowledges a write after
+    this must not acknowledge one that may not survive)."""
+    if os.name == "nt":
         return
     try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        if exc.errno in _NO_DIR_SYNC:
+            return
+        raise
+    try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as exc:
+        if exc.errno not in _NO_DIR_SYNC:
+            raise
     finally:
         os.close(fd)
 

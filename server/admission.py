@@ -1,10 +1,10 @@
 """Upload admission, sans-I/O: who may send an UPDATE now (slots, FIFO) and with how much room reserved.
 
 A client asks with UPLOAD_REQUEST(round, nbytes); the server answers UPLOAD_GRANT when (1) one of
-``slots`` upload slots is free, in arrival order, and (2) the server's receive budget can reserve ``nbytes``,
-so a granted UPDATE never waits for memory mid-stream. A request at the head of the line that has a slot but no
-room holds its slot and the line behind it (no overtaking: a large update is not starved by small ones). A slot
-is held until the update is handled, the client leaves, or ``timeout_s`` pass after the grant.
+``slots`` upload slots is free, handed out in arrival order, and (2) the server's receive budget can reserve
+``nbytes``, so a granted UPDATE never waits for memory mid-stream. A request that holds a slot but finds no
+room keeps its slot and tries again (:meth:`admit`) while the other slot holders try theirs. A slot is held
+until the update is handled, the client leaves, or ``timeout_s`` pass after the grant.
 
 This object only decides; it never sleeps, sends or touches a connection. The daemon feeds it requests,
 releases and the time, and carries out what it returns: :class:`Granted` (permit the UPDATE stream, send
@@ -77,15 +77,20 @@ class UploadAdmission:
         return self._admit(now)
 
     def poll(self, now: float) -> list[AdmissionEvent]:
-        """Expire grants whose time is up and retry a head of line that waits for budget (other connections
-        free budget without telling us): call at :meth:`next_deadline`, or every few tens of milliseconds
-        while :attr:`waiting_for_budget`."""
+        """Expire the grants whose time is up (call at :meth:`next_deadline`). Their slots are free at once;
+        their reserved room only once the daemon has revoked the unused permits, so call :meth:`admit` after
+        carrying these out."""
         out: list[AdmissionEvent] = []
         for key, e in list(self._entries.items()):
             if e.expires_at is not None and now >= e.expires_at:
                 del self._entries[key]
                 out.append(Expired(key))
-        return out + self._admit(now)
+        return out
+
+    def admit(self, now: float) -> list[AdmissionEvent]:
+        """Grant what fits now: after expiries, and every few tens of milliseconds while
+        :attr:`waiting_for_budget` (other connections free budget without telling us)."""
+        return self._admit(now)
 
     # -- what the daemon asks ------------------------------------------------------------------------------
 
@@ -95,8 +100,8 @@ class UploadAdmission:
 
     @property
     def waiting(self) -> int:
-        """Requests without a grant yet (queued for a slot, or holding one while waiting for budget)."""
-        return sum(1 for e in self._entries.values() if e.expires_at is None)
+        """Requests waiting for an upload slot (a slot holder waiting for budget is not counted)."""
+        return sum(1 for e in self._entries.values() if not e.slot)
 
     @property
     def in_flight(self) -> int:
@@ -119,10 +124,10 @@ class UploadAdmission:
                 continue
             if not e.slot:
                 if held >= self.slots:
-                    break  # FIFO: nobody behind overtakes
+                    break  # slots go in arrival order: nobody without one overtakes
                 e.slot, held = True, held + 1
             if not self.budget.try_reserve(e.nbytes):
-                break  # the head of line keeps its slot and waits for room; the line behind it waits too
+                continue  # keeps its slot and tries again; another slot holder's bytes may fit
             e.expires_at = now + self.timeout_s
             out.append(Granted(key, e.nbytes, e.expires_at))
         self.in_flight_max = max(self.in_flight_max, self.in_flight)

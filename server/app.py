@@ -64,7 +64,7 @@ from ..common.names import ADAPTER_KINDS
 from ..transport.aio import FedQuicServer, Peer
 from ..transport.connection import BulkPermit
 from ..transport.framing import frame_size
-from .admission import AdmissionEvent, Expired, UploadAdmission
+from .admission import UploadAdmission
 from .config import ServerConfig
 from .downlink import downlink_change
 from .history import append_history, history_row
@@ -73,6 +73,7 @@ from .metrics import MetricsEndpoint, ServerMetrics, render_prometheus
 from .rounds import Action, CloseRound, Fail, Finish, Phase, ResumeRound, RoundMachine, StartRound
 from .rules import RoundInputs, Target, job_rule, load_plugins, round_targets
 from .store import ClientRecordOnDisk, JobRecord, Kind, ServerStore
+from .uploads import UploadDesk
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ class JobResult:
     stopped: bool = False  # stopped by a signal with its state saved: a restart resumes it
 
 
-class AggregationServer:
+class AggregationServer(UploadDesk):
     def __init__(self, cfg: ServerConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         self.clock = clock
@@ -144,6 +145,7 @@ class AggregationServer:
         self._stopping = False
         self.admission = UploadAdmission(cfg.upload_slots, cfg.upload_slot_timeout_s, self._transport.budget)
         self._admission_timer: asyncio.Future[None] | None = None
+        self._closing = False  # close() has begun: no new grants, no new admission clock
         self._granted_peers: dict[tuple[str, int], Peer] = {}  # (client, round) -> the connection granted
         self._downlink_slots = asyncio.Semaphore(cfg.downlink_slots)
         self.port: int = 0
@@ -280,6 +282,7 @@ class AggregationServer:
         return self.machine.round if self.machine.phase is Phase.FINISHED else max(self.machine.round - 1, 0)
 
     async def close(self, bye_grace_s: float = 10.0) -> None:
+        self._closing = True
         ended = self._is_done() and not self._stopping  # the job ended: every client was sent a BYE
         if ended:
             # A QUIC close discards unsent stream data: let the BYEs reach the clients first (on a lossy path they
@@ -669,69 +672,6 @@ class AggregationServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _grant(self, rec: ClientRecord, round_: int, nbytes: int) -> None:
-        """Queue the request with the admission rule (:mod:`fedquic.server.admission`: upload slots in arrival
-        order, room in the buffer budget), and hold its place until the update is handled, the client leaves
-        or the grant expires; then give the place to the next in line. The grant itself is sent by
-        :meth:`_carry_admission` when the rule makes it."""
-        done = rec.upload_done[round_]
-        key = (rec.client_id, round_)
-        try:
-            self._carry_admission(self.admission.request(key, nbytes, self.clock()))
-            await done.wait()
-        finally:
-            granted_to = self._granted_peers.pop(key, None)
-            if granted_to is not None:  # the connection the grant was for, even if the client has a new one
-                granted_to.core.revoke(MsgType.UPDATE)  # an unused grant gives its reserved room back
-            self._carry_admission(self.admission.release(key, self.clock()))
-            if rec.upload_done.get(round_) is done:
-                del rec.upload_done[round_]
-
-    def _carry_admission(self, events: list[AdmissionEvent]) -> None:
-        """Carry out the admission rule's decisions: permit and announce a grant, or revoke an expired one."""
-        for ev in events:
-            cid, round_ = ev.key  # type: ignore[misc]
-            rec = self.records.get(cid)
-            done = rec.upload_done.get(round_) if rec is not None else None
-            if isinstance(ev, Expired):
-                log.warning("round %d: %s did not use its upload slot in time", round_, cid)
-                granted_to = self._granted_peers.pop(ev.key, None)
-                if granted_to is not None:
-                    granted_to.core.revoke(MsgType.UPDATE)
-                if done is not None:
-                    done.set()
-                continue
-            peer = rec.peer if rec is not None else None
-            if peer is None or done is None or done.is_set():  # gone between the request and its turn
-                self._transport.budget.unreserve(ev.nbytes)
-                self._carry_admission(self.admission.release(ev.key, self.clock()))
-                continue
-            peer.core.permit(MsgType.UPDATE, BulkPermit(max_body=ev.nbytes, count=1, reserved=True))
-            self._granted_peers[ev.key] = peer
-            # Wall-clock marks (with accepted_at) let a history reader measure the server's ingest rate.
-            rec.stats.setdefault(round_, {})["granted_at"] = time.time()  # type: ignore[union-attr]
-            with contextlib.suppress(TransportError):
-                peer.send(UploadGrant(round=round_, expires_s=self.cfg.upload_slot_timeout_s))
-        m = self.metrics
-        m.uploads_waiting, m.uploads_in_flight = self.admission.waiting, self.admission.in_flight
-        m.uploads_in_flight_max = max(m.uploads_in_flight_max, self.admission.in_flight_max)
-        if (self.admission.waiting or self.admission.in_flight) and self._admission_timer is None:
-            self._admission_timer = task = asyncio.ensure_future(self._admission_clock())
-            self._tasks.add(task)  # cancelled by close()
-            task.add_done_callback(self._tasks.discard)
-
-    async def _admission_clock(self) -> None:
-        """Tell the admission rule the time while it holds requests: expiries at their deadline, and every 50 ms
-        while the head of line waits for budget that other connections free without telling us."""
-        try:
-            while self.admission.waiting or self.admission.in_flight:
-                deadline = self.admission.next_deadline()
-                wait = 1.0 if deadline is None else max(deadline - self.clock(), 0.0)
-                await asyncio.sleep(min(wait, 0.05 if self.admission.waiting_for_budget else 1.0))
-                self._carry_admission(self.admission.poll(self.clock()))
-        finally:
-            self._admission_timer = None
-
     async def _on_update(self, rec: ClientRecord, h: Update, body: bytes) -> None:
         round_var.set(h.round)
         peer = rec.peer
@@ -862,7 +802,10 @@ class AggregationServer:
         # Snapshot the views: a late (folded) update may replace a client's view while we aggregate.
         states = [dict(r.view) for r in recs if r.view is not None]
         weights = [self._weight(r) for r in recs]
-        targets = await asyncio.to_thread(self._aggregate, contributors, states, weights)
+        # No free-riding: a client that missed its rounds (inactive) is sent nothing until it contributes again.
+        listeners = [c for c in self.clients if c not in contributors and self.machine.receives_aggregate(c)]
+        inputs = RoundInputs(contributors, states, weights, listeners)
+        targets = await asyncio.to_thread(self._aggregate, inputs, frozenset(self.records))
         agg_s = time.perf_counter() - t0
         self.metrics.aggregate_seconds += agg_s
         # Every client's payload is encoded, persisted and sent concurrently: one slow receiver does not hold up
@@ -972,12 +915,10 @@ class AggregationServer:
         change = downlink_change(rec.held[kind], target, self.cfg.job.downlink, reference=reference)
         return change.payload, change.held_after
 
-    def _aggregate(self, contributors: list[str], states: list[TensorDict], weights: list[float]) -> dict[str, Target]:
+    def _aggregate(self, inputs: RoundInputs, known: frozenset[str]) -> dict[str, Target]:
         """Per recipient: its target (computed on demand), from the job's rule (:func:`rules.round_targets`).
-        No free-riding: a client that missed its rounds (inactive) is sent nothing until it contributes again."""
-        listeners = [c for c in self.clients if c not in contributors and self.machine.receives_aggregate(c)]
-        inputs = RoundInputs(contributors, states, weights, listeners)
-        return round_targets(self.rule, self.cfg.job, inputs, self._init_state, known=self.records)
+        Runs in a worker thread: everything it reads of the server's state is passed in."""
+        return round_targets(self.rule, self.cfg.job, inputs, self._init_state, known=known)
 
     def _write_history(self, round_: int, contributors: list[str], agg_s: float, close_s: float) -> None:
         recs = sorted(self.records.items())

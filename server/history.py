@@ -38,11 +38,13 @@ Figures = dict[str, float]
 class HistoryRow(BaseModel):
     """One closed round."""
 
-    model_config = ConfigDict(extra="allow")  # a newer writer's extra fields survive a read-modify-write
+    # A newer writer's extra fields survive a read-modify-write; NaN and infinities are written as json.dumps
+    # writes them (NaN, Infinity), not as null, so a round with a diverged figure still reads back.
+    model_config = ConfigDict(extra="allow", ser_json_inf_nan="constants")
 
     version: int = 1  # absent in version-1 files
     round: int
-    time: float = 0.0
+    time: float | None = None  # wall clock at the close (None: absent from an old row)
     job_id: str | None = None
     federation: str | None = None
     contributors: list[str] = Field(default_factory=list)
