@@ -51,7 +51,9 @@ import numpy as np
 from fedquic.common.codec import EncodingSpec, encode_payload
 from fedquic.server.aggregation import LeaveOneOut, fedavg, leave_one_out, leave_one_out_exact, product_rel_error
 
-from fedquic.synthetic import lora_schema
+# testkit/ (the test doubles) lives in the checkout, not in the installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from testkit.synthetic import lora_schema
 
 DIM, RANK = 2048, 16
 

@@ -3,7 +3,7 @@
 What it measures
 ----------------
 Two parts, each against a real ``fedquic server`` process on loopback (its CPU time and resident memory are read
-from ``/proc``; its ``/status`` endpoint is polled for refusals), with light clients (``python -m fedquic.synthetic
+from ``/proc``; its ``/status`` endpoint is polled for refusals), with light clients (``python -m testkit.synthetic
 --count N``: N :class:`~fedquic.client.app.FederatedClient` objects with a numpy learner per process, each with its
 own QUIC connection, certificate and state, the same protocol and codec as a real client):
 
@@ -107,7 +107,12 @@ def run_job(
     """One job: a server process and ``procs`` light client processes sharing ``clients`` clients."""
     run = work / name
     run.mkdir(parents=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    repo = str(Path(__file__).resolve().parents[1])  # `-m testkit.synthetic`: testkit/ lives in the checkout
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
+    }
     ready = run / "ready.json"
     server_log = (run / "server.log").open("wb")
     server = subprocess.Popen(
@@ -138,7 +143,7 @@ def run_job(
             workers.append(
                 subprocess.Popen(
                     [
-                        *(sys.executable, "-m", "fedquic.synthetic", "--client-id", f"{name}-p{j}", "--count", str(n)),
+                        *(sys.executable, "-m", "testkit.synthetic", "--client-id", f"{name}-p{j}", "--count", str(n)),
                         *("--server", f"127.0.0.1:{info['port']}", "--certs", str(pki.root)),
                         *("--run-dir", str(run / f"p{j}"), "--seed", str(1000 * j)),
                         *("--layers", str(layers), "--dim", str(dim), "--rank", str(rank)),

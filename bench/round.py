@@ -3,7 +3,7 @@
 What it measures
 ----------------
 A server (in this process) and 2 client processes (each a :class:`~fedquic.client.app.FederatedClient` with a
-numpy :class:`~fedquic.synthetic.SyntheticLearner`: trivial training, an update the size of a 45 MB fp32 LoRA
+numpy :class:`~testkit.synthetic.SyntheticLearner`: trivial training, an update the size of a 45 MB fp32 LoRA
 state, 344 tensors of rank-16 q/v adapters at width 2048) run 2 rounds per encoding; round 2 is timed (round 1
 includes joining). For each of fp32, INT8 (per rank, LZ4) and top-k 10% with error feedback both ways:
 
@@ -49,7 +49,9 @@ from fedquic.server.rounds import RoundPolicy
 from fedquic.transport.pki import DevPki, init_dev_pki, issue_client_cert
 from fedquic.transport.settings import TlsFiles, TransportSettings
 
-from fedquic.synthetic import SyntheticLearner, schema_for_bytes
+# testkit/ (the test doubles) lives in the checkout, not in the installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from testkit.synthetic import SyntheticLearner, schema_for_bytes
 
 ENCODINGS = {"fp32": "fp32", "int8": "int8", "topk10": "topk10"}
 

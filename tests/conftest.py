@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Subprocesses started by tests (`python -m testkit.synthetic`, light clients) import testkit/ from the
+# checkout's root, wherever pytest was started from.
+_ROOT = str(Path(__file__).resolve().parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(scope="session")

@@ -42,11 +42,11 @@ from fedquic.transport.framing import PREFIX, encode_frame, encode_frame_head
 from fedquic.transport.pki import DevPki, issue_client_cert
 from fedquic.transport.settings import TlsFiles, TransportSettings
 
-from fedquic.synthetic import SyntheticLearner, lora_schema
+from testkit.synthetic import SyntheticLearner, lora_schema
 
 pytestmark = pytest.mark.reliability
 
-SCHEMA = lora_schema(layers=2, dim=64, rank=4)  # what `python -m fedquic.synthetic` builds by default
+SCHEMA = lora_schema(layers=2, dim=64, rank=4)  # what `python -m testkit.synthetic` builds by default
 FINGERPRINT = SyntheticLearner(SCHEMA).base_fingerprint()
 HELLO_TIMEOUT_S = 3.0
 RSS_BOUND_MB = 64.0  # the landed code grew by 1.1 GB (one claim), 3.2 GB (three) and 98 MB (unread uploads)
@@ -159,7 +159,7 @@ def good_job(dev_pki: DevPki, tmp: Path, *, rounds: int = 5, extra: str = "", tr
     clients = []
     for cid in ("good-1", "good-2"):
         issue_client_cert(dev_pki, cid)
-        cmd = [sys.executable, "-m", "fedquic.synthetic", "--client-id", cid, "--server", f"127.0.0.1:{port}"]
+        cmd = [sys.executable, "-m", "testkit.synthetic", "--client-id", cid, "--server", f"127.0.0.1:{port}"]
         cmd += ["--certs", str(dev_pki.root), "--run-dir", str(tmp / cid), "--train-seconds", str(train_s)]
         clients.append(subprocess.Popen(cmd, stdout=out, stderr=out, env=env))
     job = Job(server, clients, port, dev_pki, tmp / "server", log)

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.reliability
 
 
 def client_proc(pki_root: Path, port: int, cid: str, run_dir: Path, log: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "fedquic.synthetic", "--client-id", cid, "--server", f"127.0.0.1:{port}"]
+    cmd = [sys.executable, "-m", "testkit.synthetic", "--client-id", cid, "--server", f"127.0.0.1:{port}"]
     cmd += ["--certs", str(pki_root), "--run-dir", str(run_dir), *extra]
     return subprocess.Popen(
         cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}

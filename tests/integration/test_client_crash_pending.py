@@ -23,7 +23,7 @@ from fedquic.server.config import JobConfig
 from fedquic.server.rounds import RoundPolicy
 from fedquic.transport.pki import issue_client_cert
 
-from fedquic.synthetic import SyntheticLearner, lora_schema
+from testkit.synthetic import SyntheticLearner, lora_schema
 
 pytestmark = pytest.mark.reliability
 
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.reliability
 def client_proc(
     pki_root: Path, port: int, cid: str, run_dir: Path, log: Path, seed: int, *extra: str
 ) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "fedquic.synthetic", "--client-id", cid, "--server", f"127.0.0.1:{port}"]
+    cmd = [sys.executable, "-m", "testkit.synthetic", "--client-id", cid, "--server", f"127.0.0.1:{port}"]
     cmd += ["--certs", str(pki_root), "--run-dir", str(run_dir), "--seed", str(seed), *extra]
     return subprocess.Popen(
         cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -40,7 +40,7 @@ def client_proc(
 
 def trained_once_per_round(seed: int, rounds: int, init_seed: int = 0) -> TensorDict:
     """The synthetic learner's adapter after training each round exactly once (its steps are seeded by round)."""
-    schema = lora_schema(2, 64, 4)  # fedquic.synthetic's defaults
+    schema = lora_schema(2, 64, 4)  # testkit.synthetic's defaults
     learner = SyntheticLearner(schema, seed=seed)
     learner.set_local_state(init_lora_state(schema, init_seed))
     for r in range(1, rounds + 1):

@@ -42,7 +42,7 @@ async def test_client_process_exits_0_at_once_when_the_job_has_ended(dev_pki, tm
     issue_client_cert(dev_pki, "late")
     server, port, seen = await ended_server(dev_pki, send_error)
     log = tmp_path / "client.log"
-    cmd = [sys.executable, "-m", "fedquic.synthetic", "--client-id", "late", "--server", f"127.0.0.1:{port}"]
+    cmd = [sys.executable, "-m", "testkit.synthetic", "--client-id", "late", "--server", f"127.0.0.1:{port}"]
     cmd += ["--certs", str(dev_pki.root), "--run-dir", str(tmp_path / "late"), "--connect-attempts", "8"]
     earlier = tmp_path / "late" / "rounds.jsonl"  # this client's round log from an earlier job
     earlier.parent.mkdir(parents=True)

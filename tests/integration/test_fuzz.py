@@ -36,7 +36,7 @@ from fedquic.common.messages import (
 from fedquic.transport.connection import BulkPermit, FedQuicConnection, MessageReceived, ProtocolViolation
 from fedquic.transport.framing import encode_frame
 
-from fedquic.synthetic import lora_schema
+from testkit.synthetic import lora_schema
 
 pytestmark = pytest.mark.reliability
 
@@ -227,7 +227,7 @@ async def test_live_server_keeps_serving_while_fuzzed(dev_pki, loopback_server, 
     from fedquic.transport.pki import issue_client_cert
     from fedquic.transport.settings import TlsFiles, TransportSettings
 
-    from fedquic.synthetic import SyntheticLearner
+    from testkit.synthetic import SyntheticLearner
 
     server = loopback_server(
         transport=TransportSettings(limits=LIMITS),

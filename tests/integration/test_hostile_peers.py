@@ -37,7 +37,7 @@ from fedquic.transport.framing import encode_frame_head
 from fedquic.transport.pki import DevPki, issue_client_cert
 from fedquic.transport.settings import TlsFiles, TransportSettings
 
-from fedquic.synthetic import lora_schema
+from testkit.synthetic import lora_schema
 
 pytestmark = pytest.mark.reliability
 

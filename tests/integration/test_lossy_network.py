@@ -13,8 +13,8 @@ from fedquic.server.config import JobConfig
 from fedquic.server.rounds import RoundPolicy
 from fedquic.transport.settings import TransportSettings
 
-from fedquic.chaos import ChaosRelay, Faults
-from fedquic.synthetic import SyntheticLearner, lora_schema
+from testkit.chaos import ChaosRelay, Faults
+from testkit.synthetic import SyntheticLearner, lora_schema
 
 pytestmark = pytest.mark.reliability
 

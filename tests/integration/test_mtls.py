@@ -128,7 +128,7 @@ async def test_a_new_connection_with_the_same_certificate_replaces_a_stale_one(p
     from fedquic.common.messages import Join, Welcome
     from fedquic.server.config import MetricsSettings
 
-    from fedquic.synthetic import lora_schema
+    from testkit.synthetic import lora_schema
 
     server = AggregationServer(
         ServerConfig(

@@ -114,7 +114,7 @@ def test_job_across_namespaces_with_iptables_random_drop(topology: Topology, dev
             issue_client_cert(dev_pki, cid)
             clients[cid] = subprocess.Popen(
                 [
-                    *(*in_ns, topology.client_ns[cid], sys.executable, "-m", "fedquic.synthetic", "--client-id", cid),
+                    *(*in_ns, topology.client_ns[cid], sys.executable, "-m", "testkit.synthetic", "--client-id", cid),
                     *("--server", f"{topology.server_addr[cid]}:{port}", "--certs", str(dev_pki.root)),
                     *("--run-dir", str(tmp_path / cid), "--seed", str(i), "--layers", "4", "--dim", "512"),
                     *("--rank", "8", "--log-level", "WARNING"),

@@ -15,7 +15,7 @@ from fedquic.server.config import JobConfig
 from fedquic.server.rounds import RoundPolicy
 from fedquic.server.rules import RoundInputs, Target, get_rule, register_rule
 
-from fedquic.synthetic import SyntheticLearner, lora_schema
+from testkit.synthetic import SyntheticLearner, lora_schema
 
 SCHEMA = lora_schema(layers=2, dim=32, rank=2)
 

@@ -22,7 +22,7 @@ from fedquic.transport.aio import connect_peer
 from fedquic.transport.pki import issue_client_cert
 from fedquic.transport.settings import TlsFiles, TransportSettings
 
-from fedquic.synthetic import SyntheticLearner, lora_schema
+from testkit.synthetic import SyntheticLearner, lora_schema
 
 pytestmark = pytest.mark.reliability
 

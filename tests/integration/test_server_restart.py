@@ -19,7 +19,7 @@ from fedquic.client.app import ClientConfig, FederatedClient
 from fedquic.transport.pki import DevPki, issue_client_cert
 from fedquic.transport.settings import TlsFiles, TransportSettings
 
-from fedquic.synthetic import SyntheticLearner, lora_schema
+from testkit.synthetic import SyntheticLearner, lora_schema
 
 pytestmark = pytest.mark.reliability
 

@@ -55,7 +55,7 @@ def test_fifty_rounds_with_eight_clients_keep_server_memory_flat(dev_pki, tmp_pa
             clients.append(
                 subprocess.Popen(
                     [
-                        *(sys.executable, "-m", "fedquic.synthetic", "--client-id", cid),
+                        *(sys.executable, "-m", "testkit.synthetic", "--client-id", cid),
                         *("--server", f"127.0.0.1:{port}", "--certs", str(dev_pki.root)),
                         *("--run-dir", str(tmp_path / cid), "--seed", str(i)),
                         *("--layers", "2", "--dim", "128", "--rank", "8", "--log-level", "WARNING"),

@@ -11,7 +11,7 @@ from fedquic.common.messages import TrainSpec
 from fedquic.server.config import JobConfig
 from fedquic.server.rounds import RoundPolicy
 
-from fedquic.synthetic import SyntheticLearner, lora_schema
+from testkit.synthetic import SyntheticLearner, lora_schema
 
 
 @pytest.mark.parametrize("slots", [1, 3])

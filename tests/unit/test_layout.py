@@ -28,7 +28,6 @@ LONG_FUNCTIONS = {
     "fedquic/cli.py:build_parser": 121,
     "fedquic/demo.py:run_demo": 153,
     "fedquic/report.py:summarize_history": 101,
-    "fedquic/synthetic.py:main": 84,
 }
 
 

@@ -43,7 +43,7 @@ from fedquic.common.messages import (
 from fedquic.transport.framing import frame_size
 from fedquic.transport.settings import TlsFiles
 
-from fedquic.synthetic import SyntheticLearner, lora_schema
+from testkit.synthetic import SyntheticLearner, lora_schema
 
 _CLOSED = object()
 FP32 = EncodingSpec.parse("fp32")

@@ -5,7 +5,7 @@ client's datagrams to the target from its own upstream socket (the server sees o
 relays the answers back, applying the configured faults independently in each direction. Seeded: a run is
 reproducible up to the event loop's timing.
 
-    python -m fedquic.chaos --listen 127.0.0.1:5000 --target 127.0.0.1:4433 --loss 0.05 --delay-ms 25
+    python -m testkit.chaos --listen 127.0.0.1:5000 --target 127.0.0.1:4433 --loss 0.05 --delay-ms 25
 """
 
 from __future__ import annotations

@@ -13,9 +13,8 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from .common.adapter import AdapterSchema, TensorDict, init_lora_state
-from .common.messages import TrainSpec, Welcome
+from fedquic.common.adapter import AdapterSchema, TensorDict, init_lora_state
+from fedquic.common.messages import TrainSpec, Welcome
 
 
 def lora_schema(layers: int, dim: int, rank: int, modules: tuple[str, ...] = ("q_proj", "v_proj")) -> AdapterSchema:
@@ -91,7 +90,7 @@ class SyntheticLearner:
 def main(argv: list[str] | None = None) -> int:
     """A light client process (synthetic learner, no torch): for load, soak and crash tests and benchmarks.
 
-    python -m fedquic.synthetic --client-id c1 --server 127.0.0.1:4433 --certs certs/dev --run-dir runs/c1
+    python -m testkit.synthetic --client-id c1 --server 127.0.0.1:4433 --certs certs/dev --run-dir runs/c1
 
     With ``--count N`` the process runs N clients concurrently on one event loop (ids ``ID-0`` .. ``ID-N-1``, run
     directories under ``--run-dir``, seeds ``--seed + i``): how a load test reaches hundreds of clients without
@@ -101,11 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     import asyncio
     from pathlib import Path
 
-    from .client.app import ClientConfig, FederatedClient
-    from .common.logs import setup_logging
-    from .transport.settings import TlsFiles, TransportSettings
+    from fedquic.client.app import ClientConfig, FederatedClient
+    from fedquic.common.logs import setup_logging
+    from fedquic.transport.settings import TlsFiles, TransportSettings
 
-    ap = argparse.ArgumentParser(prog="python -m fedquic.synthetic", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m testkit.synthetic", description=main.__doc__)
     ap.add_argument("--client-id", required=True, help="client id (with --count: the prefix of the ids)")
     ap.add_argument("--count", type=int, default=0, help="run this many clients in this process (ids ID-i)")
     ap.add_argument("--server", default="127.0.0.1:4433", help="HOST:PORT")
