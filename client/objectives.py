@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 from fedquic.common.errors import ConfigError
+from fedquic.common.registry import Registry
 
 from .data import IGNORE_INDEX, Batch
 
@@ -47,27 +48,19 @@ class Objective(Protocol):
     def loss(self, fam: FedALTModel, batch: Batch) -> tuple[torch.Tensor, int]: ...
 
 
-_OBJECTIVES: dict[str, Objective] = {}
+_OBJECTIVES: Registry[Objective] = Registry("local objective", Objective, "name, count, loss")
 
 
 def register_objective(objective: Objective, *, replace: bool = False) -> Objective:
-    if not isinstance(objective, Objective):
-        raise TypeError(f"{objective!r} is not a local objective (name, count, loss)")
-    if objective.name in _OBJECTIVES and not replace:
-        raise ConfigError(f"a local objective named {objective.name!r} is already registered")
-    _OBJECTIVES[objective.name] = objective
-    return objective
+    return _OBJECTIVES.register(objective, replace=replace)
 
 
 def get_objective(name: str) -> Objective:
-    try:
-        return _OBJECTIVES[name]
-    except KeyError:
-        raise ConfigError(f"unknown local objective {name!r}; registered: {sorted(_OBJECTIVES)}") from None
+    return _OBJECTIVES.get(name)
 
 
 def objective_names() -> list[str]:
-    return sorted(_OBJECTIVES)
+    return _OBJECTIVES.names()
 
 
 def _logits(fam: FedALTModel, batch: Batch) -> torch.Tensor:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from ..common.adapter import TensorDict
 from ..common.errors import ConfigError, JobError
 from ..common.names import ADAPTER_KINDS, AdapterKind
+from ..common.registry import Registry
 from .aggregation import LeaveOneOut, clip_deviation, exact_mean, fedavg, leave_one_out_exact
 
 if TYPE_CHECKING:
@@ -71,31 +72,26 @@ class AggregationRule(Protocol):
     def targets(self, inputs: RoundInputs) -> dict[str, Target]: ...
 
 
-_RULES: dict[str, AggregationRule] = {}
+def _check_kind(rule: AggregationRule) -> None:
+    if rule.kind not in ADAPTER_KINDS:
+        raise ConfigError(f"rule {rule.name!r}: kind must be one of {list(ADAPTER_KINDS)}, got {rule.kind!r}")
+
+
+_RULES: Registry[AggregationRule] = Registry("aggregation rule", AggregationRule, "name, kind, targets", _check_kind)
 
 
 def register_rule(rule: AggregationRule, *, replace: bool = False) -> AggregationRule:
-    """Make ``rule`` available to jobs as ``aggregation = rule.name``; returns it (usable as a decorator on an
-    instance). Registering a taken name is an error unless ``replace``."""
-    if not isinstance(rule, AggregationRule):
-        raise TypeError(f"{rule!r} is not an aggregation rule (name, kind, targets)")
-    if rule.kind not in ADAPTER_KINDS:
-        raise ConfigError(f"rule {rule.name!r}: kind must be one of {list(ADAPTER_KINDS)}, got {rule.kind!r}")
-    if rule.name in _RULES and not replace:
-        raise ConfigError(f"an aggregation rule named {rule.name!r} is already registered")
-    _RULES[rule.name] = rule
-    return rule
+    """Make ``rule`` available to jobs as ``aggregation = rule.name``; returns it. Registering a taken name is
+    an error unless ``replace``."""
+    return _RULES.register(rule, replace=replace)
 
 
 def get_rule(name: str) -> AggregationRule:
-    try:
-        return _RULES[name]
-    except KeyError:
-        raise ConfigError(f"unknown aggregation rule {name!r}; registered: {sorted(_RULES)}") from None
+    return _RULES.get(name)
 
 
 def rule_names() -> list[str]:
-    return sorted(_RULES)
+    return _RULES.names()
 
 
 # -- the built-ins -------------------------------------------------------------------------------------------
@@ -168,7 +164,7 @@ def job_rule(job: JobConfig) -> AggregationRule | None:
     if rule.kind != want:
         raise ConfigError(
             f"aggregation rule {rule.name!r} sends {rule.kind!r} adapters; federation={job.federation!r} needs "
-            f"{want!r} ones (rules of that kind: {[n for n in rule_names() if _RULES[n].kind == want]})"
+            f"{want!r} ones (rules of that kind: {[n for n in rule_names() if get_rule(n).kind == want]})"
         )
     return rule
 
