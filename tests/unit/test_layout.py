@@ -16,10 +16,8 @@ MODULE_LINES = 450
 FUNCTION_LINES = 70
 
 # Over the limit today (being split: docs/architecture.md, "Where it is going"). Never add to these.
-LONG_MODULES = {"server/app.py": 941, "client/app.py": 685, "client/model.py": 568}
+LONG_MODULES = {"client/app.py": 685, "client/model.py": 568}
 LONG_FUNCTIONS = {
-    "server/app.py:_register": 113,
-    "server/app.py:_on_update": 74,
     "client/app.py:_round": 96,
     "client/gguf_import.py:import_gguf": 90,
     "client/model.py:load_base_model": 84,

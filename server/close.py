@@ -1,0 +1,266 @@
+"""A round's close, sans-I/O: aggregate the contributors, then for each recipient compute, persist and send its
+downlink, wait for the ACKs (or the round timeout), write the history row and move the round machine on.
+
+:class:`RoundClose` is a small machine over the phases LOAD → AGGREGATE → DOWNLINK → AWAIT_ACKS → HISTORY → DONE.
+It returns :mod:`~fedquic.server.actions`; the heavy steps are background :class:`Work` (the daemon runs them in
+worker threads beside the connections' traffic). At most ``downlink_slots`` downlinks are prepared and in flight
+at once: each holds a few copies of the adapter (target, change, encoded body, what the client will hold), so the
+close's peak memory is bounded by the slots, not the number of clients. A slot frees when its send returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from enum import Enum
+from functools import partial
+from typing import TYPE_CHECKING
+
+from ..common.adapter import TensorDict, state_hash
+from ..common.codec import CompactManifest, Manifest, Payload, fp32_nbytes, to_compact
+from ..common.logs import round_var
+from ..common.messages import Aggregate
+from .actions import Action, SendBulk, Work
+from .downlink import downlink_change
+from .history import append_history, history_row
+from .memory import trim
+from .rounds import CloseRound
+from .rules import RoundInputs, Target, round_targets
+
+if TYPE_CHECKING:
+    from ..common.adapter import AdapterSchema
+    from .config import JobConfig
+    from .job import ClientRecord, ServerJob
+
+log = logging.getLogger(__name__)
+
+
+class ClosePhase(str, Enum):
+    LOAD = "load"
+    AGGREGATE = "aggregate"
+    DOWNLINK = "downlink"
+    AWAIT_ACKS = "await-acks"
+    HISTORY = "history"
+    DONE = "done"
+
+
+class RoundClose:
+    def __init__(self, job: ServerJob, act: CloseRound, now: float) -> None:
+        self.job = job
+        self.round = act.round
+        self.contributors = [c for c in act.contributors if c in job.records]
+        self.phase = ClosePhase.LOAD
+        self.started = now
+        self.agg_s = 0.0
+        self._queue: deque[tuple[str, Target]] = deque()
+        self._in_flight = 0  # downlinks prepared or being sent
+        self.awaiting: set[str] = set()  # sent, ACK not yet in
+        self._ack_deadline = 0.0
+
+    # -- events --------------------------------------------------------------------------------------
+
+    def start(self, now: float) -> list[Action]:
+        round_var.set(self.round)
+        return [self._work(self._load_inputs, self._loaded, keys=tuple(self.contributors), name="load contributors")]
+
+    def on_ack(self, cid: str, now: float) -> list[Action]:
+        """The client acknowledged this round's downlink, or left (no ACK will come)."""
+        self.awaiting.discard(cid)
+        return self._maybe_history(now)
+
+    forget = on_ack
+
+    def on_tick(self, now: float) -> list[Action]:
+        if self.phase is ClosePhase.AWAIT_ACKS and now >= self._ack_deadline:
+            log.warning("round %d: %d clients did not acknowledge their aggregate", self.round, len(self.awaiting))
+            self.awaiting.clear()
+            return self._maybe_history(now)
+        return []
+
+    # -- the steps -----------------------------------------------------------------------------------
+
+    def _load_inputs(self) -> tuple[list[TensorDict], list[float]]:
+        recs = [self.job.records[c] for c in self.contributors]
+        for rec in recs:
+            self.job.load(rec)
+        # Snapshot the views: a late (folded) update may replace a client's view while we aggregate.
+        states = [dict(r.view) for r in recs if r.view is not None]
+        return states, [weight(self.job.cfg.job, r) for r in recs]
+
+    def _loaded(self, result: tuple[list[TensorDict], list[float]], now: float) -> list[Action]:
+        self.phase = ClosePhase.AGGREGATE
+        states, weights = result
+        job, machine = self.job, self.job.machine
+        # No free-riding: a client that missed its rounds (inactive) is sent nothing until it contributes again.
+        listeners = [c for c in job.clients if c not in self.contributors and machine.receives_aggregate(c)]
+        inputs = RoundInputs(self.contributors, states, weights, listeners)
+        known = frozenset(job.records)
+
+        def aggregate() -> tuple[dict[str, Target], float]:
+            t0 = time.perf_counter()
+            targets = round_targets(job.rule, job.cfg.job, inputs, job.init_state, known=known)
+            return targets, time.perf_counter() - t0
+
+        return [self._work(aggregate, self._aggregated, name="aggregate")]
+
+    def _aggregated(self, result: tuple[dict[str, Target], float], now: float) -> list[Action]:
+        targets, self.agg_s = result
+        self.job.metrics.aggregate_seconds += self.agg_s
+        self.phase = ClosePhase.DOWNLINK
+        self._queue.extend(targets.items())
+        return self._pump(now)
+
+    def _pump(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        while self._queue and self._in_flight < self.job.cfg.downlink_slots:
+            cid, target = self._queue.popleft()
+            self._in_flight += 1
+            out.append(
+                self._work(
+                    partial(self._prepare, cid, target),
+                    partial(self._prepared, cid, target),
+                    keys=(cid,),
+                    name=f"downlink to {cid}",
+                )
+            )
+        if self.phase is ClosePhase.DOWNLINK and not self._queue and not self._in_flight:
+            # Delivery is the client's ACK, not our write returning.
+            self.phase = ClosePhase.AWAIT_ACKS
+            self._ack_deadline = now + self.job.cfg.policy.round_timeout_s
+            out += self._maybe_history(now)
+        return out
+
+    def _prepare(self, cid: str, target: Target) -> tuple[Payload, float] | None:
+        """Compute (target − what the client holds), encode it and persist what the client will hold, before the
+        send. A client whose aggregate for this round is on disk already (a close redone after a crash) is
+        skipped: it gets a dense reset when it rejoins."""
+        rec = self.job.records[cid]
+        if rec.disk.closed_round >= self.round:
+            return None
+        self.job.load(rec)
+        t0 = time.perf_counter()  # the target (e.g. this client's leave-one-out row) is computed here
+        payload, held = downlink_payload(self.job.cfg.job, rec, target.kind, target.make())
+        encode_s = time.perf_counter() - t0
+        commit_downlink(self.job, rec, self.round, target.kind, held)
+        return payload, encode_s
+
+    def _prepared(self, cid: str, target: Target, result: tuple[Payload, float] | None, now: float) -> list[Action]:
+        rec = self.job.records[cid]
+        if result is None or rec.peer is None:
+            self._in_flight -= 1
+            return self._pump(now)
+        payload, encode_s = result
+        assert self.job.schema is not None
+        header = Aggregate(
+            round=self.round,
+            kind=target.kind,
+            delta=True,
+            contributors=target.contributors,
+            manifest=wire(self.job.schema, payload),
+        )
+        rec.held_hash_pending[self.round] = (target.kind, rec.disk.held_hash[target.kind])  # type: ignore[index]
+        self.awaiting.add(cid)
+        then = partial(self._sent, cid, payload, encode_s)
+        return [SendBulk(header, payload.body, to=cid, then=then, background=True)]
+
+    def _sent(self, cid: str, payload: Payload, encode_s: float, nbytes: int | None, now: float) -> list[Action]:
+        self._in_flight -= 1
+        if nbytes is None:  # the connection closed under the send: no ACK will come
+            self.awaiting.discard(cid)
+        else:
+            self.job.metrics.bytes_out += nbytes
+            st = self.job.records[cid].stats.setdefault(self.round, {})
+            st["downlink_encode_s"] = encode_s
+            st["bytes_down"] = float(nbytes)
+            st["fp32_down"] = float(fp32_nbytes(payload.manifest))
+        return self._pump(now)
+
+    def _maybe_history(self, now: float) -> list[Action]:
+        if self.phase is not ClosePhase.AWAIT_ACKS or self.awaiting:
+            return []
+        self.phase = ClosePhase.HISTORY
+        row = round_history(self.job, self.round, self.contributors, self.agg_s, now - self.started)
+
+        def write() -> None:
+            trim()  # this round's payloads and rows are gone: give their pages back
+            append_history(self.job.history_path, row)
+
+        return [self._work(write, self._written, name="history")]
+
+    def _written(self, _: None, now: float) -> list[Action]:
+        self.phase = ClosePhase.DONE
+        job = self.job
+        for cid in self.contributors:
+            rec = job.records[cid]
+            if rec.peer is None and not job.busy(cid):
+                rec.unload()
+        job.metrics.rounds_completed = self.round
+        job.closes.pop(self.round, None)
+        return job.apply(job.machine.on_aggregated(self.round, now), now)
+
+    def _work(self, run, then, *, keys: tuple[str, ...] = (), name: str) -> Work:  # type: ignore[no-untyped-def]
+        return Work(run, then, keys=keys, background=True, name=f"round {self.round}: {name}")
+
+
+# -- the pieces, shared with the dense reset and the tests ------------------------------------------------
+
+
+def weight(job: JobConfig, rec: ClientRecord) -> float:
+    if job.weighting == "samples":
+        return float(min(max(rec.disk.num_samples, 1), job.max_sample_weight))
+    return 1.0
+
+
+def wire(schema: AdapterSchema, payload: Payload) -> Manifest | CompactManifest:
+    """The manifest as sent: compact (schema-referenced) when it can be, else the full form."""
+    return to_compact(payload.manifest, schema) or payload.manifest
+
+
+def downlink_payload(job: JobConfig, rec: ClientRecord, kind: str, target: TensorDict) -> tuple[Payload, TensorDict]:
+    """Encode (target − what the client holds): see :mod:`fedquic.server.downlink` for why no residual.
+
+    Returns the payload and the adapter the client will hold once it adds the decoded payload.
+    """
+    assert rec.held is not None
+    reference = None
+    if not job.downlink_error_feedback:
+        reference = rec.last_target.get(kind)
+        rec.last_target[kind] = target
+    change = downlink_change(rec.held[kind], target, job.downlink, reference=reference)
+    return change.payload, change.held_after
+
+
+def commit_downlink(job: ServerJob, rec: ClientRecord, round_: int, kind: str, held: TensorDict) -> None:
+    """Persist what the client will hold after this round before it is sent (blocking: an fsynced commit)."""
+    assert rec.held is not None
+    files: dict[str, TensorDict] = {f"{kind}-r{round_}.safetensors": held}
+    update: dict[str, object] = {
+        "closed_round": round_,
+        "held_hash": {**rec.disk.held_hash, kind: state_hash(held)},
+        "held_files": {**rec.disk.held_files, kind: f"{kind}-r{round_}.safetensors"},
+        "ef_file": None,  # no downlink residual (server/downlink.py); a state written before keeps none either
+    }
+    if kind == "global":  # the global replaces the client's own adapter: that is now our view of it
+        files[f"view-g{round_}.safetensors"] = held
+        update["view_file"] = f"view-g{round_}.safetensors"
+        update["view_hash"] = state_hash(held)
+    disk = rec.disk.model_copy(update=update)
+    job.store.commit(disk, files, rec.disk)
+    rec.disk = disk
+    rec.held[kind] = held
+    if kind == "global":
+        rec.view = {k: v.copy() for k, v in held.items()}
+
+
+def round_history(job: ServerJob, round_: int, contributors: list[str], agg_s: float, close_s: float):  # type: ignore[no-untyped-def]
+    """The round's history row, from every known client's figures (taken now, on the loop)."""
+    recs = sorted(job.records.items())
+    return history_row(
+        round_, job.cfg.job, contributors, agg_s, close_s,
+        clients={cid: dict(rec.stats.get(round_, {})) for cid, rec in recs},
+        reported={cid: dict(rec.reported[round_]) for cid, rec in recs if round_ in rec.reported},
+    )  # fmt: skip
+
+
+__all__ = ["ClosePhase", "RoundClose", "commit_downlink", "downlink_payload", "round_history", "weight", "wire"]
