@@ -98,6 +98,26 @@ class EncodingSpec(BaseModel):
             raise ValueError("topk needs topk_ratio or topk_k")
         return self
 
+    def short(self) -> str:
+        """The short form :meth:`parse` reads back (``int8``, ``int8-block64``, ``topk10-fp16+nolz4``); a top-k
+        by count (``topk_k``) has none and is written as its ratio-free fields."""
+        if self.encoding is Encoding.INT8:
+            g = self.granularity
+            text = (
+                "int8"
+                if g is Granularity.AUTO
+                else f"int8-block{self.block_size}"
+                if g is Granularity.BLOCK
+                else f"int8-{g.value}"
+            )
+        elif self.encoding is Encoding.TOPK:
+            if self.topk_ratio is None:
+                return f"topk(k={self.topk_k}, values={self.topk_values})"
+            text = f"topk{self.topk_ratio * 100:g}" + ("" if self.topk_values == "int8" else f"-{self.topk_values}")
+        else:
+            text = self.encoding.value
+        return text + ("+nolz4" if self.compression is Compression.NONE else "")
+
     @classmethod
     def parse(cls, text: str) -> EncodingSpec:
         """Parse a short form: ``fp32``, ``fp16``, ``bf16``, ``int8``, ``int8-row``, ``int8-block256``,

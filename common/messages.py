@@ -51,10 +51,12 @@ class LoraJobSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    rank: int = Field(default=8, ge=1, le=1024)
-    alpha: float = Field(default=16.0, gt=0, le=1e6)
+    rank: int = Field(default=8, ge=1, le=1024, description="LoRA rank (job-level: every client builds it)")
+    alpha: float = Field(default=16.0, gt=0, le=1e6, description="LoRA alpha (the update is scaled by alpha/rank)")
     dropout: float = Field(default=0.0, ge=0, lt=1)
-    target_modules: tuple[str, ...] | None = Field(default=None, max_length=64)
+    target_modules: tuple[str, ...] | None = Field(
+        default=None, max_length=64, description="comma-separated module names the adapters wrap"
+    )
 
 
 class TrainSpec(BaseModel):
@@ -62,14 +64,24 @@ class TrainSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    local_steps: int = Field(default=10, ge=0, le=1_000_000)
-    lr: float = Field(default=3e-3, gt=0, le=10)
-    batch_size: int = Field(default=8, ge=1, le=65_536)
-    prox_mu: float = Field(default=0.0, ge=0, le=1e6)  # FedProx proximal term; 0 disables it
-    # Epochs over the client's own training data instead of a step count (steps = ceil(epochs · n / batch)).
-    local_epochs: float | None = Field(default=None, gt=0, le=1000)
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"  # decay over the round's steps
-    warmup_steps: int = Field(default=0, ge=0, le=1_000_000)
+    local_steps: int = Field(default=10, ge=0, le=1_000_000, description="local training steps per round")
+    lr: float = Field(default=3e-3, gt=0, le=10, description="client learning rate")
+    batch_size: int = Field(default=8, ge=1, le=65_536, description="examples per training step")
+    prox_mu: float = Field(
+        default=0.0, ge=0, le=1e6, description="FedProx proximal coefficient mu sent to clients, 0 for off"
+    )
+    local_epochs: float | None = Field(
+        default=None,
+        gt=0,
+        le=1000,
+        description="epochs over each client's data per round, instead of steps (steps = ceil(epochs·n/batch))",
+    )
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        default="constant", description="learning-rate decay over each round's steps"
+    )
+    warmup_steps: int = Field(
+        default=0, ge=0, le=1_000_000, description="linear learning-rate warm-up steps at each round's start"
+    )
 
 
 class Hello(Header):
@@ -92,11 +104,20 @@ class JobTerms(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    init_seed: Seed  # seed of the shared initial adapter
-    federation: Federation = "fedalt"
-    mixer: Mixer = "fixed"
-    # The learned mixer's starting weight on the client's own adapter (the RoW gets 1 - p).
-    mixer_init: float = Field(default=MIXER_INIT, gt=0, lt=1)
+    init_seed: Seed = Field(description="job seed of the shared initial adapter")
+    federation: Federation = Field(
+        default="fedalt",
+        description="fedalt: own LoRA + Rest-of-World + mixer; fedavg: one shared LoRA; local: no aggregation",
+    )
+    mixer: Mixer = Field(default="fixed", description="FedALT mixer: a fixed 0.5/0.5 mix or a learned per-token one")
+    mixer_init: float = Field(
+        default=MIXER_INIT,
+        gt=0,
+        lt=1,
+        description="the learned mixer's starting weight on each client's own adapter, in (0, 1), the "
+        "Rest-of-World getting the rest: high for clients whose tasks differ; 0.5, the FedALT paper's neutral "
+        "start, when they share one",
+    )
     lora: LoraJobSpec = LoraJobSpec()
     # Uplink error feedback (EF-SGD): what compression drops is carried into the client's next update. A job-level
     # choice like the encoding itself; off only to measure what it buys (dropped values are then lost for good).

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .common.names import FEDERATIONS, MIXER_INIT
+from .common.names import FEDERATIONS
+from .flags import Flag, add_flags, field_of, help_text
 
 log = logging.getLogger("fedquic")
 
@@ -49,140 +50,75 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         default="asyncio",
         help="event loop (default asyncio; see docs on why uvloop is not the default)",
     )
+    from .transport.settings import TransportSettings
+
+    size = Flag("max_datagram_size", "max_datagram_size")
     p.add_argument(
-        "--max-datagram-size",
-        type=int,
-        default=None,
-        help="QUIC datagram size in bytes (default 1350; up to 16000 on loopback)",
+        "--max-datagram-size", type=int, default=None, help=help_text(size, field_of(TransportSettings, size.key))
     )
 
 
-# Server flags: (flag dest, dotted config key). Flags default to None so that only given ones override.
+# Server flags, generated from ServerConfig (fedquic.flags): type, choices, help and stated default come from the
+# field each one sets. Order is the help's order.
+SERVER_FLAG_SPECS: tuple[Flag, ...] = (
+    Flag("host", "host"),
+    Flag("port", "port"),
+    Flag("job_id", "job.job_id"),
+    Flag("min_clients", "policy.min_clients"),
+    Flag("rounds", "policy.rounds"),
+    Flag("sample_fraction", "policy.sample_fraction"),
+    Flag("quorum", "policy.quorum"),
+    Flag("straggler", "policy.straggler"),
+    Flag("federation", "job.federation"),
+    Flag("mixer", "job.mixer"),
+    Flag("mixer_init", "job.mixer_init"),
+    Flag("row_mode", "job.row_mode"),
+    Flag(
+        "aggregation",
+        "job.aggregation",
+        metavar="RULE",
+        default="fedavg for --federation fedavg, loo-ROW_MODE for fedalt",
+    ),
+    Flag("plugins", "plugins", flag="--plugin", metavar="MODULE", action="append"),
+    Flag("clip_norm", "job.clip_norm"),
+    Flag("rank", "job.lora.rank"),
+    Flag("alpha", "job.lora.alpha"),
+    Flag("target_modules", "job.lora.target_modules", default="per architecture, q_proj,v_proj for Llama"),
+    Flag("local_steps", "job.train.local_steps"),
+    Flag("lr", "job.train.lr"),
+    Flag("batch_size", "job.train.batch_size"),
+    Flag("prox_mu", "job.train.prox_mu"),
+    Flag("local_epochs", "job.train.local_epochs"),
+    Flag("lr_schedule", "job.train.lr_schedule"),
+    Flag("warmup_steps", "job.train.warmup_steps"),
+    Flag("init_seed", "job.init_seed"),
+    Flag("uplink", "job.uplink"),
+    Flag("downlink", "job.downlink"),
+    Flag("round_timeout", "policy.round_timeout_s"),
+    Flag("registration_timeout", "policy.registration_timeout_s"),
+    Flag("run_dir", "run_dir"),
+    Flag("ready_file", "ready_file"),
+    Flag("metrics_port", "metrics.port"),
+    Flag("upload_slots", "upload_slots"),
+    Flag("on_finished", "on_finished"),
+)
+# (flag dest, dotted config key), --max-datagram-size (a common flag) included.
 SERVER_FLAGS: tuple[tuple[str, str], ...] = (
-    ("host", "host"),
-    ("port", "port"),
-    ("job_id", "job.job_id"),
-    ("min_clients", "policy.min_clients"),
-    ("rounds", "policy.rounds"),
-    ("sample_fraction", "policy.sample_fraction"),
-    ("quorum", "policy.quorum"),
-    ("straggler", "policy.straggler"),
-    ("round_timeout", "policy.round_timeout_s"),
-    ("registration_timeout", "policy.registration_timeout_s"),
-    ("federation", "job.federation"),
-    ("mixer", "job.mixer"),
-    ("mixer_init", "job.mixer_init"),
-    ("row_mode", "job.row_mode"),
-    ("aggregation", "job.aggregation"),
-    ("plugins", "plugins"),
-    ("clip_norm", "job.clip_norm"),
-    ("rank", "job.lora.rank"),
-    ("alpha", "job.lora.alpha"),
-    ("target_modules", "job.lora.target_modules"),
-    ("local_steps", "job.train.local_steps"),
-    ("lr", "job.train.lr"),
-    ("batch_size", "job.train.batch_size"),
-    ("prox_mu", "job.train.prox_mu"),
-    ("local_epochs", "job.train.local_epochs"),
-    ("lr_schedule", "job.train.lr_schedule"),
-    ("warmup_steps", "job.train.warmup_steps"),
-    ("init_seed", "job.init_seed"),
-    ("uplink", "job.uplink"),
-    ("downlink", "job.downlink"),
-    ("run_dir", "run_dir"),
-    ("ready_file", "ready_file"),
-    ("metrics_port", "metrics.port"),
-    ("upload_slots", "upload_slots"),
-    ("on_finished", "on_finished"),
+    *((f.dest, f.key) for f in SERVER_FLAG_SPECS),
     ("max_datagram_size", "transport.max_datagram_size"),
 )
 
 
 def _add_server_args(s: argparse.ArgumentParser) -> None:
+    from .server.config import ServerConfig
+
     s.add_argument("--config", type=Path, help="server settings file (TOML; see `fedquic config show`)")
-    s.add_argument("--host", help="address to listen on (default 0.0.0.0)")
-    s.add_argument("--port", type=int, help="UDP port (default 4433; 0 picks a free one)")
     s.add_argument(
         "--certs",
         type=Path,
         help="directory with ca.pem, server.pem, server.key and revoked.txt (default certs/dev)",
     )
-    s.add_argument("--job-id", help="job name; the run directory's state must belong to it (default fedquic-job)")
-    s.add_argument("--min-clients", type=int, help="clients to wait for before each round (default 2)")
-    s.add_argument("--rounds", type=int, help="number of rounds (default 3)")
-    s.add_argument("--sample-fraction", type=float, help="fraction of clients sampled per round (default 1.0)")
-    s.add_argument("--quorum", type=float, help="fraction of sampled updates that closes a round at its deadline")
-    s.add_argument(
-        "--straggler",
-        choices=("drop", "fold"),
-        help="a late update is refused (the client sends it with its next one) or folded into the next round",
-    )
-    s.add_argument("--federation", choices=FEDERATIONS)
-    s.add_argument("--mixer", choices=("fixed", "learned"))
-    s.add_argument(
-        "--mixer-init",
-        type=float,
-        help=f"the learned mixer's starting weight on each client's own adapter, in (0, 1) (default {MIXER_INIT}, for "
-        "clients whose tasks differ; 0.5, the FedALT paper's neutral start, when they share one)",
-    )
-    s.add_argument(
-        "--row-mode",
-        choices=("factor-mean", "exact"),
-        help="Rest-of-World: average A and B separately (the FedALT paper) or the exact mean of the "
-        "products B·A re-factored to rank r by SVD (default factor-mean)",
-    )
-    s.add_argument(
-        "--aggregation",
-        metavar="RULE",
-        help="aggregation rule by name: fedavg, loo-factor-mean, loo-exact, or one a --plugin registers "
-        "(default: fedavg for --federation fedavg, loo-<row-mode> for fedalt)",
-    )
-    s.add_argument(
-        "--plugin",
-        dest="plugins",
-        action="append",
-        metavar="MODULE",
-        help="Python module to import at start, e.g. one that registers an aggregation rule (repeatable)",
-    )
-    s.add_argument(
-        "--clip-norm",
-        type=float,
-        help="clip each client's contribution (adapter minus the shared init) to this L2 norm",
-    )
-    s.add_argument("--rank", type=int, help="LoRA rank (job-level, default 8)")
-    s.add_argument("--alpha", type=float, help="LoRA alpha (default 16)")
-    s.add_argument(
-        "--target-modules",
-        type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
-        help="comma-separated module names (default: per-architecture, q_proj,v_proj for Llama)",
-    )
-    s.add_argument("--local-steps", type=int, help="local training steps per round (default 10)")
-    s.add_argument("--lr", type=float, help="client learning rate (default 3e-3)")
-    s.add_argument("--batch-size", type=int)
-    s.add_argument("--prox-mu", type=float, help="FedProx proximal coefficient sent to clients (0: off)")
-    s.add_argument("--local-epochs", type=float, help="epochs over each client's data per round, instead of steps")
-    s.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), help="decay within each round")
-    s.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up steps at each round's start")
-    s.add_argument("--init-seed", type=int, help="job seed for the shared adapter initialisation")
-    s.add_argument(
-        "--uplink",
-        help="client->server encoding: fp32, fp16, bf16, int8[-row|-column|-tensor|-blockN], topkP[-fp32|-fp16] "
-        "(P percent kept, with error feedback), each optionally +nolz4 (default int8)",
-    )
-    s.add_argument("--downlink", help="server->client encoding of the aggregate, same forms (default int8)")
-    s.add_argument("--round-timeout", type=float, help="seconds per round (default 600)")
-    s.add_argument("--registration-timeout", type=float, help="seconds to wait for --min-clients (default 600)")
-    s.add_argument("--run-dir", type=Path, help="history and durable state; reuse it to resume (default runs/server)")
-    s.add_argument("--ready-file", type=Path, help="write {host, port, pid, metrics_port} as JSON once listening")
-    s.add_argument("--metrics-port", type=int, help="Prometheus /metrics port on localhost (default 9464; 0: any)")
-    s.add_argument("--upload-slots", type=int, help="clients allowed to upload at once (default 8)")
-    s.add_argument(
-        "--on-finished",
-        choices=("exit", "restart"),
-        help="when the run directory holds a finished job: exit 0 saying so (default), or move its state aside "
-        "(state.finished-TIME/) and start a new job (the demo and the compose cluster, run again in one folder); "
-        "a job that did not finish is always resumed",
-    )
+    add_flags(s, ServerConfig, SERVER_FLAG_SPECS)
 
 
 # Client flags: (flag dest, dotted config key); None-valued flags are not given and do not override.

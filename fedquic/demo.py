@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 TASKS = ("copy", "reverse", "sort", "upper", "count")
 # --real: tasks SmolLM2 learns within a few rounds of 8 steps (docs/benchmarks.md), then the others.
@@ -136,24 +136,107 @@ def _data_flags(folder: Path, task: str, real: bool) -> list[str]:
     return ["--data", str(train), "--eval-data", str(test), "--eval-samples", str(REAL_TEST), "--system-prompt", ""]
 
 
-def run_demo(opts: DemoOptions, out: IO[str] = sys.stdout) -> int:
-    from .client.model import build_tiny_llama
-    from .transport.pki import init_dev_pki, issue_client_cert
+FEDQUIC = [sys.executable, "-m", "fedquic"]
 
-    t_start = time.monotonic()
-    task_names = REAL_TASKS if opts.real else TASKS
-    if not 2 <= opts.clients <= len(task_names):
-        print(f"fedquic demo: --clients must be between 2 and {len(task_names)}", file=sys.stderr)
-        return 2
-    work = opts.workdir.resolve()
-    logs = work / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    server_dir = work / "server"
-    _clear_previous_run(work)
-    print(
-        f"fedquic demo: {opts.clients} clients, {opts.rounds} rounds, {opts.federation}; files in {work}",
-        file=out,
-    )
+
+def _server_cmd(opts: DemoOptions, certs: Path, server_dir: Path, ready: Path) -> list[str]:
+    flags = {
+        "--host": "127.0.0.1",
+        "--port": "0",
+        "--certs": str(certs),
+        "--min-clients": str(opts.clients),
+        "--rounds": str(opts.rounds),
+        "--federation": opts.federation,
+        "--local-steps": str(opts.local_steps),
+        "--lr": str(opts.lr),
+        **({"--batch-size": "8"} if opts.real else {}),
+        "--run-dir": str(server_dir),
+        "--ready-file": str(ready),
+        "--log-level": opts.log_level,
+        "--round-timeout": str(opts.timeout_s),
+        "--registration-timeout": str(opts.timeout_s),
+    }
+    return [*FEDQUIC, "server", *(x for kv in flags.items() for x in kv)]
+
+
+def _client_cmd(opts: DemoOptions, port: int, ca: Path, cid: str, task: str, model_dir: Path, work: Path) -> list[str]:
+    threads = max(1, (os.cpu_count() or 1) // opts.clients)
+    flags = {
+        "--server": f"127.0.0.1:{port}",
+        "--server-name": "localhost",
+        "--ca": str(ca),
+        "--client-id": cid,
+        "--model": str(model_dir),
+    }
+    rest = {"--run-dir": str(work / cid), "--threads": str(threads), "--max-len": str(opts.max_len)}
+    return [
+        *FEDQUIC,
+        "client",
+        *(x for kv in flags.items() for x in kv),
+        *_data_flags(work / cid, task, opts.real),
+        *(x for kv in rest.items() for x in kv),
+        "--log-level",
+        opts.log_level,
+    ]
+
+
+class _Processes:
+    """The demo's child processes, each logging to logs/NAME.log; all stopped on exit, whatever happens."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self._files: list[IO[bytes]] = []
+        self._env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        f = (self.logs / f"{name}.log").open("wb")
+        self._files.append(f)
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self._env)
+        self.procs.append((name, p))
+        return p
+
+    def __enter__(self) -> _Processes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for _, p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for _, p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for f in self._files:
+            f.close()
+
+
+def _follow(
+    opts: DemoOptions, procs: _Processes, server: subprocess.Popen, history: Path, tasks: dict[str, str], out: IO[str]
+) -> bool:
+    """Print each round's rows as the server writes them, until every process exits; False on the timeout."""
+    shown = 0
+    deadline = time.monotonic() + opts.timeout_s
+    while True:
+        rows = _read_history(history)
+        for row in rows[shown:]:
+            for line in format_round(row, tasks):
+                print(line, file=out, flush=True)
+        shown = len(rows)
+        if all(p.poll() is not None for _, p in procs.procs) or (server.poll() is not None and server.returncode != 0):
+            return True
+        if time.monotonic() > deadline:
+            print(f"fedquic demo: timed out after {opts.timeout_s:.0f} s", file=out)
+            return False
+        time.sleep(0.2)
+
+
+def _prepare(opts: DemoOptions, work: Path, out: IO[str]) -> tuple[Path, Any]:
+    """The model (tiny, or SmolLM2 imported once) and the development certificates."""
+    from .client.model import build_tiny_llama
+    from .transport.pki import init_dev_pki
+
     if opts.real:
         print("  importing SmolLM2-135M-Instruct (once; about a minute)...", file=out, flush=True)
         model_dir = real_model_dir()
@@ -162,120 +245,38 @@ def run_demo(opts: DemoOptions, out: IO[str] = sys.stdout) -> int:
     pki = init_dev_pki(work / "certs")
     what = "SmolLM2-135M-Instruct" if opts.real else "tiny Llama model"
     print(f"  {what}: {model_dir}; certificates: {pki.root}", file=out, flush=True)
+    return model_dir, pki
 
-    fedquic = [sys.executable, "-m", "fedquic"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    ready = work / "server.ready"
-    server_cmd = [
-        *fedquic,
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--certs",
-        str(pki.root),
-        "--min-clients",
-        str(opts.clients),
-        "--rounds",
-        str(opts.rounds),
-        "--federation",
-        opts.federation,
-        "--local-steps",
-        str(opts.local_steps),
-        "--lr",
-        str(opts.lr),
-        *(["--batch-size", "8"] if opts.real else []),
-        "--run-dir",
-        str(server_dir),
-        "--ready-file",
-        str(ready),
-        "--log-level",
-        opts.log_level,
-        "--round-timeout",
-        str(opts.timeout_s),
-        "--registration-timeout",
-        str(opts.timeout_s),
-    ]
-    procs: list[tuple[str, subprocess.Popen]] = []
-    files: list[IO[bytes]] = []
 
-    def spawn(name: str, cmd: list[str]) -> subprocess.Popen:
-        f = (logs / f"{name}.log").open("wb")
-        files.append(f)
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-        procs.append((name, p))
-        return p
+def run_demo(opts: DemoOptions, out: IO[str] = sys.stdout) -> int:
+    from .transport.pki import issue_client_cert
 
+    t_start = time.monotonic()
+    task_names = REAL_TASKS if opts.real else TASKS
+    if not 2 <= opts.clients <= len(task_names):
+        print(f"fedquic demo: --clients must be between 2 and {len(task_names)}", file=sys.stderr)
+        return 2
+    work = opts.workdir.resolve()
+    logs, server_dir, ready = work / "logs", work / "server", work / "server.ready"
+    logs.mkdir(parents=True, exist_ok=True)
+    _clear_previous_run(work)
+    print(f"fedquic demo: {opts.clients} clients, {opts.rounds} rounds, {opts.federation}; files in {work}", file=out)
+    model_dir, pki = _prepare(opts, work, out)
     tasks = {f"client-{i + 1}": task_names[i] for i in range(opts.clients)}
     for cid in tasks:  # one certificate per client: the server requires mutual TLS
         if not pki.client_cert(cid).exists():
             issue_client_cert(pki, cid)
-    try:
-        server = spawn("server", server_cmd)
+    with _Processes(logs) as procs:
+        server = procs.spawn("server", _server_cmd(opts, pki.root, server_dir, ready))
         port = _wait_ready(ready, server, 60.0)["port"]
         print(f"  server listening on 127.0.0.1:{port} (UDP/QUIC); logs in {logs}", file=out, flush=True)
-        threads = max(1, (os.cpu_count() or 1) // opts.clients)
         for cid, task in tasks.items():
-            spawn(
-                cid,
-                [
-                    *fedquic,
-                    "client",
-                    "--server",
-                    f"127.0.0.1:{port}",
-                    "--server-name",
-                    "localhost",
-                    "--ca",
-                    str(pki.ca_cert),
-                    "--client-id",
-                    cid,
-                    "--model",
-                    str(model_dir),
-                    *_data_flags(work / cid, task, opts.real),
-                    "--run-dir",
-                    str(work / cid),
-                    "--threads",
-                    str(threads),
-                    "--max-len",
-                    str(opts.max_len),
-                    "--log-level",
-                    opts.log_level,
-                ],
-            )
-        print(
-            f"  started {opts.clients} clients: " + ", ".join(f"{c} ({t})" for c, t in tasks.items()),
-            file=out,
-        )
+            procs.spawn(cid, _client_cmd(opts, port, pki.ca_cert, cid, task, model_dir, work))
+        print(f"  started {opts.clients} clients: " + ", ".join(f"{c} ({t})" for c, t in tasks.items()), file=out)
         print("\n" + TABLE_HEADER, file=out, flush=True)
-        shown = 0
-        deadline = time.monotonic() + opts.timeout_s
-        while True:
-            rows = _read_history(server_dir / "history.jsonl")
-            for row in rows[shown:]:
-                for line in format_round(row, tasks):
-                    print(line, file=out, flush=True)
-            shown = len(rows)
-            if all(p.poll() is not None for _, p in procs):
-                break
-            if server.poll() is not None and server.returncode != 0:
-                break
-            if time.monotonic() > deadline:
-                print(f"fedquic demo: timed out after {opts.timeout_s:.0f} s", file=out)
-                return 1
-            time.sleep(0.2)
-    finally:
-        for _, p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for _, p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        for f in files:
-            f.close()
-    failed = [(n, p.returncode) for n, p in procs if p.returncode != 0]
+        if not _follow(opts, procs, server, server_dir / "history.jsonl", tasks, out):
+            return 1
+    failed = [(n, p.returncode) for n, p in procs.procs if p.returncode != 0]
     rows = _read_history(server_dir / "history.jsonl")
     total_up = sum(st.get("bytes_up", 0.0) for r in rows for st in r["clients"].values())
     total_down = sum(st.get("bytes_down", 0.0) for r in rows for st in r["clients"].values())

@@ -173,6 +173,75 @@ def _final_round(series: dict[int, dict[str, tuple[bool, float]]]) -> int | None
     return max(finals) if finals else (max(series) if series else None)
 
 
+Series = dict[int, dict[str, tuple[bool, float]]]  # evaluated round -> client -> (eval_final, value)
+
+
+@dataclass
+class _Tally:
+    """What one job's history rows add up to, round by round."""
+
+    acc: Series = field(default_factory=dict)
+    loss: Series = field(default_factory=dict)
+    n_items: Series = field(default_factory=dict)
+    base_acc: dict[str, float] = field(default_factory=dict)
+    base_loss: dict[str, float] = field(default_factory=dict)
+    cum: dict[int, float] = field(default_factory=dict)  # round -> bytes sent up to and including it
+    up: float = 0.0
+    down: float = 0.0
+    fp32: float = 0.0
+    rounds: int = 0
+    clients: dict[str, None] = field(default_factory=dict)
+
+    def add_round(self, rnd: int, rec: dict[str, Any], keys: dict[str, str]) -> None:
+        cl = {cid: c for cid, c in (rec.get("clients") or {}).items() if isinstance(c, dict)}
+        self.clients.update(dict.fromkeys(cl))
+        if not (bool(cl) and all(c.get("eval_only") for c in cl.values())):  # an evaluation-only row sends nothing
+            self.rounds += 1
+            for c in cl.values():
+                self.up += _num(c.get("bytes_up")) or 0.0
+                self.down += _num(c.get("bytes_down")) or 0.0
+                self.fp32 += (_num(c.get("fp32_up")) or 0.0) + (_num(c.get("fp32_down")) or 0.0)
+        self.cum[rnd] = self.up + self.down
+        for cid, c in cl.items():
+            self._add_client(rnd, cid, c, keys.get(cid))
+
+    def _add_client(self, rnd: int, cid: str, c: dict[str, Any], key: str | None) -> None:
+        er = _num(c.get("eval_round"))
+        r = int(er) if er is not None else rnd
+        final = bool(c.get("eval_final"))
+        acc = _num(c.get(key)) if key else None
+        lss = _num(c.get(LOSS_KEY))
+        if acc is not None:
+            _put(self.acc, r, cid, final, acc)
+        if lss is not None:
+            _put(self.loss, r, cid, final, lss)
+        n = _num(c.get("eval_n"))
+        if n is not None and (acc is not None or lss is not None):
+            _put(self.n_items, r, cid, final, n)
+        if key and _num(c.get(f"base_{key}")) is not None:
+            self.base_acc.setdefault(cid, float(c[f"base_{key}"]))
+        if _num(c.get(f"base_{LOSS_KEY}")) is not None:
+            self.base_loss.setdefault(cid, float(c[f"base_{LOSS_KEY}"]))
+
+    def close(self) -> None:
+        # the base model's evaluation is round 0, unless an eval_round-0 value (the benchmark's) already says it
+        for series, base in ((self.acc, self.base_acc), (self.loss, self.base_loss)):
+            for cid, v in base.items():
+                series.setdefault(0, {}).setdefault(cid, (False, v))
+
+    def cum_at(self, r: int) -> float:
+        done = [rr for rr in self.cum if rr <= r]
+        return self.cum[max(done)] if done else 0.0
+
+
+def _wall(meta: dict[str, Any], times: list[float]) -> tuple[float, str]:
+    if _num(meta.get("wall_s")) is not None:
+        return float(meta["wall_s"]), WALL_JOB
+    if len(times) >= 2:
+        return max(times) - min(times), WALL_HISTORY
+    return float("nan"), ""
+
+
 def summarize_history(
     history: list[dict[str, Any]],
     name: str,
@@ -184,85 +253,36 @@ def summarize_history(
     """One run's records (one job: see :func:`split_jobs`) and its ``job.json`` (``meta``), if any."""
     meta = meta or {}
     keys = _client_keys(history)
-    by_round: dict[int, dict[str, tuple[bool, float]]] = {}  # evaluated round -> client -> (eval_final, accuracy)
-    loss: dict[int, dict[str, tuple[bool, float]]] = {}
-    n_items: dict[int, dict[str, tuple[bool, float]]] = {}
-    base_acc: dict[str, float] = {}
-    base_loss: dict[str, float] = {}
-    cum: dict[int, float] = {}  # round -> bytes sent up to and including it
-    up = down = fp32 = 0.0
-    rounds = 0
-    clients: dict[str, None] = {}
     records: dict[int, dict[str, Any]] = {}
     for rec in history:  # a round written twice (a resumed server): the later record
         rnd = _num(rec.get("round"))
         if rnd is not None:
             records[int(rnd)] = rec
+    t = _Tally()
     for rnd, rec in sorted(records.items()):
-        cl = {cid: c for cid, c in (rec.get("clients") or {}).items() if isinstance(c, dict)}
-        clients.update(dict.fromkeys(cl))
-        eval_only = bool(cl) and all(c.get("eval_only") for c in cl.values())
-        if not eval_only:
-            rounds += 1
-            for c in cl.values():
-                up += _num(c.get("bytes_up")) or 0.0
-                down += _num(c.get("bytes_down")) or 0.0
-                fp32 += (_num(c.get("fp32_up")) or 0.0) + (_num(c.get("fp32_down")) or 0.0)
-        cum[rnd] = up + down
-        for cid, c in cl.items():
-            er = _num(c.get("eval_round"))
-            r = int(er) if er is not None else rnd
-            final = bool(c.get("eval_final"))
-            key = keys.get(cid)
-            acc = _num(c.get(key)) if key else None
-            lss = _num(c.get(LOSS_KEY))
-            if acc is not None:
-                _put(by_round, r, cid, final, acc)
-            if lss is not None:
-                _put(loss, r, cid, final, lss)
-            n = _num(c.get("eval_n"))
-            if n is not None and (acc is not None or lss is not None):
-                _put(n_items, r, cid, final, n)
-            if key and _num(c.get(f"base_{key}")) is not None:
-                base_acc.setdefault(cid, float(c[f"base_{key}"]))
-            if _num(c.get(f"base_{LOSS_KEY}")) is not None:
-                base_loss.setdefault(cid, float(c[f"base_{LOSS_KEY}"]))
-    # the base model's evaluation is round 0, unless an eval_round-0 value (the benchmark's) already says it
-    for series, base in ((by_round, base_acc), (loss, base_loss)):
-        for cid, v in base.items():
-            series.setdefault(0, {}).setdefault(cid, (False, v))
-
-    def cum_at(r: int) -> float:
-        done = [rr for rr in cum if rr <= r]
-        return cum[max(done)] if done else 0.0
-
-    curve = [(r, statistics.fmean(v for _, v in by_round[r].values()), cum_at(r)) for r in sorted(by_round)]
-    fr = _final_round(by_round)
-    final = {cid: v for cid, (_, v) in by_round[fr].items()} if fr is not None else {}
-    lr = _final_round(loss)
-    times = [t for t in (_num(rec.get("time")) for rec in history) if t is not None]
-    if _num(meta.get("wall_s")) is not None:
-        wall, source = float(meta["wall_s"]), WALL_JOB
-    elif len(times) >= 2:
-        wall, source = max(times) - min(times), WALL_HISTORY
-    else:
-        wall, source = float("nan"), ""
+        t.add_round(rnd, rec, keys)
+    t.close()
+    curve = [(r, statistics.fmean(v for _, v in t.acc[r].values()), t.cum_at(r)) for r in sorted(t.acc)]
+    fr, lr = _final_round(t.acc), _final_round(t.loss)
+    final = {cid: v for cid, (_, v) in t.acc[fr].items()} if fr is not None else {}
+    times = [x for x in (_num(rec.get("time")) for rec in history) if x is not None]
+    wall, source = _wall(meta, times)
     names = meta.get("clients") if isinstance(meta.get("clients"), dict) else {}
     used = [k for k in ACC_KEYS if k in keys.values()]
     return JobSummary(
         name=name,
         variant=str(meta.get("variant") or name),
         seed=meta.get("seed"),
-        clients={c: str(names.get(c, c)) for c in sorted(clients)},
+        clients={c: str(names.get(c, c)) for c in sorted(t.clients)},
         acc_key="+".join(used) if used else None,
         curve=curve,
         final_acc=statistics.fmean(final.values()) if final else float("nan"),
         final_per_client=dict(sorted(final.items())),
-        bytes_up=up,
-        bytes_down=down,
-        fp32_bytes=fp32,
+        bytes_up=t.up,
+        bytes_down=t.down,
+        fp32_bytes=t.fp32,
         wall_s=wall,
-        rounds=rounds,
+        rounds=t.rounds,
         extra={"start": min(times) if times else 0.0},
         job_id=_job_id(history),
         path=path,
@@ -270,9 +290,9 @@ def summarize_history(
         group_dir=group_dir,
         wall_source=source,
         final_round=fr,
-        final_eval_n={cid: v for cid, (_, v) in sorted(n_items.get(fr, {}).items())} if fr is not None else {},
-        loss_curve=[(r, statistics.fmean(v for _, v in loss[r].values())) for r in sorted(loss)],
-        final_loss=statistics.fmean(v for _, v in loss[lr].values()) if lr is not None else float("nan"),
+        final_eval_n={cid: v for cid, (_, v) in sorted(t.n_items.get(fr, {}).items())} if fr is not None else {},
+        loss_curve=[(r, statistics.fmean(v for _, v in t.loss[r].values())) for r in sorted(t.loss)],
+        final_loss=statistics.fmean(v for _, v in t.loss[lr].values()) if lr is not None else float("nan"),
     )
 
 

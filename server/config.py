@@ -20,23 +20,41 @@ class JobConfig(JobTerms):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    job_id: str = "fedquic-job"
-    init_seed: Seed = 0
+    job_id: str = Field(default="fedquic-job", description="job name; the run directory's state must belong to it")
+    init_seed: Seed = Field(default=0, description="job seed of the shared initial adapter")
     train: TrainSpec = TrainSpec()
-    uplink: EncodingSpec = EncodingSpec()
-    downlink: EncodingSpec = EncodingSpec()
+    uplink: EncodingSpec = Field(
+        default=EncodingSpec(),
+        description="client->server encoding: fp32, fp16, bf16, int8[-row|-column|-tensor|-blockN], "
+        "topkP[-fp32|-fp16] (P percent kept, with error feedback), each optionally +nolz4",
+    )
+    downlink: EncodingSpec = Field(
+        default=EncodingSpec(), description="server->client encoding of the aggregate, the same forms as uplink"
+    )
     # Downlink error feedback: each client is sent C(target − what it holds), so what compression drops reaches
     # it in a later round (uplink_error_feedback, sent in WELCOME, is a JobTerms field). Off only to measure.
     downlink_error_feedback: bool = True
     # Rest-of-World construction: "factor-mean" averages A and B separately (the FedALT paper); "exact" takes
     # the mean of the products B·A and re-factors it to rank r by truncated SVD.
-    row_mode: Literal["factor-mean", "exact"] = "factor-mean"
-    # The aggregation rule by name (fedquic.server.rules: built-in fedavg, loo-factor-mean, loo-exact, or one a
-    # plugin registers). None: fedavg for federation=fedavg, loo-<row_mode> for fedalt.
-    aggregation: str | None = Field(default=None, min_length=1, max_length=64)
-    # Robust aggregation: each client's contribution (its adapter minus the shared init) is scaled down to this
-    # global L2 norm before averaging. None: no clipping.
-    clip_norm: float | None = Field(default=None, gt=0)
+    row_mode: Literal["factor-mean", "exact"] = Field(
+        default="factor-mean",
+        description="Rest-of-World: average A and B separately (the FedALT paper) or the exact mean of the "
+        "products B·A re-factored to rank r by SVD",
+    )
+    # None: fedavg for federation=fedavg, loo-<row_mode> for fedalt.
+    aggregation: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="aggregation rule by name (fedquic.server.rules): fedavg, fedprox, loo-factor-mean, loo-exact, "
+        "or one a plugin registers",
+    )
+    # Robust aggregation: scaled down to this global L2 norm before averaging. None: no clipping.
+    clip_norm: float | None = Field(
+        default=None,
+        gt=0,
+        description="clip each client's contribution (adapter minus the shared init) to this L2 norm",
+    )
     # "uniform" is the FedALT paper's mean; "samples" weights by reported sample counts (capped).
     weighting: Literal["uniform", "samples"] = "uniform"
     # Privacy floor on reported sample counts used as weights.
@@ -53,14 +71,16 @@ class MetricsSettings(BaseModel):
 
     enabled: bool = True
     host: str = "127.0.0.1"
-    port: int = Field(default=9464, ge=0, le=65535)
+    port: int = Field(
+        default=9464, ge=0, le=65535, description="Prometheus /metrics port on localhost, 0 for any free one"
+    )
 
 
 class ServerConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    host: str = "0.0.0.0"
-    port: int = Field(default=4433, ge=0, le=65535)
+    host: str = Field(default="0.0.0.0", description="address to listen on")
+    port: int = Field(default=4433, ge=0, le=65535, description="UDP port, 0 picks a free one")
     tls: TlsFiles
     transport: TransportSettings = TransportSettings()
     policy: RoundPolicy = RoundPolicy()
@@ -69,7 +89,7 @@ class ServerConfig(BaseModel):
     # Admission control: at most this many clients upload at once (UPLOAD_REQUEST -> UPLOAD_GRANT, FIFO); the
     # server's memory for uploads in flight is bounded by slots x the largest update. A slot is released when
     # the update is handled, the client leaves, or upload_slot_timeout_s pass.
-    upload_slots: int = Field(default=8, ge=1, le=100_000)
+    upload_slots: int = Field(default=8, ge=1, le=100_000, description="clients allowed to upload at once")
     upload_slot_timeout_s: float = Field(default=300.0, gt=0)
     # Aggregates prepared and sent at once when a round closes (each holds a few copies of the adapter while
     # in flight): bounds the close's peak memory; the sends share one CPU anyway.
@@ -78,13 +98,26 @@ class ServerConfig(BaseModel):
     # server builds the shared initial adapter from it, so a schema claiming more is refused before any allocation.
     max_adapter_parameters: int = Field(default=1 << 28, ge=1)
     # History (history.jsonl) and durable state (state/): restarting with the same run_dir resumes the job.
-    run_dir: Path = Path("runs/server")
-    # Written once listening: {"host", "port", "pid", "metrics_port"}; lets scripts bind to port 0.
-    ready_file: Path | None = None
+    run_dir: Path = Field(
+        default=Path("runs/server"), description="history and durable state; reuse it to resume the job"
+    )
+    # Lets scripts bind to port 0.
+    ready_file: Path | None = Field(
+        default=None, description="write {host, port, pid, metrics_port} as JSON here once listening"
+    )
     # A run directory whose job has finished: "exit" says so and exits 0 (nothing to resume); "restart" moves the
     # finished job's state aside to state.finished-TIME/ (its history.jsonl inside) and starts a new job there.
     # A job that did not finish is always resumed.
-    on_finished: Literal["exit", "restart"] = "exit"
+    on_finished: Literal["exit", "restart"] = Field(
+        default="exit",
+        description="when the run directory holds a finished job: exit 0 saying so, or move its state aside "
+        "(state.finished-TIME/) and start a new job (the demo and the compose cluster, run again in one folder); "
+        "a job that did not finish is always resumed",
+    )
     # Python modules imported before the job is checked, to register extensions (aggregation rules:
     # fedquic.server.rules.register_rule), e.g. plugins = ["mylab.median_rule"].
-    plugins: tuple[str, ...] = Field(default=(), max_length=64)
+    plugins: tuple[str, ...] = Field(
+        default=(),
+        max_length=64,
+        description="Python module to import at start, e.g. one that registers an aggregation rule (repeatable)",
+    )

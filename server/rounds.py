@@ -70,21 +70,31 @@ class UpdateKind(str, Enum):
 class RoundPolicy(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    rounds: int = Field(default=3, ge=1)
-    # Clients that must be connected before any round starts (also a floor for each round's sample).
-    min_clients: int = Field(default=2, ge=1)
-    # WAITING for min_clients active clients longer than this fails the job.
-    registration_timeout_s: float = Field(default=600.0, gt=0)
-    round_timeout_s: float = Field(default=600.0, gt=0)
-    # At the deadline, the round closes with the updates at hand if they are at least this fraction of the
-    # sampled clients that are still active (those who missed max_missed_rounds in a row no longer count).
-    quorum: float = Field(default=1.0, gt=0, le=1)
+    rounds: int = Field(default=3, ge=1, description="number of rounds")
+    min_clients: int = Field(
+        default=2, ge=1, description="clients to wait for before each round (also a floor for each round's sample)"
+    )
+    registration_timeout_s: float = Field(
+        default=600.0, gt=0, description="seconds to wait for min_clients active clients before the job fails"
+    )
+    round_timeout_s: float = Field(default=600.0, gt=0, description="seconds per round")
+    # Those who missed max_missed_rounds in a row no longer count among the sampled.
+    quorum: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="fraction of the sampled, still active clients whose updates close a round at its deadline",
+    )
     # A sampled client that sends nothing by the deadline this many rounds in a row is inactive (see above).
     max_missed_rounds: int = Field(default=1, ge=1, le=1000)
     # Client sampling: the fraction of connected clients asked to train each round.
-    sample_fraction: float = Field(default=1.0, gt=0, le=1)
+    sample_fraction: float = Field(default=1.0, gt=0, le=1, description="fraction of clients sampled per round")
     sample_seed: int = Field(default=0, ge=0)
-    straggler: Literal["drop", "fold"] = "drop"
+    straggler: Literal["drop", "fold"] = Field(
+        default="drop",
+        description="a late update is refused (the client sends its change with its next one) or folded into "
+        "the next round",
+    )
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 A rule is a small object with a ``name``, the ``kind`` of adapter it sends (``"global"``: one shared LoRA that
 replaces the client's own, FedAvg-style; ``"row"``: a Rest-of-World LoRA the client keeps beside its own,
-FedALT-style) and ``targets(inputs)``, which maps each recipient to its :class:`Target`. Rules are pure numpy
+FedALT-style) and ``targets(inputs)``, which maps each recipient to its :class:`Target`; optionally
+``check_job(job)``, which raises ConfigError for a job the rule cannot serve. Rules are pure numpy
 (they run in a worker thread) and registered by name; the job picks one with ``JobConfig.aggregation``.
 The built-ins are registered below exactly as an outside rule would be::
 
@@ -108,6 +109,18 @@ class FedAvg:
         return {cid: Target(lambda: g, "global", len(inp.states)) for cid in inp.recipients}
 
 
+class FedProx(FedAvg):
+    """FedProx (Li et al., 2020): the server's step is FedAvg's weighted mean; what makes it FedProx is the
+    clients' proximal term mu/2·‖w − w_round‖², sent to them in ROUND_START (``train.prox_mu``). The rule
+    refuses a job without one, which would be FedAvg under another name."""
+
+    name = "fedprox"
+
+    def check_job(self, job: JobConfig) -> None:
+        if job.train.prox_mu <= 0:
+            raise ConfigError("aggregation 'fedprox' needs a proximal term: set train.prox_mu > 0 (--prox-mu)")
+
+
 class LeaveOneOutFactorMean:
     """FedALT's Rest-of-World: client k gets the mean of every *other* client's adapter, A and B averaged
     separately as the paper does; a listener gets the mean of all."""
@@ -143,7 +156,7 @@ class LeaveOneOutExact:
         return out
 
 
-for _rule in (FedAvg(), LeaveOneOutFactorMean(), LeaveOneOutExact()):
+for _rule in (FedAvg(), FedProx(), LeaveOneOutFactorMean(), LeaveOneOutExact()):
     register_rule(_rule)
 
 
@@ -166,6 +179,9 @@ def job_rule(job: JobConfig) -> AggregationRule | None:
             f"aggregation rule {rule.name!r} sends {rule.kind!r} adapters; federation={job.federation!r} needs "
             f"{want!r} ones (rules of that kind: {[n for n in rule_names() if get_rule(n).kind == want]})"
         )
+    check = getattr(rule, "check_job", None)  # optional: a rule may need settings of the job (FedProx's mu)
+    if check is not None:
+        check(job)
     return rule
 
 

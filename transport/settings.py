@@ -28,7 +28,9 @@ class TransportSettings(BaseModel):
     alpn: str = ALPN
     # 1350 fits a 1400-byte path MTU (Docker's bridge here) with IP/UDP headers; raise it on loopback
     # or jumbo-frame networks (aioquic breaks above ~16 kB).
-    max_datagram_size: int = Field(default=1350, ge=1200, le=16_000)
+    max_datagram_size: int = Field(
+        default=1350, ge=1200, le=16_000, description="QUIC datagram size in bytes (up to 16000 on loopback)"
+    )
     idle_timeout_s: float = Field(default=120.0, gt=0)
     # QUIC PING cadence, below common NAT UDP timeouts (30 s): a client training for an hour stays reachable.
     keepalive_s: float = Field(default=15.0, gt=0, le=25.0)

@@ -21,11 +21,8 @@ LONG_FUNCTIONS = {
     "client/app.py:_round": 96,
     "client/gguf_import.py:import_gguf": 90,
     "client/model.py:load_base_model": 84,
-    "fedquic/cli.py:_add_server_args": 85,
     "fedquic/cli.py:_add_client_args": 80,
     "fedquic/cli.py:build_parser": 121,
-    "fedquic/demo.py:run_demo": 153,
-    "fedquic/report.py:summarize_history": 101,
 }
 
 

@@ -139,3 +139,12 @@ def test_tiny_values_quantize_without_overflow(enc: str) -> None:
     for k, x in state.items():
         assert np.all(np.isfinite(out[k]))
         assert np.all(np.abs(out[k] - x) <= max(np.abs(x).max() / 254, 1.5e-36) * 1.0001)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["fp32", "fp16+nolz4", "bf16", "int8", "int8-row", "int8-block64", "int8-tensor+nolz4", "topk10", "topk0.5-fp16"],
+)
+def test_short_form_reads_back_as_the_same_spec(text: str) -> None:
+    spec = EncodingSpec.parse(text)
+    assert spec.short() == text and EncodingSpec.parse(spec.short()) == spec

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fedquic.common.errors import ConfigError
+from fedquic.common.messages import TrainSpec
 from fedquic.server.aggregation import LeaveOneOut, exact_mean, fedavg, leave_one_out_exact
 from fedquic.server.config import JobConfig
 from fedquic.server.rules import (
@@ -106,3 +107,17 @@ def test_plugins_register_rules_on_import(tmp_path: Path, monkeypatch: pytest.Mo
     assert job_rule(JobConfig(aggregation="test-plugin-zero")).name == "test-plugin-zero"  # type: ignore[union-attr]
     with pytest.raises(ConfigError, match="plugin module 'no_such_plugin_mod' cannot be imported"):
         load_plugins(["no_such_plugin_mod"])
+
+
+def test_fedprox_averages_like_fedavg_and_needs_a_proximal_term() -> None:
+    with pytest.raises(ConfigError, match="prox_mu"):
+        job_rule(JobConfig(federation="fedavg", aggregation="fedprox"))
+    job = JobConfig(federation="fedavg", aggregation="fedprox", train=TrainSpec(prox_mu=0.01))
+    rule = job_rule(job)
+    assert rule is not None and rule.name == "fedprox" and rule.kind == "global"
+    states = _states(3)
+    inp = RoundInputs(["a", "b", "c"], states, [1.0, 2.0, 1.0], ["d"])
+    prox, avg = rule.targets(inp), get_rule("fedavg").targets(inp)
+    assert sorted(prox) == ["a", "b", "c", "d"]
+    for k in states[0]:
+        np.testing.assert_array_equal(prox["d"].make()[k], avg["d"].make()[k])
