@@ -375,6 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fedquic {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_run_commands(sub)
+    _add_status_and_config(sub)
+    _add_certs_commands(sub)
+    _add_demo_and_report(sub)
+    _add_model_commands(sub)
+    return parser
+
+
+def _add_run_commands(sub: Any) -> None:
     s = sub.add_parser(
         "server",
         help="run the aggregation server daemon for one federated job",
@@ -386,6 +395,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(s)
     s.set_defaults(func=cmd_server)
 
+    c = sub.add_parser(
+        "client",
+        help="run one training client",
+        description="Run one client: load a local model in 4-bit, join the job, train each round. Settings come "
+        "from --config (TOML: [client] and [learner]), then FEDQUIC_CLIENT__* / FEDQUIC_LEARNER__* environment "
+        "variables, then these flags.",
+    )
+    _add_client_args(c)
+    _add_common(c)
+    c.set_defaults(func=cmd_client)
+
+
+def _add_status_and_config(sub: Any) -> None:
     st = sub.add_parser(
         "status",
         help="ask a running server for its round, clients, bytes and health",
@@ -413,17 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     csc.add_argument("--max-datagram-size", type=int, default=None)
     csc.set_defaults(func=cmd_config_show, settings=_client_settings)
 
-    c = sub.add_parser(
-        "client",
-        help="run one training client",
-        description="Run one client: load a local model in 4-bit, join the job, train each round. Settings come "
-        "from --config (TOML: [client] and [learner]), then FEDQUIC_CLIENT__* / FEDQUIC_LEARNER__* environment "
-        "variables, then these flags.",
-    )
-    _add_client_args(c)
-    _add_common(c)
-    c.set_defaults(func=cmd_client)
 
+def _add_certs_commands(sub: Any) -> None:
     ce = sub.add_parser(
         "certs",
         help="make development certificates",
@@ -452,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--dir", type=Path, default=Path("certs/dev"))
     cl.set_defaults(func=cmd_certs_list)
 
+
+def _add_demo_and_report(sub: Any) -> None:
     d = sub.add_parser(
         "demo",
         help="run a local federated job: server + clients on loopback",
@@ -487,8 +502,6 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--markdown", action="store_true", help="print the table as markdown")
     rp.add_argument("--no-plots", action="store_true", help="table and JSON only (no matplotlib needed)")
     rp.set_defaults(func=cmd_report)
-    _add_model_commands(sub)
-    return parser
 
 
 def _add_model_commands(sub: Any) -> None:

@@ -22,7 +22,6 @@ LONG_FUNCTIONS = {
     "client/gguf_import.py:import_gguf": 90,
     "client/model.py:load_base_model": 84,
     "fedquic/cli.py:_add_client_args": 80,
-    "fedquic/cli.py:build_parser": 121,
 }
 
 
