@@ -33,7 +33,9 @@ import numpy as np
 import torch
 from fedquic.common.adapter import AdapterSchema, TensorDict, init_lora_state, zeros_state
 from fedquic.common.errors import CodecError, ConfigError, ErrorCode
+from fedquic.common.messages import LoraJobSpec
 from fedquic.common.names import FEDERATIONS, MIXER_INIT, MIXERS, Federation, Mixer
+from pydantic import ValidationError
 from torch import nn
 
 from .architectures import default_target_modules, head_targets, init_new_heads
@@ -58,14 +60,23 @@ class LoraSpec:
     target_modules: list[str] | None = None
 
     def __post_init__(self) -> None:
-        if self.rank <= 0:
-            raise ConfigError(f"LoRA rank must be positive, got {self.rank}")
-        if self.alpha <= 0:
-            raise ConfigError(f"LoRA alpha must be positive, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         if self.target_modules is not None and not self.target_modules:
             raise ConfigError("target_modules must be None (auto) or a non-empty list")
+        try:  # the bounds are the job's (LoraJobSpec, sent in WELCOME): declared once
+            LoraJobSpec(**self.job_fields())
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise ConfigError(f"LoRA {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+    def job_fields(self) -> dict[str, object]:
+        tm = tuple(self.target_modules) if self.target_modules else None
+        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, "target_modules": tm}
+
+    @classmethod
+    def from_job(cls, spec: LoraJobSpec) -> LoraSpec:
+        """The job's adapter settings (WELCOME's ``lora``) as the model builds them."""
+        tm = list(spec.target_modules) if spec.target_modules else None
+        return cls(rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout, target_modules=tm)
 
     @property
     def scaling(self) -> float:

@@ -178,12 +178,7 @@ class PeftLearner:
                 raise ConfigError("this learner is attached to a job with other adapter settings")
             return self.fam.schema()
         self._job_key = key
-        lora = LoraSpec(
-            rank=job.lora.rank,
-            alpha=job.lora.alpha,
-            dropout=job.lora.dropout,
-            target_modules=list(job.lora.target_modules) if job.lora.target_modules else None,
-        )
+        lora = LoraSpec.from_job(job.lora)
         self.fam = FedALTModel(
             self.base_model,
             lora,

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 from fedquic.common.errors import ConfigError
+from fedquic.common.messages import TrainSpec
+from pydantic import ValidationError
 
 from .data import Batch, Example, collate, encode_example, pad_id, tokenize_examples
 from .fedalt import FedALTModel
@@ -47,21 +49,29 @@ class TrainConfig:
     objective: str | None = None  # a registered local objective (fedquic.client.objectives); None: by the data
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "eval_samples"):
+        # What the server's TrainSpec declares (lr, batch size, mu, schedule, warm-up) is checked by it: one
+        # source for those bounds. The rest is the trainer's own.
+        try:
+            TrainSpec(
+                local_steps=self.steps,
+                lr=self.lr,
+                batch_size=self.batch_size,
+                prox_mu=self.prox_mu,
+                lr_schedule=self.schedule,  # type: ignore[arg-type]
+                warmup_steps=self.warmup_steps,
+            )
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise ConfigError(f"training settings: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        for name in ("steps", "grad_accum", "eval_samples"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.micro_batch_size is not None and self.micro_batch_size <= 0:
             raise ConfigError(f"micro_batch_size must be positive, got {self.micro_batch_size}")
-        if self.schedule not in ("constant", "linear", "cosine"):
-            raise ConfigError(f"unknown lr schedule {self.schedule!r} (constant, linear, cosine)")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.max_len < 2:
             raise ConfigError(f"max_len must be >= 2, got {self.max_len}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr must be a positive number, got {self.lr}")
-        if self.weight_decay < 0 or self.max_grad_norm < 0 or self.prox_mu < 0:
-            raise ConfigError("weight_decay, max_grad_norm and prox_mu must be >= 0")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ConfigError("weight_decay and max_grad_norm must be >= 0")
 
     @property
     def forward_batch(self) -> int:
