@@ -39,6 +39,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from .architectures import default_target_modules, head_targets, init_new_heads
+from .methods import get_method
 from .model import keep_4bit_differentiable
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,10 @@ class LoraSpec:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] | None = None
+    method: str = "lora"  # the adapter method (fedquic.client.methods) that builds the peft config
 
     def __post_init__(self) -> None:
+        get_method(self.method)  # an unknown one is a ConfigError naming the registered ones
         if self.target_modules is not None and not self.target_modules:
             raise ConfigError("target_modules must be None (auto) or a non-empty list")
         try:  # the bounds are the job's (LoraJobSpec, sent in WELCOME): declared once
@@ -163,7 +166,7 @@ class FedALTModel:
         federation: Federation = "fedalt",
         mixer_init: float = MIXER_INIT,
     ) -> None:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
         from peft.tuners.lora import LoraLayer
 
         _check_args(base_model, mixer, federation, mixer_init)
@@ -176,14 +179,7 @@ class FedALTModel:
 
         # A head the checkpoint lacked starts from the job seed on every client, and trains through its own LoRA.
         targets = _lora_targets(lora, base_model, init_new_heads(base_model, init_seed))
-        config = LoraConfig(
-            r=lora.rank,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=targets,
-            bias="none",
-            task_type=_peft_task_type(base_model),
-        )
+        config = get_method(lora.method).peft_config(lora, targets, _peft_task_type(base_model))
         try:
             self.model: nn.Module = get_peft_model(base_model, config, adapter_name=LOCAL)
         except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
