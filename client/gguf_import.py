@@ -22,7 +22,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -180,18 +180,44 @@ def import_gguf(
     if done is not None and done.source_sha256 == sha and done.dtype == dtype and (out_dir / "config.json").exists():
         say(f"{out_dir} already holds this model (imported from the same file); nothing to do")
         return out_dir
+    _check_replaceable(out_dir, force)
+    import torch
+    import transformers
+
+    t0 = time.perf_counter()
+    model, tokenizer = _dequantized(src, getattr(torch, dtype), say)
+    parameters = sum(p.numel() for p in model.parameters())
+    record = ImportRecord(
+        source=str(src),
+        source_sha256=sha,
+        source_bytes=summary.size_bytes,
+        architecture=summary.architecture,
+        quant_types=summary.quant_types,
+        dtype=dtype,
+        parameters=parameters,
+        seconds=0.0,
+        versions={"transformers": transformers.__version__, "torch": torch.__version__},
+    )
+    say(f"saving {parameters / 1e6:.1f} M parameters as {dtype} safetensors")
+    _save_atomically(model, tokenizer, record, out_dir, t0)
+    say(f"imported into {out_dir} in {time.perf_counter() - t0:.0f} s")
+    return out_dir
+
+
+def _check_replaceable(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and any(out_dir.iterdir()):
         if not force:
             raise ConfigError(f"{out_dir} exists and holds something else; choose another folder or pass --force")
         if not ((out_dir / "config.json").is_file() or (out_dir / IMPORT_RECORD).is_file()):
             raise ConfigError(f"{out_dir} does not hold a model; --force only replaces a model folder")
 
+
+def _dequantized(src: Path, torch_dtype: Any, say: Progress) -> tuple[Any, Any]:
+    """transformers' GGUF reader, then a plain model built from the config (the GGUF marker makes
+    save_pretrained refuse) holding the dequantized tensors."""
     import torch
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    t0 = time.perf_counter()
-    torch_dtype = getattr(torch, dtype)
     say("reading and dequantizing the GGUF tensors (transformers shows its own bar)")
     try:
         loaded = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch_dtype)
@@ -214,34 +240,23 @@ def import_gguf(
             f"unexpected {sorted(unexpected)[:5]}"
         )
     model.tie_weights()
-    parameters = sum(p.numel() for p in model.parameters())
-    del loaded
+    return model, tokenizer
 
+
+def _save_atomically(model: Any, tokenizer: Any, record: ImportRecord, out_dir: Path, t0: float) -> None:
+    """Written beside the target, then renamed into place: a crash leaves the old folder or none, never half."""
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
-        say(f"saving {parameters / 1e6:.1f} M parameters as {dtype} safetensors")
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        record = ImportRecord(
-            source=str(src),
-            source_sha256=sha,
-            source_bytes=summary.size_bytes,
-            architecture=summary.architecture,
-            quant_types=summary.quant_types,
-            dtype=dtype,
-            parameters=parameters,
-            seconds=round(time.perf_counter() - t0, 2),
-            versions={"transformers": transformers.__version__, "torch": torch.__version__},
-        )
+        record = replace(record, seconds=round(time.perf_counter() - t0, 2))
         (tmp / IMPORT_RECORD).write_text(json.dumps(asdict(record), indent=2) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    say(f"imported into {out_dir} in {time.perf_counter() - t0:.0f} s")
-    return out_dir
 
 
 def packaged_smollm2() -> Path | None:

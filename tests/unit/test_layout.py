@@ -16,11 +16,9 @@ MODULE_LINES = 450
 FUNCTION_LINES = 70
 
 # Over the limit today (being split: docs/architecture.md, "Where it is going"). Never add to these.
-LONG_MODULES = {"client/app.py": 685, "client/model.py": 568}
+LONG_MODULES = {"client/app.py": 685}
 LONG_FUNCTIONS = {
     "client/app.py:_round": 96,
-    "client/gguf_import.py:import_gguf": 90,
-    "client/model.py:load_base_model": 84,
     "fedquic/cli.py:_add_client_args": 80,
 }
 
