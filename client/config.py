@@ -12,13 +12,18 @@ from ..transport.settings import TlsFiles, TransportSettings
 class ClientConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    client_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    client_id: str = Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
+        description="this client's id (letters, digits, _ . -)",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=4433, ge=1, le=65535)
-    server_name: str | None = None
+    server_name: str | None = Field(default=None, description="name in the server certificate")
     tls: TlsFiles
     transport: TransportSettings = TransportSettings()
-    run_dir: Path = Path("runs/client")
+    run_dir: Path = Field(default=Path("runs/client"), description="client state and round log")
     message_timeout_s: float = Field(default=3600.0, gt=0)
     # Connecting is retried with exponential backoff and jitter, before the job is joined (clients may start
     # before the server) and after (the server restarted): at most connect_attempts consecutive failures. A

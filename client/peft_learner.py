@@ -27,39 +27,66 @@ log = logging.getLogger(__name__)
 class PeftLearnerConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model_path: Path
-    task: str | None = None  # synthetic data: a task of fedquic.client.data (e.g. "reverse", "mc-reverse", "label")
-    data_path: Path | None = None
+    model_path: Path = Field(description="local model directory (no hub downloads)")
+    task: str | None = Field(
+        default=None, description="synthetic task for demos: copy, reverse, sort, mc-<task>, label, ..."
+    )
+    data_path: Path | None = Field(
+        default=None, description="JSONL of {prompt, response}, {text}, {prompt, options, answer}, ..."
+    )
     # Held-out data: a file of its own, else a seeded eval_fraction of the training data (never trained on).
-    eval_data_path: Path | None = None
-    eval_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
-    num_examples: int = Field(default=256, ge=1)
-    data_seed: int = 0
+    eval_data_path: Path | None = Field(default=None, description="held-out JSONL (the same records as the data)")
+    eval_fraction: float = Field(
+        default=0.1, ge=0.0, lt=1.0, description="share of the data held out when there is no held-out file"
+    )
+    num_examples: int = Field(default=256, ge=1, description="synthetic examples to generate")
+    data_seed: int = Field(default=0, description="seed of the synthetic data and of the held-out split")
     # Device profile (fedquic.client.profiles) and field-by-field overrides of it; None: the profile's value.
-    profile: str = "default"
-    quantization: Literal["nf4", "int8", "none"] | None = None
-    compute_dtype: Literal["float32", "bfloat16"] | None = None
-    gradient_checkpointing: bool | None = None
-    device: str | None = None
-    micro_batch_size: int | None = Field(default=None, ge=1)
-    # Tokens per example. Longer prompts lose the start of their content, never the chat template.
-    max_len: int = Field(default=256, ge=2)
-    threads: int = Field(default=0, ge=0)
-    # Held-out items scored after each round's aggregate is installed (loss_eval, acc_exact, acc_mc, acc_cls);
-    # the base model before round 1 and the model after the last round are scored on the whole held-out set.
-    # 0 turns evaluation off.
-    eval_samples: int = Field(default=32, ge=0)
-    eval_casefold: bool = False  # acc_exact ignoring case and whitespace (greedy generation; slower)
+    profile: str = Field(
+        default="default",
+        description="device profile: default, edge (small micro-batches, checkpointing) or gpu (bf16, cuda); "
+        "the flags below override its fields",
+    )
+    quantization: Literal["nf4", "int8", "none"] | None = Field(default=None, description="base model quantization")
+    compute_dtype: Literal["float32", "bfloat16"] | None = Field(default=None, description="compute dtype")
+    gradient_checkpointing: bool | None = Field(default=None, description="recompute activations in the backward pass")
+    device: str | None = Field(default=None, description="torch device, e.g. cpu or cuda:0")
+    micro_batch_size: int | None = Field(
+        default=None, ge=1, description="split each batch into micro-batches (gradient accumulation)"
+    )
+    max_len: int = Field(
+        default=256,
+        ge=2,
+        description="max tokens per example; longer prompts lose the start of their content, never the chat template",
+    )
+    threads: int = Field(default=0, ge=0, description="torch CPU threads, 0 for torch's choice")
+    # Scored: loss_eval, acc_exact, acc_mc, acc_cls.
+    eval_samples: int = Field(
+        default=32,
+        ge=0,
+        description="held-out items scored after each round's aggregate; the base model before round 1 and the "
+        "model after the last round are scored on the whole held-out set; 0: no evaluation",
+    )
+    eval_casefold: bool = Field(
+        default=False, description="acc_exact ignores case and whitespace (greedy generation, slower)"
+    )
     # Training examples behind each round's loss_before/loss_after (two extra forward passes over them).
     loss_samples: int = Field(default=32, ge=1)
     # The local objective by name (fedquic.client.objectives: causal-lm, classification, or one registered by
     # the caller); None: the built-in that fits the data.
-    objective: str | None = Field(default=None, min_length=1, max_length=64)
+    objective: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="local objective: causal-lm, classification, or one registered in fedquic.client.objectives",
+    )
     eval_max_new_tokens: int | None = Field(default=None, ge=1)  # casefold generation; None: longest answer + 1
     # Prompt encoding (fedquic.client.data.PromptFormat): None = the tokenizer's chat template if it has one.
-    chat_template: bool | None = None
-    system_prompt: str | None = None  # None: the template's default system turn; "": an empty one
-    num_labels: int | None = Field(default=None, ge=2)  # classifier head size (default: from the data's labels)
+    chat_template: bool | None = Field(default=None, description="wrap prompts in the tokenizer's chat template")
+    system_prompt: str | None = Field(default=None, description="the chat template's system turn ('' for an empty one)")
+    num_labels: int | None = Field(
+        default=None, ge=2, description="classes of a new classification head (the same on every client)"
+    )
     progress: bool = True  # a progress bar over each round's steps, when stderr is a terminal
 
     @model_validator(mode="after")

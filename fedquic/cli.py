@@ -121,119 +121,53 @@ def _add_server_args(s: argparse.ArgumentParser) -> None:
     add_flags(s, ServerConfig, SERVER_FLAG_SPECS)
 
 
-# Client flags: (flag dest, dotted config key); None-valued flags are not given and do not override.
+# Client flags, generated from ClientProcessConfig (fedquic.flags) like the server's. `default` states a default
+# derived from other settings (the client id, the CA's folder, the device profile, the data).
+_PROFILE = "the profile's"
+CLIENT_FLAG_SPECS: tuple[Flag, ...] = (
+    Flag("server_name", "client.server_name", default="the host"),
+    Flag("ca", "client.tls.ca", default="certs/dev/ca.pem"),
+    Flag("cert", "client.tls.cert", default="CA_DIR/clients/CLIENT_ID.pem"),
+    Flag("key", "client.tls.key", default="CA_DIR/clients/CLIENT_ID.key"),
+    Flag("client_id", "client.client_id", note="required here or in the config"),
+    Flag("model", "learner.model_path", note="required here or in the config"),
+    Flag("task", "learner.task", group="data"),
+    Flag("data", "learner.data_path", group="data"),
+    Flag("num_examples", "learner.num_examples"),
+    Flag("data_seed", "learner.data_seed"),
+    Flag("profile", "learner.profile"),
+    Flag("quantization", "learner.quantization", default=_PROFILE),
+    Flag("compute_dtype", "learner.compute_dtype", default=_PROFILE),
+    Flag("gradient_checkpointing", "learner.gradient_checkpointing", default=_PROFILE),
+    Flag("device", "learner.device", default=_PROFILE),
+    Flag("micro_batch_size", "learner.micro_batch_size", default=_PROFILE),
+    Flag("eval_samples", "learner.eval_samples"),
+    Flag("eval_data", "learner.eval_data_path", default="carved from --data"),
+    Flag("eval_fraction", "learner.eval_fraction"),
+    Flag("objective", "learner.objective", metavar="NAME", default="the one that fits the data"),
+    Flag("eval_casefold", "learner.eval_casefold"),
+    Flag("chat_template", "learner.chat_template", default="when the tokenizer has one"),
+    Flag("system_prompt", "learner.system_prompt", default="the template's own, e.g. SmolLM2's"),
+    Flag("num_labels", "learner.num_labels", default="largest label in the data + 1"),
+    Flag("max_len", "learner.max_len"),
+    Flag("threads", "learner.threads"),
+    Flag("run_dir", "client.run_dir", default="runs/CLIENT_ID"),
+)
+# (flag dest, dotted config key), --max-datagram-size (a common flag) included.
 CLIENT_FLAGS: tuple[tuple[str, str], ...] = (
-    ("client_id", "client.client_id"),
-    ("server_name", "client.server_name"),
-    ("ca", "client.tls.ca"),
-    ("cert", "client.tls.cert"),
-    ("key", "client.tls.key"),
-    ("run_dir", "client.run_dir"),
+    *((f.dest, f.key) for f in CLIENT_FLAG_SPECS),
     ("max_datagram_size", "client.transport.max_datagram_size"),
-    ("model", "learner.model_path"),
-    ("task", "learner.task"),
-    ("data", "learner.data_path"),
-    ("num_examples", "learner.num_examples"),
-    ("data_seed", "learner.data_seed"),
-    ("profile", "learner.profile"),
-    ("quantization", "learner.quantization"),
-    ("compute_dtype", "learner.compute_dtype"),
-    ("gradient_checkpointing", "learner.gradient_checkpointing"),
-    ("device", "learner.device"),
-    ("micro_batch_size", "learner.micro_batch_size"),
-    ("eval_samples", "learner.eval_samples"),
-    ("eval_data", "learner.eval_data_path"),
-    ("eval_fraction", "learner.eval_fraction"),
-    ("eval_casefold", "learner.eval_casefold"),
-    ("chat_template", "learner.chat_template"),
-    ("system_prompt", "learner.system_prompt"),
-    ("num_labels", "learner.num_labels"),
-    ("objective", "learner.objective"),
-    ("max_len", "learner.max_len"),
-    ("threads", "learner.threads"),
 )
 
 
 def _add_client_args(c: argparse.ArgumentParser) -> None:
+    from .settings import ClientProcessConfig
+
     c.add_argument("--config", type=Path, help="client settings file (TOML; see `fedquic config show client`)")
     c.add_argument("--server", type=_hostport, metavar="HOST:PORT", help="server address (default 127.0.0.1:4433)")
-    c.add_argument("--server-name", help="name in the server certificate (default: the host)")
-    c.add_argument("--ca", type=Path, help="CA that signed the server certificate (default certs/dev/ca.pem)")
-    c.add_argument(
-        "--cert", type=Path, help="client certificate for mutual TLS (default: CA_DIR/clients/CLIENT_ID.pem)"
-    )
-    c.add_argument("--key", type=Path, help="its private key (default: CA_DIR/clients/CLIENT_ID.key)")
-    c.add_argument("--client-id", help="this client's id (letters, digits, _ . -); required here or in the config")
-    c.add_argument(
-        "--model", type=Path, help="local model directory (no hub downloads); required here or in the config"
-    )
-    data = c.add_mutually_exclusive_group()
-    data.add_argument("--task", help="synthetic task for demos: copy, reverse, sort, mc-<task>, label, ...")
-    data.add_argument("--data", type=Path, help="JSONL of {prompt, response}, {text}, {prompt, options, answer}, ...")
-    c.add_argument("--num-examples", type=int, help="synthetic examples to generate (default 256)")
-    c.add_argument("--data-seed", type=int)
-    c.add_argument(
-        "--profile",
-        help="device profile: default, edge (small micro-batches, checkpointing) or gpu (bf16, cuda); "
-        "the flags below override its fields",
-    )
-    c.add_argument("--quantization", choices=("nf4", "int8", "none"), help="base model quantization")
-    c.add_argument("--compute-dtype", choices=("float32", "bfloat16"))
-    c.add_argument(
-        "--gradient-checkpointing",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="recompute activations in the backward pass (default: the profile's choice)",
-    )
-    c.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: the profile's)")
-    c.add_argument("--micro-batch-size", type=int, help="split each batch (gradient accumulation)")
-    c.add_argument(
-        "--eval-samples",
-        type=int,
-        help="held-out items scored after each round's aggregate (default 32); the base model before round 1 and "
-        "the model after the last round are scored on the whole held-out set; 0: no evaluation",
-    )
-    c.add_argument("--eval-data", type=Path, help="held-out JSONL (same records as --data); default: carve from --data")
-    c.add_argument(
-        "--eval-fraction", type=float, help="share of --data held out when there is no --eval-data (default 0.1)"
-    )
-    c.add_argument(
-        "--objective",
-        metavar="NAME",
-        help="local objective: causal-lm or classification (default: the one that fits --data), or one "
-        "registered in fedquic.client.objectives",
-    )
-    c.add_argument(
-        "--eval-casefold",
-        action="store_true",
-        default=None,
-        help="acc_exact ignores case and whitespace (greedy generation, slower); default: strict exact match",
-    )
-    c.add_argument(
-        "--chat-template",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="wrap prompts in the tokenizer's chat template (default: when the tokenizer has one)",
-    )
-    c.add_argument(
-        "--system-prompt",
-        help="the chat template's system turn ('' for an empty one; default: the template's own, e.g. SmolLM2's)",
-    )
-    c.add_argument(
-        "--num-labels",
-        type=int,
-        help="classes of a new classification head (the same on every client; default: largest label in the data + 1)",
-    )
+    add_flags(c, ClientProcessConfig, CLIENT_FLAG_SPECS)
     c.add_argument("--no-progress", action="store_true", help="no progress bar (also off when not on a terminal)")
     c.add_argument("--no-checkpoint", action="store_true", help="do not checkpoint client state after each round")
-    c.add_argument(
-        "--max-len",
-        type=int,
-        help="max tokens per example (default 256); longer prompts lose the start of their content, never the "
-        "chat template",
-    )
-    c.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    c.add_argument("--run-dir", type=Path, help="client state and round log (default runs/CLIENT_ID)")
 
 
 def _client_overrides(args: argparse.Namespace) -> dict[str, object]:

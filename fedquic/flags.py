@@ -33,6 +33,7 @@ class Flag:
     flag: str | None = None  # the option string when it is not --DEST (--round-timeout for round_timeout_s)
     metavar: str | None = None
     default: str | None = None  # how the help states a default the model does not hold (derived, per profile)
+    note: str | None = None  # said instead of a default ("required here or in the config")
     action: str | None = None  # "append": repeatable, a list
     group: str | None = None  # flags of one mutually exclusive group share its name
 
@@ -95,8 +96,6 @@ def default_text(value: Any) -> str | None:
         return str(short())
     if isinstance(value, enum.Enum):
         return str(value.value)
-    if isinstance(value, bool):
-        return "on" if value else "off"
     if isinstance(value, tuple | list):
         return ",".join(map(str, value)) or None
     return str(value)
@@ -105,6 +104,8 @@ def default_text(value: Any) -> str | None:
 def help_text(flag: Flag, field: FieldInfo) -> str:
     if not field.description:
         raise ValueError(f"{flag.key}: the field has no description for the {flag.option} help")
+    if flag.note is not None:
+        return f"{field.description} ({flag.note})"
     if flag.default is not None:  # derived elsewhere (per architecture, per profile): said in words
         return f"{field.description} (default: {flag.default})"
     stated = default_text(field.get_default(call_default_factory=True))
@@ -124,7 +125,9 @@ def add_flags(parser: argparse.ArgumentParser, model: type[BaseModel], flags: It
             kwargs["metavar"] = flag.metavar
         target: Any = parser
         if flag.group is not None:
-            target = groups.setdefault(flag.group, parser.add_mutually_exclusive_group())
+            if flag.group not in groups:
+                groups[flag.group] = parser.add_mutually_exclusive_group()
+            target = groups[flag.group]
         target.add_argument(flag.option, **kwargs)
 
 

@@ -16,9 +16,9 @@ class TlsFiles(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    ca: Path
-    cert: Path | None = None
-    key: Path | None = None
+    ca: Path = Field(description="CA that signed the other side's certificate")
+    cert: Path | None = Field(default=None, description="this side's certificate (mutual TLS)")
+    key: Path | None = Field(default=None, description="its private key")
     revoked: Path | None = None  # server: serials of revoked client certificates, hex, one per line
 
 

@@ -55,7 +55,7 @@ def test_types_choices_and_defaults_come_from_the_fields() -> None:
         p.parse_args(["--depth", "deep"])
     helps = {a.dest: a.help for a in p._actions}
     assert helps["mode"] == "which mode (default a)" and helps["ratio"] == "a ratio"  # None states nothing
-    assert helps["depth"] == "how deep (default 3)" and helps["fast"].startswith("go fast (default off)")
+    assert helps["depth"] == "how deep (default 3)" and helps["fast"].startswith("go fast (default False)")
 
 
 def test_a_flag_needs_a_described_field_that_exists() -> None:
