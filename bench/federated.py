@@ -613,8 +613,8 @@ async def run_job(
 ) -> dict[str, Any]:
     from fedquic.common.codec import EncodingSpec
     from fedquic.common.messages import LoraJobSpec, TrainSpec
-    from fedquic.server.app import AggregationServer
     from fedquic.server.config import JobConfig, MetricsSettings, ServerConfig
+    from fedquic.server.daemon import AggregationServer
     from fedquic.server.rounds import RoundPolicy
     from fedquic.transport.settings import TlsFiles
 

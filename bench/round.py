@@ -42,8 +42,8 @@ from typing import Any
 
 from fedquic.common.codec import EncodingSpec
 from fedquic.common.messages import TrainSpec
-from fedquic.server.app import AggregationServer
 from fedquic.server.config import JobConfig, MetricsSettings, ServerConfig
+from fedquic.server.daemon import AggregationServer
 from fedquic.server.history import read_history_dicts
 from fedquic.server.rounds import RoundPolicy
 from fedquic.transport.pki import DevPki, init_dev_pki, issue_client_cert

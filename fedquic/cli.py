@@ -505,7 +505,7 @@ def _server_settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def cmd_server(args: argparse.Namespace) -> int:
     _setup(args)
     from .common.errors import ConfigError, FedQuicError
-    from .server.app import AggregationServer
+    from .server.daemon import AggregationServer
 
     try:
         cfg = _server_settings(args)

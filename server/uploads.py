@@ -1,6 +1,6 @@
 """The daemon's side of upload admission: it feeds :class:`~fedquic.server.admission.UploadAdmission` the
 requests, releases and time, and carries out its decisions on the connections (permit the UPDATE stream, send
-UPLOAD_GRANT, revoke an unused grant). Mixed into :class:`~fedquic.server.app.AggregationServer`, whose
+UPLOAD_GRANT, revoke an unused grant). Mixed into :class:`~fedquic.server.daemon.AggregationServer`, whose
 records, transport budget, clock and metrics it uses."""
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ def dev_pki(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
 @pytest.fixture
 def loopback_server(dev_pki, tmp_path: Path):  # type: ignore[no-untyped-def]
     """Factory: an AggregationServer on 127.0.0.1, port 0, the dev PKI, no metrics endpoint, run dir in tmp_path."""
-    from fedquic.server.app import AggregationServer
     from fedquic.server.config import MetricsSettings, ServerConfig
+    from fedquic.server.daemon import AggregationServer
     from fedquic.transport.settings import TlsFiles
 
     def make(**cfg: object) -> AggregationServer:

@@ -21,8 +21,8 @@ def one_round(dev_pki: Any) -> OneRound:
     held-out figures reached the server's history; returns the learners."""
     from fedquic.client.app import ClientConfig, FederatedClient
     from fedquic.common.messages import LoraJobSpec, TrainSpec
-    from fedquic.server.app import AggregationServer
     from fedquic.server.config import JobConfig, ServerConfig
+    from fedquic.server.daemon import AggregationServer
     from fedquic.server.rounds import RoundPolicy
     from fedquic.transport.pki import issue_client_cert
     from fedquic.transport.settings import TlsFiles

@@ -18,7 +18,7 @@ def test_help(cmd: list[str]) -> None:
 
 def test_server_code_imports_without_torch() -> None:
     code = BLOCK_TORCH + (
-        "import fedquic.server.app, fedquic.cli; from fedquic.cli import main; main(['server', '--help'])"
+        "import fedquic.server.daemon, fedquic.cli; from fedquic.cli import main; main(['server', '--help'])"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

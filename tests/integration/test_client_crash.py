@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from fedquic.common.codec import EncodingSpec
 from fedquic.common.messages import TrainSpec
-from fedquic.server.app import AggregationServer
 from fedquic.server.config import JobConfig
+from fedquic.server.daemon import AggregationServer
 from fedquic.server.rounds import RoundPolicy
 from fedquic.transport.pki import issue_client_cert
 

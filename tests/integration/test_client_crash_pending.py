@@ -18,8 +18,8 @@ from fedquic.common.adapter import TensorDict, init_lora_state
 from fedquic.common.codec import EncodingSpec
 from fedquic.common.errors import ErrorCode
 from fedquic.common.messages import TrainSpec
-from fedquic.server.app import AggregationServer
 from fedquic.server.config import JobConfig
+from fedquic.server.daemon import AggregationServer
 from fedquic.server.rounds import RoundPolicy
 from fedquic.transport.pki import issue_client_cert
 

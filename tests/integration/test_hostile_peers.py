@@ -29,8 +29,8 @@ from fedquic.common.messages import (
     UploadRequest,
     Welcome,
 )
-from fedquic.server.app import AggregationServer
 from fedquic.server.config import JobConfig, MetricsSettings, ServerConfig
+from fedquic.server.daemon import AggregationServer
 from fedquic.server.rounds import RoundPolicy
 from fedquic.transport.aio import Peer, connect_peer
 from fedquic.transport.framing import encode_frame_head

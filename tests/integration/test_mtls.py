@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from fedquic.common.errors import ErrorCode, TransportError
 from fedquic.common.messages import SUPPORTED_VERSIONS, Ack, Error, Hello, MsgType
-from fedquic.server.app import AggregationServer
 from fedquic.server.config import ServerConfig
+from fedquic.server.daemon import AggregationServer
 from fedquic.server.rounds import RoundPolicy
 from fedquic.transport.aio import FedQuicServer, Peer, connect_peer
 from fedquic.transport.pki import DevPki, init_dev_pki, issue_client_cert

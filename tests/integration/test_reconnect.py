@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from fedquic.client.app import ClientConfig, FederatedClient
 from fedquic.common.messages import TrainSpec
-from fedquic.server.app import AggregationServer
 from fedquic.server.config import JobConfig, ServerConfig
+from fedquic.server.daemon import AggregationServer
 from fedquic.server.rounds import RoundPolicy
 from fedquic.transport.pki import issue_client_cert
 from fedquic.transport.settings import TlsFiles, TransportSettings

@@ -14,8 +14,8 @@ from fedquic.common.adapter import state_hash
 from fedquic.common.codec import Encoding, EncodingSpec
 from fedquic.common.errors import ErrorCode
 from fedquic.common.messages import SUPPORTED_VERSIONS, Error, Hello, TrainSpec
-from fedquic.server.app import AggregationServer
 from fedquic.server.config import JobConfig
+from fedquic.server.daemon import AggregationServer
 from fedquic.server.history import read_history_dicts
 from fedquic.server.rounds import RoundPolicy
 from fedquic.transport.aio import connect_peer
