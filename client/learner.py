@@ -1,6 +1,6 @@
 """The Learner protocol: what the network loop needs from local training.
 
-:mod:`fedquic.client.app` drives any object with these methods, so users can plug in their own model,
+:mod:`fedquic.client.runner` drives any object with these methods, so users can plug in their own model,
 data and training step. :class:`fedquic.client.peft_learner.PeftLearner` is the built-in one
 (4-bit base, peft LoRA, FedALT mixer). Methods may block: the app calls them in a worker thread so
 the QUIC connection keeps being served while a round trains.
