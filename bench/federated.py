@@ -29,7 +29,7 @@ Base model and tasks (``--model``)
 Accuracy: strict exact match, computed teacher-forced: an item is right iff every answer token and the eos after
 it is the argmax given the true prefix, which is exactly when greedy decoding reproduces the answer; one forward
 pass per batch (:func:`fedquic.client.evaluate.teacher_forced_correct`). The client app measures when a real
-client does (:mod:`fedquic.client.app`): the base model before round 1, and the model after each round's
+client does (:mod:`fedquic.client.runner`): the base model before round 1, and the model after each round's
 aggregate is installed (for FedALT: own adapter + new RoW), reported in that round's METRICS before the
 aggregate's ACK; in ``local`` jobs after each round's training. The base model and intermediate rounds are
 scored on the first ``curve_items`` test items, the model after the last round on all of them.
@@ -404,7 +404,7 @@ def make_learner(cmd: dict[str, Any]) -> Any:
     class BenchLearner(PeftLearner):
         """PeftLearner whose held-out set is the benchmark's test set, scored teacher-forced (strict exact match,
         ``acc_tf``) only: the base model and intermediate rounds on the first ``curve`` items, the model after
-        the last round on all of them. The client app decides when (fedquic.client.app: before round 1, after
+        the last round on all of them. The client app decides when (fedquic.client.runner: before round 1, after
         every installed aggregate; after training in ``local`` jobs)."""
 
         def __init__(self, cfg: PeftLearnerConfig, test: list[Example], curve: int, slots: CpuSlots) -> None:
@@ -471,7 +471,8 @@ def make_learner(cmd: dict[str, Any]) -> Any:
 
 
 async def worker_job(cmd: dict[str, Any]) -> dict[str, Any]:
-    from fedquic.client.app import ClientConfig, FederatedClient
+    from fedquic.client.config import ClientConfig
+    from fedquic.client.runner import FederatedClient
     from fedquic.transport.pki import DevPki
     from fedquic.transport.settings import TlsFiles
 

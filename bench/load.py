@@ -4,7 +4,7 @@ What it measures
 ----------------
 Two parts, each against a real ``fedquic server`` process on loopback (its CPU time and resident memory are read
 from ``/proc``; its ``/status`` endpoint is polled for refusals), with light clients (``python -m testkit.synthetic
---count N``: N :class:`~fedquic.client.app.FederatedClient` objects with a numpy learner per process, each with its
+--count N``: N :class:`~fedquic.client.runner.FederatedClient` objects with a numpy learner per process, each with its
 own QUIC connection, certificate and state, the same protocol and codec as a real client):
 
 * **scale**: a baseline of ``--base`` clients, then ``--clients`` (500) clients, tiny adapters (8 KB), 3 rounds each.

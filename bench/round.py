@@ -2,7 +2,7 @@
 
 What it measures
 ----------------
-A server (in this process) and 2 client processes (each a :class:`~fedquic.client.app.FederatedClient` with a
+A server (in this process) and 2 client processes (each a :class:`~fedquic.client.runner.FederatedClient` with a
 numpy :class:`~testkit.synthetic.SyntheticLearner`: trivial training, an update the size of a 45 MB fp32 LoRA
 state, 344 tensors of rank-16 q/v adapters at width 2048) run 2 rounds per encoding; round 2 is timed (round 1
 includes joining). For each of fp32, INT8 (per rank, LZ4) and top-k 10% with error feedback both ways:
@@ -57,7 +57,8 @@ ENCODINGS = {"fp32": "fp32", "int8": "int8", "topk10": "topk10"}
 
 
 def client_main(args: argparse.Namespace) -> int:
-    from fedquic.client.app import ClientConfig, FederatedClient
+    from fedquic.client.config import ClientConfig
+    from fedquic.client.runner import FederatedClient
 
     pki = DevPki(Path(args.pki))
     cfg = ClientConfig(

@@ -18,12 +18,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from ..common.adapter import AdapterSchema, TensorDict, init_lora_state, state_hash, zeros_state
+from ..common.adapter import AdapterSchema, TensorDict, init_lora_state, initial_held, state_hash, zeros_state
 from ..common.codec import EncodingSpec, Manifest, decode_tensors, expand, to_compact
 from ..common.errors import ConfigError, ErrorCode, ProtocolError
 from ..common.feedback import ErrorFeedback
 from ..common.limits import WireLimits
 from ..common.messages import Aggregate, SyncState, Update, Welcome
+from ..common.names import ADAPTER_KINDS
+from .kinds import get_kind
 from .learner import Learner
 from .state import ClientState
 
@@ -95,7 +97,7 @@ class SyncedAdapter:
         self.synced_round = 0
         self.ef.residual = {}
         # what we hold of each kind of aggregate: the RoW starts at zero, the global at the shared init
-        self.held = {"row": zeros_state(schema), "global": {k: v.copy() for k, v in self.view.items()}}
+        self.held = {kind: initial_held(kind, schema, self.view) for kind in ADAPTER_KINDS}
         if state_hash(self.learner.local_state()) != self.view_hash:
             # Averaging LoRA factors is only meaningful from a shared starting point.
             raise ConfigError(
@@ -259,13 +261,7 @@ class SyncedAdapter:
             else:
                 state = decoded
             self.held[h.kind] = state
-            if h.kind == "row":
-                self.learner.set_row_state(state)
-            else:  # fedavg: the global adapter replaces the local one, and is what the server now holds
-                self.learner.set_local_state(state)
-                self.unacked = None
-                self.view, self.view_hash = state, state_hash(state)
-                self.synced = state
+            get_kind(h.kind).install(self, state)  # client/kinds.py: what holding it means for the learner
         self.synced_round = max(self.synced_round, h.round)
         return state, reset
 

@@ -128,6 +128,16 @@ def zeros_state(schema: AdapterSchema) -> TensorDict:
     return {t.name: np.zeros(t.shape, dtype=np.float32) for t in schema.tensors}
 
 
+def initial_held(kind: str, schema: AdapterSchema, init: Mapping[str, np.ndarray]) -> TensorDict:
+    """What a client holds of an aggregate ``kind`` before the first one arrives, on both sides of the wire: the
+    Rest-of-World contributes nothing yet (zeros); the global adapter is the job's shared initialisation."""
+    if kind == "row":
+        return zeros_state(schema)
+    if kind == "global":
+        return {k: np.array(v, dtype=np.float32, copy=True) for k, v in init.items()}
+    raise ValueError(f"no initial state for adapter kind {kind!r}")
+
+
 def state_hash(state: Mapping[str, np.ndarray]) -> str:
     """Content hash of a tensor dict (names, shapes, bytes), for versioning and idempotency."""
     h = hashlib.sha256()

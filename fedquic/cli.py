@@ -588,8 +588,8 @@ def _explain(exc: ValueError) -> str:
 
 def cmd_client(args: argparse.Namespace) -> int:
     _setup(args)
-    from .client.app import run_client
     from .client.peft_learner import PeftLearner
+    from .client.runner import run_client
     from .common.errors import ConfigError, FedQuicError
 
     try:

@@ -2,7 +2,7 @@
 
 ``fedquic client --config client.toml`` reads::
 
-    [client]              # fedquic.client.app.ClientConfig: id, server address, TLS files, run_dir, retries
+    [client]              # fedquic.client.config.ClientConfig: id, server address, TLS files, run_dir, retries
     client_id = "edge-1"
     host = "fl.example.org"
     [client.tls]
@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from .client.app import ClientConfig
+from .client.config import ClientConfig
 from .client.peft_learner import PeftLearnerConfig
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..common.adapter import AdapterSchema, TensorDict, init_lora_state, state_hash, zeros_state
+from ..common.adapter import AdapterSchema, TensorDict, init_lora_state, initial_held, state_hash
 from ..common.codec import Encoding, max_body_nbytes
 from ..common.logs import round_var
 from ..common.messages import Bye, RoundStart
@@ -122,7 +122,7 @@ class ServerJob:
 
     def default_held(self, kind: str) -> TensorDict:
         assert self.schema is not None and self.init_state is not None
-        return zeros_state(self.schema) if kind == "row" else {k: v.copy() for k, v in self.init_state.items()}
+        return initial_held(kind, self.schema, self.init_state)
 
     def load(self, rec: ClientRecord) -> None:
         """Bring a client's tensors into memory from disk (or from the job's init for a new client). Blocking:

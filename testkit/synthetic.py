@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     import asyncio
     from pathlib import Path
 
-    from fedquic.client.app import ClientConfig, FederatedClient
+    from fedquic.client.config import ClientConfig
+    from fedquic.client.runner import FederatedClient
     from fedquic.common.logs import setup_logging
     from fedquic.transport.settings import TlsFiles, TransportSettings
 

@@ -53,7 +53,8 @@ def loopback_server(dev_pki, tmp_path: Path):  # type: ignore[no-untyped-def]
 @pytest.fixture
 def light_client(dev_pki, tmp_path: Path):  # type: ignore[no-untyped-def]
     """Factory: a FederatedClient with its own client certificate, dialing 127.0.0.1:port, around ``learner``."""
-    from fedquic.client.app import ClientConfig, FederatedClient
+    from fedquic.client.config import ClientConfig
+    from fedquic.client.runner import FederatedClient
     from fedquic.transport.pki import issue_client_cert
     from fedquic.transport.settings import TlsFiles
 

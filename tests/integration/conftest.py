@@ -19,7 +19,8 @@ def one_round(dev_pki: Any) -> OneRound:
     default FedALT, learned mixer, fp32; ``job`` overrides JobConfig fields) between one real client per data
     file and a real server over loopback QUIC. Checks that every client's base-model and post-aggregate
     held-out figures reached the server's history; returns the learners."""
-    from fedquic.client.app import ClientConfig, FederatedClient
+    from fedquic.client.config import ClientConfig
+    from fedquic.client.runner import FederatedClient
     from fedquic.common.messages import LoraJobSpec, TrainSpec
     from fedquic.server.config import JobConfig, ServerConfig
     from fedquic.server.daemon import AggregationServer

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedquic.client.app import ClientConfig, FederatedClient
+from fedquic.client.config import ClientConfig
+from fedquic.client.runner import FederatedClient
 from fedquic.common.messages import TrainSpec
 from fedquic.server.config import JobConfig, ServerConfig
 from fedquic.server.daemon import AggregationServer

@@ -9,7 +9,7 @@ import shutil
 import threading
 
 import pytest
-from fedquic.client.app import FederatedClient
+from fedquic.client.runner import FederatedClient
 from fedquic.common.adapter import state_hash
 from fedquic.common.codec import Encoding, EncodingSpec
 from fedquic.common.errors import ErrorCode

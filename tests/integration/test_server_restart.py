@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from fedquic.client.app import ClientConfig, FederatedClient
+from fedquic.client.config import ClientConfig
+from fedquic.client.runner import FederatedClient
 from fedquic.transport.pki import DevPki, issue_client_cert
 from fedquic.transport.settings import TlsFiles, TransportSettings
 

@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fedquic.client.app import ClientConfig, FederatedClient, is_retryable
+from fedquic.client.config import ClientConfig
+from fedquic.client.reconnect import is_retryable
+from fedquic.client.runner import FederatedClient
 from fedquic.client.state import StateStore
 from fedquic.common.adapter import AdapterSchema, TensorDict, init_lora_state, state_hash, zeros_state
 from fedquic.common.codec import EncodingSpec, decode_tensors, encode_tensors, expand
@@ -603,7 +605,7 @@ async def test_peft_learner_restarts_from_its_checkpoint_with_adapters_and_mixer
 
 def test_non_finite_metrics_are_left_out_of_metrics_messages() -> None:
     """A NaN loss used to go out as JSON null: the server refused the header and closed the connection."""
-    from fedquic.client.app import finite_metrics
+    from fedquic.client.results import finite_metrics
     from fedquic.common.messages import Metrics
     from fedquic.transport.framing import FrameDecoder, encode_frame
 
