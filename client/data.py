@@ -83,11 +83,12 @@ def make_examples(task: str, n: int, seed: int) -> list[Example]:
         raise ConfigError(f"number of examples must be >= 0, got {n}")
     # str seeds are hashed with sha512 by `random`, so this is stable across runs and PYTHONHASHSEED.
     rng = random.Random(f"fedquic:{task}:{seed}")
-    out = []
-    for _ in range(n):
-        s = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(MIN_LEN, MAX_LEN)))
-        out.append(Example(prompt=f"{task}: {s}=", response=fn(s)))
-    return out
+    return [Example(prompt=f"{task}: {s}=", response=fn(s)) for s in _random_words(rng, n)]
+
+
+def _random_words(rng: random.Random, n: int) -> list[str]:
+    """``n`` random lowercase strings of length MIN_LEN to MAX_LEN (the rng's draws, in order)."""
+    return ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(MIN_LEN, MAX_LEN))) for _ in range(n)]
 
 
 def make_mc_examples(task: str, n: int, seed: int, num_options: int = 4) -> list[Example]:
@@ -119,11 +120,8 @@ def make_label_examples(n: int, seed: int, num_labels: int = 2) -> list[Example]
     if num_labels < 2:
         raise ConfigError(f"num_labels must be >= 2, got {num_labels}")
     rng = random.Random(f"fedquic:label:{seed}:{num_labels}")
-    out = []
-    for _ in range(n):
-        s = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(MIN_LEN, MAX_LEN)))
-        out.append(Example(prompt=s, response="", label=(ord(s[0]) - ord("a")) * num_labels // 26))
-    return out
+    words = _random_words(rng, n)
+    return [Example(prompt=s, response="", label=(ord(s[0]) - ord("a")) * num_labels // 26) for s in words]
 
 
 def make_task_examples(task: str, n: int, seed: int) -> list[Example]:

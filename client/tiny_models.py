@@ -73,14 +73,18 @@ def build_tiny_llama(
 
     tokenizer = _char_tokenizer()
     config = _tiny_llama_config(tokenizer, hidden_size, num_layers, num_heads, intermediate_size, max_position)
-    # HF init draws from torch's global RNG: fork it so the seed applies here and the caller's RNG survives.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+    model = _seeded(LlamaForCausalLM, config, seed)
     if not _save_model_dir(model, tokenizer, out_dir):
         return out_dir
     log.info("built tiny llama (hidden %d, %d layers) in %s", hidden_size, num_layers, out_dir)
     return out_dir
+
+
+def _seeded(model_cls: Any, config: Any, seed: int) -> Any:
+    # HF init draws from torch's global RNG: fork it so the seed applies here and the caller's RNG survives.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_cls(config)
 
 
 def _save_model_dir(model: Any, tokenizer: Any, out_dir: Path) -> bool:
@@ -165,9 +169,7 @@ def build_tiny_classifier(
     config = _tiny_llama_config(
         tokenizer, hidden_size, num_layers, num_heads, intermediate_size, max_position, num_labels=num_labels
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForSequenceClassification(config)
+    model = _seeded(LlamaForSequenceClassification, config, seed)
     _save_model_dir(model, tokenizer, out_dir)
     return out_dir
 
@@ -218,9 +220,7 @@ def build_tiny_vlm(
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",  # drops CLIP's class token: one image token per patch
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
+    model = _seeded(LlavaForConditionalGeneration, config, seed)
     _save_model_dir(model, tokenizer, out_dir)
     return out_dir
 
