@@ -51,7 +51,7 @@ COPY transport/ /opt/fedquic/src/transport/
 COPY server/ /opt/fedquic/src/server/
 COPY client/ /opt/fedquic/src/client/
 RUN pip install /opt/fedquic/src \
-    && python3 -c "import importlib.util as u, fedquic.server.app; assert u.find_spec('torch') is None, 'torch'" \
+    && python3 -c "import importlib.util as u, fedquic.server.daemon; assert u.find_spec('torch') is None, 'torch'" \
     && fedquic --version
 ENTRYPOINT ["fedquic-entrypoint"]
 CMD ["fedquic", "--help"]
