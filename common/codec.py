@@ -270,7 +270,7 @@ def encode_tensors(state: Mapping[str, np.ndarray], spec: EncodingSpec | None = 
         offset += rec.nbytes
     raw = b"".join(parts)
     body, used = raw, Compression.NONE
-    if spec.compression is Compression.LZ4 and raw:
+    if spec.compression is Compression.LZ4 and raw and _lz4_pays(raw):
         if spec.lz4_level:
             packed = lz4.block.compress(raw, mode="high_compression", compression=spec.lz4_level, store_size=False)
         else:
@@ -278,6 +278,22 @@ def encode_tensors(state: Mapping[str, np.ndarray], spec: EncodingSpec | None = 
         if len(packed) < len(raw):  # stored uncompressed when LZ4 does not shrink it
             body, used = packed, Compression.LZ4
     return Manifest(tensors=tuple(records), compression=used, raw_size=len(raw)), body
+
+
+_LZ4_PROBE = 1 << 16
+_LZ4_PROBE_GAIN = 0.9
+
+
+def _lz4_pays(raw: bytes) -> bool:
+    """Whether LZ4 is worth a full pass over ``raw``: three 64 KiB samples (start, middle, end) are compressed
+    first. Dense floats and INT8 codes hardly shrink, so their full pass (and the receiver's) is skipped; zeros and
+    sparse index/value streams shrink at once. A payload whose samples do not shrink but whose rest would is sent
+    uncompressed: still correct, only larger."""
+    if len(raw) <= 4 * _LZ4_PROBE:
+        return True
+    mid = len(raw) // 2
+    sample = raw[:_LZ4_PROBE] + raw[mid : mid + _LZ4_PROBE] + raw[-_LZ4_PROBE:]
+    return len(lz4.block.compress(sample, store_size=False)) < _LZ4_PROBE_GAIN * len(sample)
 
 
 # -- validation ----------------------------------------------------------------------------------------
@@ -656,6 +672,11 @@ class Payload:
 
 
 def encode_payload(state: Mapping[str, np.ndarray], spec: EncodingSpec | None = None) -> Payload:
-    """Encode, and decode our own bytes so the sender knows exactly what the receiver reconstructs."""
+    """Encode, and decode our own bytes so the sender knows exactly what the receiver reconstructs. fp32 is
+    lossless: what the receiver decodes is the input itself, so it is not decoded again (the arrays may be the
+    caller's own; nothing here or in its users writes to them)."""
+    spec = spec or EncodingSpec()
     manifest, body = encode_tensors(state, spec)
+    if spec.encoding is Encoding.FP32:
+        return Payload(manifest, body, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()})
     return Payload(manifest, body, decode_tensors(manifest, body))

@@ -8,6 +8,7 @@ from fedquic.common.codec import (
     Manifest,
     TensorRecord,
     decode_tensors,
+    encode_payload,
     encode_tensors,
     fp32_nbytes,
 )
@@ -148,3 +149,22 @@ def test_tiny_values_quantize_without_overflow(enc: str) -> None:
 def test_short_form_reads_back_as_the_same_spec(text: str) -> None:
     spec = EncodingSpec.parse(text)
     assert spec.short() == text and EncodingSpec.parse(spec.short()) == spec
+
+
+def test_lz4_is_tried_in_full_only_when_a_sample_shrinks() -> None:
+    rng = np.random.default_rng(0)
+    dense = {"w": rng.standard_normal((512, 512)).astype(np.float32)}  # 1 MiB of noise: LZ4 cannot shrink it
+    zeros = {"w": np.zeros((512, 512), np.float32)}
+    assert encode_tensors(dense, EncodingSpec.parse("fp32"))[0].compression is Compression.NONE
+    manifest, body = encode_tensors(zeros, EncodingSpec.parse("fp32"))
+    assert manifest.compression is Compression.LZ4 and len(body) < 10_000
+    np.testing.assert_array_equal(decode_tensors(manifest, body)["w"], zeros["w"])
+
+
+def test_an_fp32_payload_decodes_to_its_input_without_a_self_decode() -> None:
+    state = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(5, np.float64)}
+    payload = encode_payload(state, EncodingSpec.parse("fp32"))
+    received = decode_tensors(payload.manifest, payload.body)
+    for k in state:
+        assert payload.decoded[k].dtype == np.float32
+        np.testing.assert_array_equal(payload.decoded[k], received[k])
