@@ -1,19 +1,22 @@
 """The client's durable state: what a restarted client needs to rejoin its job where it left off.
 
-One checkpoint is two files in ``run_dir/state/``:
+One checkpoint is ``run_dir/state/checkpoint.json`` and one file per section,
+``section-<name>-<hash>.safetensors``, holding that section's tensors:
 
-* ``tensors-<generation>.safetensors``: every tensor, keyed ``<section>/<tensor name>`` with the sections
-  ``local`` (the individual LoRA), ``view`` (that LoRA as the server reconstructed it), ``synced`` (the local
-  LoRA at the last sync), ``residual`` (uplink error-feedback residual), ``held.row`` / ``held.global`` (the
-  aggregates the client holds) and ``extra`` (the learner's own state, e.g. the FedALT mixers);
-* ``checkpoint.json``: the job id, client id, round, view hash, held hashes, schema and base fingerprints,
-  format version, and the name and SHA-256 of the tensor file it belongs to.
+* the sections: ``local`` (the individual LoRA), ``view`` (that LoRA as the server reconstructed it), ``synced``
+  (the local LoRA at the last sync), ``residual`` (uplink error-feedback residual), ``held.row`` /
+  ``held.global`` (the aggregates the client holds) and ``extra`` (the learner's own state, e.g. the mixers);
+* ``checkpoint.json``: the job id, client id, round, schema and base fingerprints, format version, and per
+  section its file and content hash (:func:`~fedquic.common.adapter.state_hash`, the hash the protocol uses: the
+  view's is the view hash JOIN reports).
 
-Writes are atomic and ordered so that a crash at any point leaves the previous checkpoint readable: the tensor
-file of the new generation is written to a ``.tmp`` file, flushed, fsynced, renamed into place and the directory
-fsynced; then ``checkpoint.json`` is replaced the same way (the commit point); only then are older tensor files
-removed. A reader follows ``checkpoint.json`` only, so leftover ``.tmp`` files and unreferenced tensor files are
-ignored (and cleaned up by the next save). No pickle anywhere.
+Files are named by their content, so a save writes only the sections that changed since the last one (after an
+AGGREGATE usually one of six) and hashes each section once. Writes are atomic and ordered so that a crash at any
+point leaves the previous checkpoint readable: new section files are written to ``.tmp`` files, flushed, fsynced
+and renamed into place, the directory fsynced; then ``checkpoint.json`` is replaced the same way (the commit
+point); only then are files no longer referenced removed. A reader follows ``checkpoint.json`` only and checks
+every section against its hash, so leftover ``.tmp`` files and unreferenced files are ignored (and cleaned up by
+the next save). Checkpoints of format 1 (one file of every tensor) are still read. No pickle anywhere.
 
 The built-in trainer re-creates its AdamW optimizer every round (no optimizer state crosses rounds), so there is
 no optimizer state to persist; a learner that keeps one can return its tensors from ``extra_state()``.
@@ -36,17 +39,21 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from ..common.adapter import TensorDict, state_hash
-from ..common.atomic import atomic_write_bytes
+from ..common.atomic import atomic_write_bytes, fsync_dir
 from ..common.errors import ConfigError
 from ..common.names import ADAPTER_KINDS
 
 log = logging.getLogger(__name__)
 
 FORMAT = "fedquic-client-state"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 META_FILE = "checkpoint.json"
 OPTIMIZER_NOTE = "not persisted: the built-in trainer re-creates AdamW each round; learners may use extra_state()"
-_TENSORS_RE = re.compile(r"^tensors-(\d{8})\.safetensors$")
+_TENSORS_RE = re.compile(r"^tensors-(\d{8})\.safetensors$")  # format 1
+_SECTION_RE = re.compile(
+    r"^section-(local|view|synced|residual|held\.row|held\.global|extra)-[0-9a-f]{32}\.safetensors$"
+)
 _SECTIONS = ("local", "view", "synced", "residual", "held.row", "held.global", "extra")
 
 
@@ -120,12 +127,13 @@ class StateStore:
             raise ConfigError(msg) from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ConfigError(f"{self.meta_path} is not a fedquic client checkpoint")
-        if meta.get("version") != FORMAT_VERSION:
+        if meta.get("version") not in READABLE_VERSIONS:
             raise ConfigError(f"{self.meta_path}: unsupported checkpoint version {meta.get('version')!r}")
         return meta
 
     def save(self, state: ClientState) -> Path:
-        """Write ``state`` as the new checkpoint; returns the tensor file written."""
+        """Write ``state`` as the new checkpoint (only the sections whose content changed); returns the path of
+        ``checkpoint.json``."""
         self.dir.mkdir(parents=True, exist_ok=True)
         if self._generation is None:
             meta = None
@@ -133,34 +141,42 @@ class StateStore:
                 meta = self._read_meta()
             self._generation = int(meta.get("generation", 0)) if meta else 0
         generation = self._generation + 1
-        data = st_save(_flatten(state), metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
-        tensors = self.dir / f"tensors-{generation:08d}.safetensors"
-        atomic_write_bytes(tensors, data)
+        sections: dict[str, dict[str, object]] = {}
+        wrote = False
+        for name, tensors in state.sections().items():
+            digest = state_hash(tensors)
+            path = self.dir / f"section-{name}-{digest}.safetensors"
+            if not path.is_file():  # content-addressed: an existing file holds exactly this section
+                flat = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
+                atomic_write_bytes(path, st_save(flat, metadata={"format": FORMAT, "section": name}), sync_dir=False)
+                wrote = True
+            sections[name] = {"file": path.name, "hash": digest, "tensors": len(tensors)}
+        if wrote:
+            fsync_dir(self.dir)  # the section files are durable before the record that names them
         meta = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "generation": generation,
-            "tensors_file": tensors.name,
-            "tensors_sha256": hashlib.sha256(data).hexdigest(),
             "job_id": state.job_id,
             "client_id": state.client_id,
             "round": state.round,
-            "view_hash": state.view_hash,
-            "held": state.held_hashes(),
+            "view_hash": sections["view"]["hash"],
+            "held": {k: sections[f"held.{k}"]["hash"] for k in sorted(state.held)},
             "schema_fingerprint": state.schema_fingerprint,
             "base_fingerprint": state.base_fingerprint,
             "federation": state.federation,
-            "sections": {k: len(v) for k, v in state.sections().items()},
+            "sections": sections,
             "optimizer": OPTIMIZER_NOTE,
         }
         atomic_write_bytes(self.meta_path, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
         self._generation = generation
-        self._cleanup(keep=tensors.name)
-        return tensors
+        self._cleanup(keep={str(v["file"]) for v in sections.values()})
+        return self.meta_path
 
-    def _cleanup(self, keep: str) -> None:
+    def _cleanup(self, keep: set[str]) -> None:
         for p in self.dir.iterdir():
-            stale = p.name.endswith(".tmp") or (_TENSORS_RE.match(p.name) is not None and p.name != keep)
+            ours = _TENSORS_RE.match(p.name) is not None or _SECTION_RE.match(p.name) is not None
+            stale = p.name.endswith(".tmp") or (ours and p.name not in keep)
             if stale:
                 with contextlib.suppress(OSError):
                     p.unlink()
@@ -170,26 +186,7 @@ class StateStore:
         meta = self._read_meta()
         if meta is None:
             return None
-        name = str(meta.get("tensors_file", ""))
-        if not _TENSORS_RE.match(name):
-            raise ConfigError(f"{self.meta_path}: bad tensors_file {name!r}")
-        path = self.dir / name
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"client checkpoint {path} is missing or unreadable ({exc}); delete {self.dir}") from exc
-        if hashlib.sha256(data).hexdigest() != meta.get("tensors_sha256"):
-            raise ConfigError(f"client checkpoint {path} does not match its checksum; delete {self.dir} to start over")
-        try:
-            flat = st_load(data)
-        except (SafetensorError, ValueError) as exc:
-            raise ConfigError(f"client checkpoint {path} is not a valid safetensors file: {exc}") from exc
-        sections: dict[str, TensorDict] = {s: {} for s in _SECTIONS}
-        for key, arr in flat.items():
-            section, sep, name = key.partition("/")
-            if not sep or section not in sections:
-                raise ConfigError(f"client checkpoint {path}: unexpected tensor {key!r}")
-            sections[section][name] = arr
+        sections = self._sections_v1(meta) if meta.get("version") == 1 else self._sections(meta)
         held = {kind: sections[f"held.{kind}"] for kind in ADAPTER_KINDS if f"held.{kind}" in meta["sections"]}
         try:
             state = ClientState(
@@ -208,7 +205,58 @@ class StateStore:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"{self.meta_path}: missing or bad field ({exc})") from None
-        if state.view_hash != meta.get("view_hash") or state.held_hashes() != meta.get("held"):
+        if meta.get("version") == 1 and (
+            state.view_hash != meta.get("view_hash") or state.held_hashes() != meta.get("held")
+        ):
             raise ConfigError(f"client checkpoint {self.dir}: tensors do not match the recorded hashes")
         self._generation = int(meta.get("generation", 0))
         return state
+
+    def _sections(self, meta: dict) -> dict[str, TensorDict]:
+        """Format 2: one file per section, each checked against its recorded content hash."""
+        listed = meta.get("sections")
+        if not isinstance(listed, dict) or set(listed) - set(_SECTIONS):
+            raise ConfigError(f"{self.meta_path}: bad sections")
+        out: dict[str, TensorDict] = {s: {} for s in _SECTIONS}
+        for name, entry in listed.items():
+            file = str(entry.get("file", "")) if isinstance(entry, dict) else ""
+            if not _SECTION_RE.match(file):
+                raise ConfigError(f"{self.meta_path}: bad file for section {name!r}")
+            path = self.dir / file
+            tensors = self._parse(path, self._read(path))
+            if state_hash(tensors) != entry.get("hash"):
+                raise self._damaged(path)
+            out[name] = tensors
+        return out
+
+    def _sections_v1(self, meta: dict) -> dict[str, TensorDict]:
+        """Format 1: every section in one file, keyed ``<section>/<tensor>``, with the file's SHA-256."""
+        name = str(meta.get("tensors_file", ""))
+        if not _TENSORS_RE.match(name):
+            raise ConfigError(f"{self.meta_path}: bad tensors_file {name!r}")
+        path = self.dir / name
+        data = self._read(path)
+        if hashlib.sha256(data).hexdigest() != meta.get("tensors_sha256"):
+            raise self._damaged(path)
+        sections: dict[str, TensorDict] = {s: {} for s in _SECTIONS}
+        for key, arr in self._parse(path, data).items():
+            section, sep, tname = key.partition("/")
+            if not sep or section not in sections:
+                raise ConfigError(f"client checkpoint {path}: unexpected tensor {key!r}")
+            sections[section][tname] = arr
+        return sections
+
+    def _read(self, path: Path) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"client checkpoint {path} is missing or unreadable ({exc}); delete {self.dir}") from exc
+
+    def _parse(self, path: Path, data: bytes) -> dict[str, np.ndarray]:
+        try:
+            return dict(st_load(data))
+        except (SafetensorError, ValueError) as exc:
+            raise ConfigError(f"client checkpoint {path} is not a valid safetensors file: {exc}") from exc
+
+    def _damaged(self, path: Path) -> ConfigError:
+        return ConfigError(f"client checkpoint {path} does not match its checksum; delete {self.dir} to start over")

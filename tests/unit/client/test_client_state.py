@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from fedquic.client.state import META_FILE, ClientState, StateStore
 from fedquic.common.adapter import state_hash
 from fedquic.common.atomic import atomic_write_bytes
 from fedquic.common.errors import ConfigError
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save
 
 
 def make_state(round_: int, seed: int = 0, *, with_global: bool = False) -> ClientState:
@@ -58,42 +59,102 @@ def assert_states_equal(a: ClientState, b: ClientState) -> None:
             np.testing.assert_array_equal(tensors[k], other[k])
 
 
+def section_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.glob("section-*.safetensors"))
+
+
 def test_round_trip_and_metadata(tmp_path: Path) -> None:
     store = StateStore(tmp_path / "state")
     assert store.load() is None
     state = make_state(3, with_global=True)
     path = store.save(state)
+    assert path == tmp_path / "state" / META_FILE
     loaded = StateStore(tmp_path / "state").load()  # a new process
     assert loaded is not None
     assert_states_equal(state, loaded)
-    meta = json.loads((tmp_path / "state" / META_FILE).read_text())
+    meta = json.loads(path.read_text())
     assert meta["round"] == 3 and meta["view_hash"] == state_hash(state.view) == loaded.view_hash
     assert meta["held"] == {"global": state_hash(state.held["global"]), "row": state_hash(state.held["row"])}
     assert meta["job_id"] == "job-1" and meta["schema_fingerprint"] == "abc" and meta["base_fingerprint"] == "def"
-    assert meta["version"] == 1 and "optimizer" in meta
-    # a plain safetensors file (no pickle): any safetensors reader opens it
-    flat = load_file(str(path))
-    assert "local/m.layers.0.q_proj.lora_A.weight" in flat and "extra/m.layers.0.q_proj.router.weight" in flat
+    assert meta["version"] == 2 and "optimizer" in meta
+    assert {k: v["hash"] for k, v in meta["sections"].items()} == {
+        k: state_hash(v) for k, v in state.sections().items()
+    }
+    # plain safetensors files (no pickle): any safetensors reader opens them
+    flat = load_file(str(tmp_path / "state" / meta["sections"]["local"]["file"]))
+    assert "m.layers.0.q_proj.lora_A.weight" in flat
+    assert "m.layers.0.q_proj.router.weight" in load_file(str(tmp_path / "state" / meta["sections"]["extra"]["file"]))
 
 
 def test_each_save_replaces_the_previous_one_and_cleans_up(tmp_path: Path) -> None:
     store = StateStore(tmp_path)
-    first = store.save(make_state(1, seed=1))
-    second = store.save(make_state(2, seed=2))
-    assert first != second and not first.exists() and second.exists()
+    store.save(make_state(1, seed=1))
+    first = section_files(tmp_path)
+    store.save(make_state(2, seed=2))
+    second = section_files(tmp_path)
+    assert not set(first) & set(second) and len(second) == len(make_state(2).sections())
     loaded = store.load()
     assert loaded is not None and loaded.round == 2
     assert_states_equal(loaded, make_state(2, seed=2))
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([META_FILE, second.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([META_FILE, *second])
+
+
+def test_a_save_writes_only_the_sections_that_changed(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    state = make_state(1, seed=1)
+    store.save(state)
+    inodes = {p.name: p.stat().st_ino for p in tmp_path.glob("section-*.safetensors")}
+    after = make_state(1, seed=1)
+    after.round = 2
+    after.held["row"] = {k: v + 1.0 for k, v in state.held["row"].items()}  # what installing an aggregate changes
+    store.save(after)
+    now = {p.name: p.stat().st_ino for p in tmp_path.glob("section-*.safetensors")}
+    new = sorted(set(now) - set(inodes))
+    assert len(new) == 1 and new[0].startswith("section-held.row-")
+    assert all(now[name] == ino for name, ino in inodes.items() if name in now)  # the others were not rewritten
+    loaded = StateStore(tmp_path).load()
+    assert loaded is not None and loaded.round == 2
+    assert_states_equal(loaded, after)
+
+
+def test_a_format_1_checkpoint_is_still_read(tmp_path: Path) -> None:
+    state = make_state(5, seed=5)
+    flat = {f"{sec}/{k}": v for sec, tensors in state.sections().items() for k, v in tensors.items()}
+    data = save(flat)
+    (tmp_path / "tensors-00000003.safetensors").write_bytes(data)
+    meta = {
+        "format": "fedquic-client-state",
+        "version": 1,
+        "generation": 3,
+        "tensors_file": "tensors-00000003.safetensors",
+        "tensors_sha256": hashlib.sha256(data).hexdigest(),
+        "job_id": state.job_id,
+        "client_id": state.client_id,
+        "round": state.round,
+        "view_hash": state.view_hash,
+        "held": state.held_hashes(),
+        "schema_fingerprint": state.schema_fingerprint,
+        "base_fingerprint": state.base_fingerprint,
+        "federation": state.federation,
+        "sections": {k: len(v) for k, v in state.sections().items()},
+    }
+    (tmp_path / META_FILE).write_text(json.dumps(meta))
+    store = StateStore(tmp_path)
+    loaded = store.load()
+    assert loaded is not None
+    assert_states_equal(loaded, state)
+    store.save(loaded)  # the next save writes format 2 and removes the old file
+    assert not (tmp_path / "tensors-00000003.safetensors").exists()
+    assert json.loads((tmp_path / META_FILE).read_text())["generation"] == 4
 
 
 def test_a_crash_mid_write_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
     store = StateStore(tmp_path)
     store.save(make_state(1, seed=1))
-    # A crash while writing the next generation: a half-written tensor file, a complete but uncommitted one,
+    # A crash while writing the next checkpoint: a half-written section file, a complete but uncommitted one,
     # and a half-written checkpoint.json.tmp. None of them is referenced by checkpoint.json.
-    (tmp_path / "tensors-00000002.safetensors.tmp").write_bytes(b"\x00garbage")
-    (tmp_path / "tensors-00000003.safetensors").write_bytes(b"not even safetensors")
+    (tmp_path / f"section-local-{'0' * 32}.safetensors.tmp").write_bytes(b"\x00garbage")
+    (tmp_path / f"section-view-{'1' * 32}.safetensors").write_bytes(b"not even safetensors")
     (tmp_path / f"{META_FILE}.tmp").write_text('{"format": "fedquic-client-state", "round": 9')
     loaded = StateStore(tmp_path).load()
     assert loaded is not None and loaded.round == 1
@@ -103,12 +164,14 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint(tmp_path: Path) -> Non
     loaded = StateStore(tmp_path).load()
     assert loaded is not None and loaded.round == 4
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
-    assert len(list(tmp_path.glob("tensors-*.safetensors"))) == 1
+    assert len(section_files(tmp_path)) == len(make_state(4).sections())
 
 
 def test_a_damaged_checkpoint_is_refused_not_silently_used(tmp_path: Path) -> None:
     store = StateStore(tmp_path)
-    path = store.save(make_state(1))
+    store.save(make_state(1))
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    path = tmp_path / meta["sections"]["local"]["file"]
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
