@@ -5,16 +5,18 @@
 inline: :class:`~fedquic.server.actions.Work` runs at once, sends land in a :class:`MemoryConn`'s ``outbox``, and
 time moves only with :meth:`MemoryServer.advance`. Upload admission is the real
 :class:`~fedquic.server.admission.UploadAdmission`. Tests script a client (or drive a client session) against
-it and read what the server sent and stored.
+it and read what the server sent and stored; real clients (:class:`~fedquic.client.runner.FederatedClient`) reach
+it through :meth:`MemoryServer.connector`, a link with faults (:mod:`testkit.memory_link`).
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedquic.common.errors import ErrorCode, FedQuicError
 from fedquic.common.messages import Error, Header, Message, MsgType, UploadGrant
@@ -38,7 +40,10 @@ from fedquic.server.job import JobResult, ServerJob
 from fedquic.server.session import ServerSession
 from fedquic.server.store import ServerStore
 from fedquic.transport.budget import BufferBudget
-from fedquic.transport.connection import BulkPermit
+from fedquic.transport.connection import BULK_TYPES, BulkPermit
+
+if TYPE_CHECKING:
+    from .memory_link import LinkFaults, MemoryLink
 
 
 class FakeClock:
@@ -65,6 +70,12 @@ class MemoryConn:
     outbox: deque[Message] = field(default_factory=deque)
     permits: dict[MsgType, BulkPermit] = field(default_factory=dict)
     closed: Closed | None = None
+    # Told after every send to this connection and after its close (the link forwards to a client from here).
+    listener: Callable[[MemoryConn], None] | None = field(default=None, repr=False)
+
+    def _notify(self) -> None:
+        if self.listener is not None:
+            self.listener(self)
 
     def take(self) -> list[Message]:
         """Everything sent since the last call, in order."""
@@ -86,6 +97,7 @@ class MemoryServer:
         self.conns: list[MemoryConn] = []
         self.result: JobResult | None = None
         self._ids = itertools.count(1)
+        self._link: MemoryLink | None = None
 
     # -- what a test does ------------------------------------------------------------------------------
 
@@ -99,13 +111,28 @@ class MemoryServer:
     def deliver(self, conn: MemoryConn, header: Header, body: bytes = b"") -> None:
         """The client sent ``header`` (and ``body``) on ``conn``."""
         assert conn.closed is None, f"connection {conn.id} is closed: {conn.closed}"
+        if header.msg_type in BULK_TYPES:  # its stream used the permit: the room it reserved goes back
+            self._unreserve(conn.permits.pop(header.msg_type, None))
         self.carry(conn.session.on_message(Message(header, body), self.clock()), conn)
 
     def drop(self, conn: MemoryConn) -> None:
         """The connection is lost (the client's network, a crash)."""
         if conn.closed is None:
-            conn.closed = Closed(ErrorCode.INTERNAL, "dropped", False)
+            self._closed(conn, Closed(ErrorCode.INTERNAL, "dropped", False))
         self.carry(conn.session.on_closed(self.clock()), None)
+
+    def link(self, faults: LinkFaults | None = None) -> MemoryLink:
+        """The link real clients reach this server through (one, made on first use with ``faults``)."""
+        from .memory_link import MemoryLink
+
+        if self._link is None:
+            self._link = MemoryLink(self, faults)
+        return self._link
+
+    def connector(self, faults: LinkFaults | None = None, *, certified: bool = True) -> Any:
+        """A connector for :class:`~fedquic.client.runner.FederatedClient`: a new connection per connect, with the
+        client's id as its certificate identity (``certified``), through :meth:`link`."""
+        return self.link(faults).connector(certified=certified)
 
     def advance(self, seconds: float) -> None:
         """Time passes: connection timers, the job's tick (round deadlines, close ACK waits), upload expiries."""
@@ -148,19 +175,19 @@ class MemoryServer:
             target = self._target(act.to, conn)
             body = act.body if isinstance(act, SendBulk) else b""
             if target is not None:
-                target.outbox.append(Message(act.header, body))
+                self._send(target, Message(act.header, body))
             if isinstance(act, SendBulk):
                 self.carry(act.then(len(body) + 64 if target is not None else None, now), conn)
         elif isinstance(act, Refuse):
             assert conn is not None
-            conn.outbox.append(Message(Error(code=int(act.error.code), message=str(act.error)[:4000])))
+            self._send(conn, Message(Error(code=int(act.error.code), message=str(act.error)[:4000])))
         elif isinstance(act, Close | Replace):
             target = act.handle if isinstance(act, Replace) else self._target(act.to, conn)
             if target is None or target.closed is not None:
                 return
             if isinstance(act, Close) and act.error is not None:
-                target.outbox.append(Message(Error(code=int(act.error.code), message=str(act.error)[:4000])))
-            target.closed = Closed(act.code, act.reason, isinstance(act, Close) and act.error is not None)
+                self._send(target, Message(Error(code=int(act.error.code), message=str(act.error)[:4000])))
+            self._closed(target, Closed(act.code, act.reason, isinstance(act, Close) and act.error is not None))
             self.carry(target.session.on_closed(now), None)
         elif isinstance(act, Permit):
             target = self._target(act.to, conn)
@@ -169,7 +196,7 @@ class MemoryServer:
         elif isinstance(act, Revoke):
             target = self._target(act.to, conn)
             if target is not None:
-                target.permits.pop(act.msg_type, None)
+                self._unreserve(target.permits.pop(act.msg_type, None))
         elif isinstance(act, QueueUpload):
             self.job.records[act.client_id].upload_done[act.round] = True
             self._admission(self.admission.request((act.client_id, act.round), act.nbytes, now))
@@ -188,9 +215,7 @@ class MemoryServer:
             target = self.conn_of(cid)
             rec = self.job.records.get(cid)
             if isinstance(ev, Expired):  # the unused grant's permit goes, and with it the reserved room
-                permit = target.permits.pop(MsgType.UPDATE, None) if target is not None else None
-                if permit is not None and permit.reserved:
-                    self.budget.unreserve(permit.max_body)
+                self._unreserve(target.permits.pop(MsgType.UPDATE, None) if target is not None else None)
                 if rec is not None:
                     rec.upload_done.pop(round_, None)
                 continue
@@ -199,7 +224,22 @@ class MemoryServer:
                 self._admission(self.admission.release(ev.key, self.clock()))
                 continue
             target.permits[MsgType.UPDATE] = BulkPermit(max_body=ev.nbytes, count=1, reserved=True)
-            target.outbox.append(Message(UploadGrant(round=round_, expires_s=self.cfg.upload_slot_timeout_s)))
+            self._send(target, Message(UploadGrant(round=round_, expires_s=self.cfg.upload_slot_timeout_s)))
+
+    def _send(self, conn: MemoryConn, msg: Message) -> None:
+        conn.outbox.append(msg)
+        conn._notify()
+
+    def _closed(self, conn: MemoryConn, closed: Closed) -> None:
+        conn.closed = closed
+        for permit in conn.permits.values():  # as the transport core's close: reserved room goes back at once
+            self._unreserve(permit)
+        conn.permits.clear()
+        conn._notify()
+
+    def _unreserve(self, permit: BulkPermit | None) -> None:
+        if permit is not None and permit.reserved:
+            self.budget.unreserve(permit.max_body)
 
 
 def messages_of(conn: MemoryConn, kind: type[Any]) -> list[Any]:

@@ -1,0 +1,352 @@
+"""The real client against the real server, in memory: FederatedClient (its ClientSession, SyncedAdapter and a
+SyntheticLearner) against MemoryServer (the server's ServerJob, ServerSessions, RoundClose and upload admission),
+through testkit.memory_link, on the server's fake clock. No QUIC, no threads on the server side.
+
+A clean job, a rejoin with a dense reset, a lost ACK and its identical resend, a late update under each straggler
+rule, the refusals that end a client, a stale connection taken over by the same certificate and upload slots under
+contention; after each, both sides hold the same adapter states.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fedquic.client.actions import Outcome, classify
+from fedquic.client.config import ClientConfig
+from fedquic.client.runner import FederatedClient
+from fedquic.common.adapter import TensorDict, state_hash
+from fedquic.common.codec import Encoding, EncodingSpec
+from fedquic.common.errors import ErrorCode, RemoteError
+from fedquic.common.messages import (
+    Ack,
+    Aggregate,
+    Header,
+    Hello,
+    Join,
+    Message,
+    MsgType,
+    TrainSpec,
+    Update,
+    UploadGrant,
+    UploadRequest,
+)
+from fedquic.server.config import JobConfig, ServerConfig
+from fedquic.server.history import read_history_dicts
+from fedquic.server.rounds import RoundPolicy
+from fedquic.transport.settings import TlsFiles
+
+from testkit.memory import MemoryServer
+from testkit.memory_link import MemoryLink, MemoryPeer, on
+from testkit.synthetic import SyntheticLearner, lora_schema
+
+SCHEMA = lora_schema(layers=2, dim=16, rank=2)
+FP32 = EncodingSpec.parse("fp32")
+INT8 = EncodingSpec.parse("int8")
+
+
+def make_server(
+    tmp_path: Path, *, min_clients: int = 2, straggler: str = "drop", uplink: EncodingSpec = INT8, **cfg: Any
+) -> MemoryServer:
+    policy = RoundPolicy(rounds=3, min_clients=min_clients, round_timeout_s=60, straggler=straggler)  # type: ignore[arg-type]
+    job = JobConfig(uplink=uplink, downlink=INT8, train=TrainSpec(local_steps=1))
+    return MemoryServer(
+        ServerConfig(tls=TlsFiles(ca=tmp_path / "ca.pem"), run_dir=tmp_path / "server", policy=policy, job=job, **cfg)
+    )
+
+
+def make_client(
+    tmp_path: Path,
+    link: MemoryLink,
+    cid: str,
+    *,
+    seed: int = 0,
+    learner: SyntheticLearner | None = None,
+    cls: type[FederatedClient] = FederatedClient,
+    **cfg: Any,
+) -> FederatedClient:
+    config = ClientConfig(
+        client_id=cid,
+        tls=TlsFiles(ca=tmp_path / "ca.pem"),
+        run_dir=tmp_path / cid,
+        backoff_initial_s=0.01,
+        backoff_max_s=0.02,
+        **cfg,
+    )
+    return cls(config, learner or SyntheticLearner(SCHEMA, seed=seed), connector=link.connector())
+
+
+async def run_all(*clients: FederatedClient, timeout: float = 20.0) -> list[Any]:
+    tasks = [asyncio.ensure_future(c.run()) for c in clients]
+    try:
+        return list(await asyncio.wait_for(asyncio.gather(*tasks), timeout))
+    finally:  # a failure ends the others too: none is left waiting, nor a worker thread on a gate
+        for c in clients:
+            for g in c.learner.gates.values():  # type: ignore[attr-defined]
+                g.set()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def seen(link: MemoryLink, direction: str, cid: str, kind: type[Header]) -> list[Any]:
+    return [h for d, c, h in link.log if d == direction and c == cid and isinstance(h, kind)]
+
+
+def server_state(srv: MemoryServer, cid: str, kind: str | None = None) -> TensorDict:
+    """The server's record of ``cid``'s adapter (or of what it holds of ``kind``), from disk once it left."""
+    job, rec = srv.job, srv.job.records[cid]
+    name = rec.disk.view_file if kind is None else rec.disk.held_files.get(kind)  # type: ignore[arg-type]
+    if name:
+        return job.store.read_tensors(cid, name)
+    assert job.init_state is not None
+    return dict(job.init_state) if kind is None else job.default_held(kind)
+
+
+def assert_same(a: TensorDict, b: TensorDict, atol: float = 0.0) -> None:
+    assert set(a) == set(b)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=0, atol=atol, err_msg=k)
+
+
+def assert_agree(srv: MemoryServer, clients: dict[str, FederatedClient]) -> None:
+    """Each client and the server hold the same view and Rest-of-World; the client's adapter is its view plus the
+    uplink residual (what compression has not delivered yet)."""
+    for cid, c in clients.items():
+        assert c.view_hash == srv.job.records[cid].view_hash, cid
+        assert_same(c.view, server_state(srv, cid))
+        assert_same(c.learner.row_state(), server_state(srv, cid, "row"))  # type: ignore[attr-defined]
+        local = c.learner.local_state()
+        assert_same({k: c.view[k] + c.ef.residual.get(k, 0.0) for k in local}, local, atol=1e-6)
+
+
+Sent = Callable[[MemoryPeer, Header], bool]
+
+
+def gate(link: MemoryLink, client: FederatedClient, round_: int, *, after: Sent) -> None:
+    """``client`` trains ``round_`` only once a message ``after`` accepts has reached the server."""
+    event = client.learner.gates[round_] = threading.Event()  # type: ignore[attr-defined]
+    link.observers.append(lambda peer, msg: event.set() if after(peer, msg.header) else None)
+
+
+def sent(cid: str, kind: type[Header], round_: int) -> Sent:
+    return lambda peer, h: peer.client_id == cid and isinstance(h, kind) and getattr(h, "round", None) == round_
+
+
+async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.005)):
+        if cond():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("timed out waiting")
+
+
+# -- a clean job -------------------------------------------------------------------------------------------
+
+
+async def test_a_clean_job_of_three_clients_agrees_after_every_round(tmp_path: Path) -> None:
+    srv = make_server(tmp_path, min_clients=3)
+    link = srv.link()
+    clients = {cid: make_client(tmp_path, link, cid, seed=i) for i, cid in enumerate("abc")}
+    agreed: list[tuple[int, str]] = []
+
+    def check(peer: MemoryPeer, msg: Message) -> None:  # as each round's aggregate is acknowledged
+        h, c = msg.header, clients[peer.client_id]
+        if not isinstance(h, Ack):
+            return
+        rec = srv.job.records[peer.client_id]
+        if c.view_hash == rec.view_hash and h.state_hash == rec.disk.held_hash["row"] == state_hash(c.held["row"]):
+            agreed.append((h.round, peer.client_id))
+
+    link.observers.append(check)
+    results = await run_all(*clients.values())
+    assert sorted(agreed) == [(r, cid) for r in (1, 2, 3) for cid in "abc"]
+    for cid, res in zip(clients, results, strict=True):
+        assert [r.round for r in res.rounds] == [1, 2, 3] and all(r.accepted for r in res.rounds)
+        assert list(srv.job.records[cid].disk.updates) == [1, 2, 3]
+        assert not [h for h in seen(link, "down", cid, Aggregate) if not h.delta]  # nothing to reset
+    assert_agree(srv, clients)
+    rows = read_history_dicts(srv.job.history_path)
+    assert [row["round"] for row in rows] == [1, 2, 3]
+    assert all(sorted(row["contributors"]) == ["a", "b", "c"] and set(row["reported"]) == set("abc") for row in rows)
+    assert srv.result is not None and srv.result.ok and srv.result.rounds_completed == 3
+    assert srv.job.metrics.updates_accepted == 9 and link.connections == 3
+
+
+# -- lost connections and lost answers -----------------------------------------------------------------------
+
+
+async def test_a_rejoin_after_a_lost_connection_gets_a_dense_reset_and_agrees(tmp_path: Path) -> None:
+    srv = make_server(tmp_path)
+    link = srv.link()
+    link.faults.drop_after(MsgType.UPDATE, 2, client_id="a")  # applied; its ACK and the round's aggregate are lost
+    a, b = make_client(tmp_path, link, "a", seed=1), make_client(tmp_path, link, "b", seed=2)
+    gate(link, a, 2, after=sent("b", Update, 2))  # a's update closes round 2: the server commits a's new RoW
+    ra, rb = await run_all(a, b)
+    resets = [h for h in seen(link, "down", "a", Aggregate) if not h.delta]
+    assert [h.kind for h in resets] == ["local", "row"] and a.resets == 1
+    joins = seen(link, "up", "a", Join)
+    assert len(joins) == 2 and joins[0].resume is None and joins[1].resume.round == 1 and a.joins == 2
+    assert list(srv.job.records["a"].disk.updates) == [1, 2, 3]  # round 2 applied once, never handed again
+    assert [r.round for r in ra.rounds] == [1, 3] and [r.round for r in rb.rounds] == [1, 2, 3]
+    assert a.learner.trained_rounds == [1, 2, 3]  # type: ignore[attr-defined]
+    assert_agree(srv, {"a": a, "b": b})
+    assert srv.result is not None and srv.result.ok
+
+
+async def test_a_lost_update_ack_is_sent_again_for_the_identical_resend(tmp_path: Path) -> None:
+    srv = make_server(tmp_path)
+    link = srv.link()
+    lost: list[Message] = []
+
+    def resend(peer: MemoryPeer) -> None:  # the ACK is lost; the UPLOAD_REQUEST and UPDATE reach the server again
+        lost.extend(peer.release(deliver=False))
+        request = next(m for m in reversed(peer.sent) if isinstance(m.header, UploadRequest))
+        peer.hold(on(MsgType.UPLOAD_GRANT))
+        link.deliver(peer, request)
+        link.deliver(peer, peer.sent[-1])
+        [grant] = peer.release(deliver=False)  # the resend's grant (without a slot): the client asked once
+        assert isinstance(grant.header, UploadGrant)
+
+    hold = on(MsgType.ACK, 2, ref=MsgType.UPDATE)
+    link.faults.add(on(MsgType.UPDATE, 2), before=lambda p: p.hold(hold), after=resend, client_id="a")
+    a, b = make_client(tmp_path, link, "a", seed=1), make_client(tmp_path, link, "b", seed=2)
+    ra, _ = await run_all(a, b)
+    [first] = lost
+    acks = [h for h in seen(link, "down", "a", Ack) if h.ref is MsgType.UPDATE and h.round == 2]
+    assert len(acks) == 2 and acks[0].state_hash == acks[1].state_hash == first.header.state_hash  # type: ignore[attr-defined]
+    assert [h.round for h in seen(link, "up", "a", Update)] == [1, 2, 2, 3]
+    assert list(srv.job.records["a"].disk.updates) == [1, 2, 3] and srv.job.metrics.updates_accepted == 6
+    assert all(r.accepted for r in ra.rounds) and a.joins == 1 and a.resets == 0
+    assert_agree(srv, {"a": a, "b": b})
+
+
+@pytest.mark.parametrize("straggler", ["drop", "fold"])
+async def test_a_late_update_keeps_its_change(tmp_path: Path, straggler: str) -> None:
+    """Round 2 closes at its deadline with b alone; a's request for it comes after. Dropped: refused as
+    LATE_UPDATE, the change goes out with round 3. Folded: accepted, a counts in the next close."""
+    srv = make_server(tmp_path, straggler=straggler, uplink=FP32)
+    link = srv.link()
+    link.faults.late(2, client_id="a")
+    a, b = make_client(tmp_path, link, "a", seed=1), make_client(tmp_path, link, "b", seed=2)
+    gate(link, a, 2, after=sent("b", Update, 2))
+    ra, rb = await run_all(a, b)
+    rows = read_history_dicts(srv.job.history_path)
+    assert [row["contributors"] for row in rows][1] == ["b"]  # round 2 closed without a
+    assert sorted(rows[2]["contributors"]) == ["a", "b"] and all(r.accepted for r in rb.rounds)
+    if straggler == "drop":
+        assert link.refusals == [("a", 2, ErrorCode.LATE_UPDATE)] and a.late_rounds == [2]
+        assert [r.accepted for r in ra.rounds] == [True, False, True]
+        assert list(srv.job.records["a"].disk.updates) == [1, 3]
+    else:
+        assert link.refusals == [] and a.late_rounds == [] and all(r.accepted for r in ra.rounds)
+        assert list(srv.job.records["a"].disk.updates) == [1, 2, 3]
+    assert a.learner.trained_rounds == [1, 2, 3]  # type: ignore[attr-defined]
+    # both rounds' training reached the server (fp32: exactly what a holds)
+    assert_same(server_state(srv, "a"), a.learner.local_state(), atol=1e-6)
+    assert_agree(srv, {"a": a, "b": b})
+
+
+# -- refusals ------------------------------------------------------------------------------------------------
+
+
+class Fp32Only(FederatedClient):
+    """A client that decodes fp32 alone: the job's int8 downlink is beyond it."""
+
+    def _hello(self) -> Hello:
+        return super()._hello().model_copy(update={"encodings": (Encoding.FP32,)})
+
+
+REFUSALS = [
+    ("encoding", ErrorCode.UNSUPPORTED_ENCODING),
+    ("base model", ErrorCode.SCHEMA_MISMATCH),
+    ("adapter schema", ErrorCode.SCHEMA_MISMATCH),
+    ("first join too large", ErrorCode.LIMIT_EXCEEDED),
+]
+
+
+@pytest.mark.parametrize(("case", "code"), REFUSALS, ids=[c for c, _ in REFUSALS])
+async def test_a_refusal_ends_the_client_for_good(tmp_path: Path, case: str, code: ErrorCode) -> None:
+    limit = {"max_adapter_parameters": SCHEMA.numel - 1} if case == "first join too large" else {}
+    srv = make_server(tmp_path, **limit)
+    link = srv.link()
+    first = None
+    if case in ("base model", "adapter schema"):  # another client joined first: its JOIN fixed both for the job
+        first = asyncio.ensure_future(make_client(tmp_path, link, "first").run())
+        await until(lambda: "first" in srv.job.clients)
+    learner = SyntheticLearner(lora_schema(2, 16, 4) if case == "adapter schema" else SCHEMA, seed=1)
+    if case == "base model":
+        learner.fingerprint = "0123456789"
+    cls = Fp32Only if case == "encoding" else FederatedClient
+    client = make_client(tmp_path, link, "c", learner=learner, cls=cls, connect_attempts=5)
+    with pytest.raises(RemoteError) as info:
+        await asyncio.wait_for(client.run(), 10)
+    assert info.value.code is code and classify(info.value) is Outcome.FATAL
+    [peer] = [p for p in link.peers if p.client_id == "c"]  # no second attempt
+    assert peer.conn.closed is not None and peer.conn.closed.code is code and peer.conn.closed.error
+    assert client.joins == 0 and "c" not in srv.job.clients and srv.job.metrics.rejected == {code.name: 1}
+    if first is None:
+        assert srv.job.schema is None  # nothing was fixed by the refused JOIN
+    else:
+        assert srv.job.schema is not None and srv.job.schema.fingerprint() == SCHEMA.fingerprint()
+        assert "first" in srv.job.clients and not first.done()  # the job goes on for the others
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+
+
+# -- a stale connection; upload slots ------------------------------------------------------------------------
+
+
+async def test_a_stale_connection_is_taken_over_by_the_same_certificate(tmp_path: Path) -> None:
+    srv = make_server(tmp_path)
+    link = srv.link()
+    link.faults.silence_after(MsgType.ACK, 1, client_id="a")  # a's path dies after round 1; the server's end stays
+    a = make_client(tmp_path, link, "a", seed=1, heartbeat_s=0.05, liveness_timeout_s=0.2)
+    b = make_client(tmp_path, link, "b", seed=2)
+    # b sends round 2 once a JOINs again (server connections 1 and 2 are the first two): round 2 is still open then
+    gate(link, b, 2, after=lambda peer, h: isinstance(h, Join) and peer.client_id == "a" and peer.conn.id > 2)
+    ra, rb = await run_all(a, b)
+    old, new = [p for p in link.peers if p.client_id == "a"]
+    assert old.silent and old.heartbeats > 0  # a probed the silent connection before leaving it
+    # the server had kept the old connection until the new HELLO replaced it (a drop would read INTERNAL)
+    assert old.conn.closed is not None and old.conn.closed.code is ErrorCode.IDENTITY_MISMATCH
+    assert not old.conn.closed.error and new.conn.closed is not None and new.conn.closed.code is ErrorCode.INTERNAL
+    joins = seen(link, "up", "a", Join)
+    assert len(joins) == 2 and joins[1].resume.round == 1 and a.joins == 2 and a.resets == 0
+    assert not [h for h in seen(link, "down", "a", Aggregate) if not h.delta]  # same state: nothing to reset
+    assert [r.round for r in ra.rounds] == [1, 2, 3] and all(r.accepted for r in ra.rounds)  # round 2 resumed
+    assert [r.round for r in rb.rounds] == [1, 2, 3]
+    assert_agree(srv, {"a": a, "b": b})
+
+
+async def test_upload_slots_under_contention_grant_one_at_a_time(tmp_path: Path) -> None:
+    srv = make_server(tmp_path, min_clients=4, upload_slots=1)
+    link = srv.link()
+    link.faults.bulk_s = 0.005  # an UPDATE takes a while to arrive: the others ask meanwhile
+    clients = {cid: make_client(tmp_path, link, cid, seed=i) for i, cid in enumerate("abcd")}
+    results = await run_all(*clients.values())
+    granted: set[tuple[str, int]] = set()
+    most = queued = 0
+    for i, (d, cid, h) in enumerate(link.log):
+        if d == "down" and isinstance(h, UploadGrant):
+            granted.add((cid, h.round))
+            most = max(most, len(granted))
+        elif d == "down" and isinstance(h, Ack) and h.ref is MsgType.UPDATE:
+            granted.discard((cid, h.round))
+        elif d == "up" and isinstance(h, UploadRequest):
+            nxt = link.log[i + 1][2] if i + 1 < len(link.log) else None
+            queued += not isinstance(nxt, UploadGrant)  # not granted at once: it waited for the slot
+    assert most == 1 and srv.admission.in_flight_max == 1 and queued >= 3
+    for res in results:
+        assert [r.round for r in res.rounds] == [1, 2, 3] and all(r.accepted for r in res.rounds)
+    rows = read_history_dicts(srv.job.history_path)
+    assert [sorted(row["contributors"]) for row in rows] == [list("abcd")] * 3
+    assert srv.job.metrics.updates_accepted == 12 and srv.budget.reserved == 0
+    assert_agree(srv, clients)
