@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from ..common.atomic import atomic_write_with
+from ..common.atomic import atomic_write_text, atomic_write_with
 from ..common.errors import ConfigError
 from .fedalt import LOCAL, ROW, FedALTModel, LoraSpec
 
@@ -62,13 +62,13 @@ def _heads_as_modules_to_save(fam: FedALTModel, path: Path) -> None:
             tensors[f"{prefix}{head}.weight"] = (base.weight.float() + delta).to(base.weight.dtype).contiguous()
             if base.bias is not None:
                 tensors[f"{prefix}{head}.bias"] = base.bias.detach().clone().contiguous()
-    save_torch(tensors, str(weights_path), metadata={"format": "pt"})
+    atomic_write_with(weights_path, lambda tmp: save_torch(tensors, str(tmp), metadata={"format": "pt"}))
     config_path = path / "adapter_config.json"
     config = json.loads(config_path.read_text())
     targets = config.get("target_modules") or []
     config["target_modules"] = sorted(t for t in targets if t not in heads)
     config["modules_to_save"] = sorted({*(config.get("modules_to_save") or []), *heads})
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _atomic_save(tensors: dict[str, np.ndarray], path: Path) -> None:
@@ -93,7 +93,7 @@ def save_fedalt(fam: FedALTModel, out_dir: Path) -> Path:
         "mixer": fam.mixer,
         "federation": fam.federation,
     }
-    (out_dir / "fedalt.json").write_text(json.dumps(meta, indent=2))
+    atomic_write_text(out_dir / "fedalt.json", json.dumps(meta, indent=2))
     return out_dir
 
 

@@ -16,16 +16,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from fedquic.common.atomic import commit_dir, staged_dir
 from fedquic.common.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -245,18 +244,14 @@ def _dequantized(src: Path, torch_dtype: Any, say: Progress) -> tuple[Any, Any]:
 
 def _save_atomically(model: Any, tokenizer: Any, record: ImportRecord, out_dir: Path, t0: float) -> None:
     """Written beside the target, then renamed into place: a crash leaves the old folder or none, never half."""
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with staged_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         record = replace(record, seconds=round(time.perf_counter() - t0, 2))
         (tmp / IMPORT_RECORD).write_text(json.dumps(asdict(record), indent=2) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        commit_dir(tmp, out_dir)
 
 
 def packaged_smollm2() -> Path | None:

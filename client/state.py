@@ -51,10 +51,8 @@ READABLE_VERSIONS = (1, 2)
 META_FILE = "checkpoint.json"
 OPTIMIZER_NOTE = "not persisted: the built-in trainer re-creates AdamW each round; learners may use extra_state()"
 _TENSORS_RE = re.compile(r"^tensors-(\d{8})\.safetensors$")  # format 1
-_SECTION_RE = re.compile(
-    r"^section-(local|view|synced|residual|held\.row|held\.global|extra)-[0-9a-f]{32}\.safetensors$"
-)
-_SECTIONS = ("local", "view", "synced", "residual", "held.row", "held.global", "extra")
+_SECTIONS = ("local", "view", "synced", "residual", *(f"held.{kind}" for kind in ADAPTER_KINDS), "extra")
+_SECTION_RE = re.compile(rf"^section-({'|'.join(map(re.escape, _SECTIONS))})-[0-9a-f]{{32}}\.safetensors$")
 
 
 @dataclass

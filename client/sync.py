@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from ..common.adapter import AdapterSchema, TensorDict, init_lora_state, initial_held, state_hash, zeros_state
+from ..common.adapter import AdapterSchema, TensorDict, init_lora_state, initial_held, state_hash
 from ..common.codec import EncodingSpec, Manifest, decode_tensors, expand, to_compact
 from ..common.errors import ConfigError, ErrorCode, ProtocolError
 from ..common.feedback import ErrorFeedback
@@ -160,7 +160,8 @@ class SyncedAdapter:
         self.synced = ckpt.synced
         self.synced_round = ckpt.round
         self.ef.residual = dict(ckpt.residual)
-        self.held = {"row": zeros_state(schema), "global": init_lora_state(schema, job.init_seed), **ckpt.held}
+        init = init_lora_state(schema, job.init_seed)
+        self.held = {**{kind: initial_held(kind, schema, init) for kind in ADAPTER_KINDS}, **ckpt.held}
 
     # -- a round -----------------------------------------------------------------------------------------
 

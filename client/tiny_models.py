@@ -5,13 +5,11 @@ vision-language model, with a character-level tokenizer. Built once per folder (
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
+from fedquic.common.atomic import commit_dir, staged_dir
 from fedquic.common.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -89,9 +87,7 @@ def _seeded(model_cls: Any, config: Any, seed: int) -> Any:
 
 def _save_model_dir(model: Any, tokenizer: Any, out_dir: Path) -> bool:
     """Save into a sibling temp directory and rename into place; False if another builder won the race."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
+    with staged_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if out_dir.exists():
@@ -100,9 +96,7 @@ def _save_model_dir(model: Any, tokenizer: Any, out_dir: Path) -> bool:
             if any(out_dir.iterdir()):
                 raise ConfigError(f"{out_dir} exists, is not empty and holds no complete model; refusing to overwrite")
             out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        commit_dir(tmp, out_dir)
     return True
 
 

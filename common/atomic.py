@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Callable
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # fsync on a directory fails with these where the filesystem cannot sync directories (the rename is then as
@@ -81,3 +83,30 @@ def atomic_write_text(path: Path, text: str, *, sync_dir: bool = True) -> None:
 
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_with", "fsync_dir"]
+
+
+@contextlib.contextmanager
+def staged_dir(dest: Path) -> Iterator[Path]:
+    """A new sibling directory to build ``dest`` in (a model folder); gone on exit whatever happens. Hand it
+    to :func:`commit_dir` to put it in place."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def commit_dir(tmp: Path, dest: Path) -> None:
+    """Make every file under ``tmp`` durable, then rename ``tmp`` to ``dest`` (absent, or an empty directory) and
+    sync the parent: a crash leaves the old ``dest`` or the new one, never half of one."""
+    for p in sorted(tmp.rglob("*"), reverse=True):  # files first, then their directories
+        if p.is_file():
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+        elif p.is_dir():
+            fsync_dir(p)
+    fsync_dir(tmp)
+    os.replace(tmp, dest)
+    fsync_dir(dest.parent)

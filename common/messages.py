@@ -193,7 +193,7 @@ class Aggregate(Header):
     msg_type = MsgType.AGGREGATE
     has_body = True
     round: int = Field(ge=0, le=1_000_000)
-    kind: Literal["row", "global", "local"] = "row"
+    kind: AdapterKind | Literal["local"] = "row"  # `local`: the server's dense copy of the client's own adapter
     # True: the payload is a change to add to the adapter of this kind the client holds (downlink error
     # feedback); False: the payload is the whole adapter (first contact, or a reset).
     delta: bool = False

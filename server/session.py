@@ -76,6 +76,7 @@ class ServerSession(UploadHandling):
         self.rec: ClientRecord | None = None
         self._deadline: float | None = now + job.cfg.transport.hello_timeout_s
         self._reset_hashes: set[str] = set()
+        self._join: Join | None = None  # the JOIN being answered (its resume is logged when the client is ready)
 
     @property
     def client_id(self) -> str | None:
@@ -278,6 +279,7 @@ class ServerSession(UploadHandling):
                 "the client acknowledged a reset with a different state", code=ErrorCode.CONFLICTING_UPDATE
             )
         self._reset_hashes.discard(h.state_hash)
+        assert self._join is not None
         return [] if self._reset_hashes else self._ready(self._join, now)
 
     def _ready(self, join: Join, now: float) -> list[Action]:
