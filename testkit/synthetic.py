@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from fedquic.common.adapter import AdapterSchema, TensorDict, init_lora_state
@@ -87,23 +88,9 @@ class SyntheticLearner:
         return {"loss_before": loss * 1.1, "loss_after": loss}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """A light client process (synthetic learner, no torch): for load, soak and crash tests and benchmarks.
-
-    python -m testkit.synthetic --client-id c1 --server 127.0.0.1:4433 --certs certs/dev --run-dir runs/c1
-
-    With ``--count N`` the process runs N clients concurrently on one event loop (ids ``ID-0`` .. ``ID-N-1``, run
-    directories under ``--run-dir``, seeds ``--seed + i``): how a load test reaches hundreds of clients without
-    hundreds of Python processes. Each client has its own QUIC connection, certificate and state.
-    """
+def _parser() -> Any:
     import argparse
-    import asyncio
     from pathlib import Path
-
-    from fedquic.client.config import ClientConfig
-    from fedquic.client.runner import FederatedClient
-    from fedquic.common.logs import setup_logging
-    from fedquic.transport.settings import TlsFiles, TransportSettings
 
     ap = argparse.ArgumentParser(prog="python -m testkit.synthetic", description=main.__doc__)
     ap.add_argument("--client-id", required=True, help="client id (with --count: the prefix of the ids)")
@@ -120,40 +107,60 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connect-attempts", type=int, default=20)
     ap.add_argument("--dgram", type=int, default=None, help="max QUIC datagram size (default: the transport's)")
     ap.add_argument("--log-level", default="INFO")
-    args = ap.parse_args(argv)
-    setup_logging(args.log_level)
+    return ap
+
+
+def _client(args: Any, i: int, cid: str, many: bool) -> Any:
+    from fedquic.client.config import ClientConfig
+    from fedquic.client.runner import FederatedClient
+    from fedquic.transport.settings import TlsFiles, TransportSettings
+
     host, _, port = args.server.rpartition(":")
-    slow = {int(r): float(t) for r, t in (x.split(":") for x in args.slow_round)}
     transport = TransportSettings() if args.dgram is None else TransportSettings(max_datagram_size=args.dgram)
+    cfg = ClientConfig(
+        client_id=cid,
+        host=host,
+        port=int(port),
+        server_name="localhost",
+        tls=TlsFiles(
+            ca=args.certs / "ca.pem",
+            cert=args.certs / "clients" / f"{cid}.pem",
+            key=args.certs / "clients" / f"{cid}.key",
+        ),
+        transport=transport,
+        run_dir=args.run_dir / cid if many else args.run_dir,
+        connect_attempts=args.connect_attempts,
+        backoff_initial_s=0.2,
+        backoff_max_s=2.0,
+    )
+    slow = {int(r): float(t) for r, t in (x.split(":") for x in args.slow_round)}
+    learner = SyntheticLearner(
+        lora_schema(args.layers, args.dim, args.rank),
+        seed=args.seed + i,
+        train_seconds=args.train_seconds,
+        slow_rounds=slow,
+    )
+    return FederatedClient(cfg, learner)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A light client process (synthetic learner, no torch): for load, soak and crash tests and benchmarks.
+
+    python -m testkit.synthetic --client-id c1 --server 127.0.0.1:4433 --certs certs/dev --run-dir runs/c1
+
+    With ``--count N`` the process runs N clients concurrently on one event loop (ids ``ID-0`` .. ``ID-N-1``, run
+    directories under ``--run-dir``, seeds ``--seed + i``): how a load test reaches hundreds of clients without
+    hundreds of Python processes. Each client has its own QUIC connection, certificate and state.
+    """
+    import asyncio
+
+    from fedquic.common.logs import setup_logging
+
+    args = _parser().parse_args(argv)
+    setup_logging(args.log_level)
     many = args.count > 0
     ids = [f"{args.client_id}-{i}" for i in range(args.count)] if many else [args.client_id]
-
-    def make(i: int, cid: str) -> FederatedClient:
-        cfg = ClientConfig(
-            client_id=cid,
-            host=host,
-            port=int(port),
-            server_name="localhost",
-            tls=TlsFiles(
-                ca=args.certs / "ca.pem",
-                cert=args.certs / "clients" / f"{cid}.pem",
-                key=args.certs / "clients" / f"{cid}.key",
-            ),
-            transport=transport,
-            run_dir=args.run_dir / cid if many else args.run_dir,
-            connect_attempts=args.connect_attempts,
-            backoff_initial_s=0.2,
-            backoff_max_s=2.0,
-        )
-        learner = SyntheticLearner(
-            lora_schema(args.layers, args.dim, args.rank),
-            seed=args.seed + i,
-            train_seconds=args.train_seconds,
-            slow_rounds=slow,
-        )
-        return FederatedClient(cfg, learner)
-
-    clients = [make(i, cid) for i, cid in enumerate(ids)]
+    clients = [_client(args, i, cid, many) for i, cid in enumerate(ids)]
 
     async def run_all() -> list[BaseException | None]:
         outcomes = await asyncio.gather(*(c.run() for c in clients), return_exceptions=True)
