@@ -260,6 +260,7 @@ def round_history(job: ServerJob, round_: int, contributors: list[str], agg_s: f
         round_, job.cfg.job, contributors, agg_s, close_s,
         clients={cid: dict(rec.stats.get(round_, {})) for cid, rec in recs},
         reported={cid: dict(rec.reported[round_]) for cid, rec in recs if round_ in rec.reported},
+        wall=job.wall(),
     )  # fmt: skip
 
 

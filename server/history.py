@@ -77,12 +77,14 @@ def history_row(
     *,
     clients: dict[str, Figures],
     reported: dict[str, Figures],
+    wall: float | None = None,
 ) -> HistoryRow:
-    """The record of one closed round (``job``: the server's JobConfig, for its id and federation)."""
+    """The record of one closed round (``job``: the server's JobConfig, for its id and federation); ``wall``: the
+    wall-clock time it closed (default now)."""
     return HistoryRow(
         version=HISTORY_VERSION,
         round=round_,
-        time=time.time(),
+        time=time.time() if wall is None else wall,
         job_id=job.job_id,
         federation=job.federation,
         contributors=contributors,

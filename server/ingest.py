@@ -106,7 +106,7 @@ class UploadHandling:
         st["bytes_up"] = float(frame_size(h, nbody))
         st["fp32_up"] = float(fp32_nbytes(manifest))
         st["decode_s"] = decode_s
-        st["accepted_at"] = time.time()  # wall clock: with granted_at, a history reader measures ingest
+        st["accepted_at"] = job.wall()  # wall clock: with granted_at, a history reader measures ingest
 
         def commit() -> tuple[str, float]:
             t0 = time.perf_counter()

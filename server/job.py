@@ -10,6 +10,7 @@ runs (and the job record's small inline write).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +79,7 @@ class ServerJob:
         now: float,
         *,
         busy: Callable[[str], bool] = lambda cid: False,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -93,6 +95,9 @@ class ServerJob:
         self.result: JobResult | None = None
         self.closes: dict[int, Any] = {}  # round -> its RoundClose while it runs
         self.busy = busy  # does the daemon hold work on this client's tensors (then they stay loaded)
+        # The wall clock, for the figures a history reader compares across processes (granted_at, accepted_at,
+        # a round's time); every deadline runs on the `now` each event is given.
+        self.wall = wall
         self.history_path = cfg.run_dir / "history.jsonl"
 
     # -- what sessions ask ---------------------------------------------------------------------------

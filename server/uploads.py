@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
 from ..common.errors import TransportError
@@ -33,6 +32,7 @@ class UploadDesk:
     clock: Any
     _transport: Any
     _tasks: set[asyncio.Task[None]]
+    job: Any
 
     async def _grant(self, rec: Any, round_: int, nbytes: int) -> None:
         """Queue the request with the admission rule (:mod:`fedquic.server.admission`: upload slots in arrival
@@ -87,7 +87,7 @@ class UploadDesk:
         peer.core.permit(MsgType.UPDATE, BulkPermit(max_body=ev.nbytes, count=1, reserved=True))
         self._granted_peers[ev.key] = peer
         # Wall-clock marks (with accepted_at) let a history reader measure the server's ingest rate.
-        rec.stats.setdefault(round_, {})["granted_at"] = time.time()
+        rec.stats.setdefault(round_, {})["granted_at"] = self.job.wall()
         with contextlib.suppress(TransportError):
             peer.send(UploadGrant(round=round_, expires_s=self.cfg.upload_slot_timeout_s))
 
