@@ -18,9 +18,10 @@ from typing import Any
 from ..common.adapter import AdapterSchema, TensorDict, init_lora_state, initial_held, state_hash
 from ..common.codec import Encoding, max_body_nbytes
 from ..common.logs import round_var
-from ..common.messages import Bye, RoundStart
+from ..common.messages import Bye, MsgType, RoundStart, UploadGrant
 from ..common.names import ADAPTER_KINDS
-from .actions import Action, JobDone, Send, Work
+from ..transport.connection import BulkPermit
+from .actions import Action, JobDone, Permit, Send, Work
 from .config import ServerConfig
 from .metrics import ServerMetrics
 from .rounds import Action as RoundAction
@@ -247,6 +248,14 @@ class ServerJob:
         for close in list(self.closes.values()):
             out += close.on_tick(now)
         return out + self.apply(self.machine.on_tick(now), now)
+
+    def grant(self, rec: ClientRecord, round_: int, nbytes: int) -> list[Action]:
+        """The admission rule gave the client's upload its turn: permit one UPDATE stream of ``nbytes`` (the room is
+        reserved already) and say so."""
+        rec.stats.setdefault(round_, {})["granted_at"] = self.wall()
+        grant = UploadGrant(round=round_, expires_s=self.cfg.upload_slot_timeout_s)
+        permit = BulkPermit(max_body=nbytes, count=1, reserved=True)
+        return [Permit(MsgType.UPDATE, permit, to=rec.client_id), Send(grant, to=rec.client_id)]
 
     def on_aggregate_ack(self, rec: ClientRecord, round_: int, theirs: str, now: float) -> tuple[bool, list[Action]]:
         """An ACK(AGGREGATE) after a round's delta: (did it hold what was sent, what follows)."""

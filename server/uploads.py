@@ -6,13 +6,10 @@ records, transport budget, clock and metrics it uses."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from ..common.errors import TransportError
-from ..common.messages import MsgType, UploadGrant
-from ..transport.connection import BulkPermit
+from ..common.messages import MsgType
 from .admission import AdmissionEvent, Expired, Granted, UploadAdmission
 
 if TYPE_CHECKING:
@@ -33,6 +30,7 @@ class UploadDesk:
     _transport: Any
     _tasks: set[asyncio.Task[None]]
     job: Any
+    _carry_now: Any  # AggregationServer._carry_now: carry one action out
 
     async def _grant(self, rec: Any, round_: int, nbytes: int) -> None:
         """Queue the request with the admission rule (:mod:`fedquic.server.admission`: upload slots in arrival
@@ -84,12 +82,9 @@ class UploadDesk:
             self._transport.budget.unreserve(ev.nbytes)
             self._carry_admission(self.admission.release(ev.key, self.clock()))
             return
-        peer.core.permit(MsgType.UPDATE, BulkPermit(max_body=ev.nbytes, count=1, reserved=True))
-        self._granted_peers[ev.key] = peer
-        # Wall-clock marks (with accepted_at) let a history reader measure the server's ingest rate.
-        rec.stats.setdefault(round_, {})["granted_at"] = self.job.wall()
-        with contextlib.suppress(TransportError):
-            peer.send(UploadGrant(round=round_, expires_s=self.cfg.upload_slot_timeout_s))
+        self._granted_peers[ev.key] = peer  # revoked on this connection, even if the client has a new one by then
+        for act in self.job.grant(rec, round_, ev.nbytes):  # the permit and the UPLOAD_GRANT (ServerJob.grant)
+            self._carry_now(act, None)
 
     def _expire_grant(self, ev: Expired) -> None:
         cid, round_ = ev.key  # type: ignore[misc]
