@@ -2,10 +2,12 @@
 ends.
 
 The session returns lists of these actions; :mod:`fedquic.client.runner` carries them out in order (a unit test
-does by hand). Two complete later and feed a result back into the session: :class:`SendBulk` (``on_bulk_sent``)
-and :class:`RunWork` (``on_work_done``). A :class:`Work` names the local work (the learner, the checkpoint, the
-install that ``FederatedClient._install`` does), and says what it returns. :class:`Finished` ends the
-connection, with its :class:`Outcome` for the reconnect policy. :class:`Verdict` and :class:`Rule` are the words of
+and ``testkit/memory_client.py`` do so inline). Three complete later and feed a result back into the session:
+:class:`SendBulk` (``on_bulk_sent``), :class:`WaitAcked` (``on_acked``) and :class:`RunWork` (``on_work_done``).
+A :class:`Work` names the local work (:class:`~fedquic.client.work.LocalWork` carries each out: the learner, the
+adapter state, the checkpoint) and says what it returns. :class:`Joined`, :class:`Record` and :class:`Landed`
+are for the driver's books. :class:`Finished` ends the connection, with its :class:`Outcome` for the reconnect
+policy. :class:`Verdict` and :class:`Rule` are the words of
 the session's transition table.
 """
 
@@ -17,8 +19,9 @@ from enum import Enum
 from typing import Any
 
 from ..common.adapter import AdapterSchema
+from ..common.codec import Manifest
 from ..common.errors import ErrorCode, RemoteError, TransportError
-from ..common.messages import Message, RoundStart, SyncState, Welcome
+from ..common.messages import Aggregate, Message, RoundStart, SyncState, Welcome
 from .reconnect import is_retryable
 from .results import RoundRecord
 from .sync import PreparedUpdate
@@ -88,7 +91,12 @@ class Train:  # train, evaluate as the round needs, encode -> Trained
 
 
 @dataclass(frozen=True)
-class Install:  # FederatedClient._install: install, checkpoint, maybe METRICS, and the ACK(AGGREGATE) -> None
+class WaitAcked:  # until the server's QUIC stack acknowledged what was sent (at most timeout_s), then on_acked(ok)
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class Install:  # decode, install and hash an AGGREGATE; with `evaluate`, measure the model it makes -> Installed
     msg: Message
     evaluate: bool
 
@@ -110,6 +118,15 @@ Work = Attach | Restore | Train | Install | Checkpoint | SaveResults
 class Trained:
     prepared: PreparedUpdate
     record: RoundRecord
+
+
+@dataclass(frozen=True)
+class Installed:
+    state_hash: str  # of the state the aggregate made: what its ACK says
+    manifest: Manifest  # the full form, for the fp32 size in the round record
+    bytes_down: int  # the AGGREGATE's size on the wire
+    figures: dict[str, float]  # held-out figures of the model it makes (empty unless Install.evaluate)
+    reset: bool  # a `local` reset that replaced our adapter
 
 
 @dataclass(frozen=True)
@@ -136,13 +153,19 @@ class Record:  # a round's outcome, for the result (a round re-run after a recon
 
 
 @dataclass(frozen=True)
+class Landed:  # an AGGREGATE installed, acknowledged and checkpointed: its figures go in the round's record
+    header: Aggregate
+    installed: Installed
+
+
+@dataclass(frozen=True)
 class Finished:
     outcome: Outcome
     error: BaseException | None = None
     reason: str = ""  # BYE's
 
 
-Action = Send | SendBulk | RunWork | Close | Joined | Record | Finished
+Action = Send | SendBulk | WaitAcked | RunWork | Close | Joined | Record | Landed | Finished
 
 
 __all__ = [
@@ -152,7 +175,9 @@ __all__ = [
     "Close",
     "Finished",
     "Install",
+    "Installed",
     "Joined",
+    "Landed",
     "Outcome",
     "Record",
     "Restore",
@@ -164,6 +189,7 @@ __all__ = [
     "Train",
     "Trained",
     "Verdict",
+    "WaitAcked",
     "Work",
     "classify",
 ]

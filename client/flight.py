@@ -1,20 +1,26 @@
 """One round of ours on the wire: the ROUND state of :class:`~fedquic.client.session.ClientSession`, its
-:class:`Step`, and what each answer to the round's UPDATE does to the :class:`~fedquic.client.sync.SyncedAdapter`.
+:class:`Step`, and what each answer to the round's UPDATE does to the :class:`~fedquic.client.sync.SyncedAdapter`;
+and one AGGREGATE coming in: the INSTALLING state, a :class:`Landing`.
 
 A round goes TRAIN (training and encoding, local work) → METRICS_OUT → AWAIT_GRANT → UPLOADING → AWAIT_ACK →
 COMMIT (the checkpoint once answered). The answers: ACK(UPDATE) commits; ERROR LATE_UPDATE/ROUND_NOT_OPEN rolls
 the residual back and keeps the change for the next round; BYE rolls back too; another ERROR rolls back and ends
 the connection; a connection lost while the UPDATE may be on its way (:data:`IN_FLIGHT`) rolls back and notes
-the round's start, so that a round handed again is retrained from there. Pure, like the session.
+the round's start, so that a round handed again is retrained from there.
+
+An AGGREGATE is installed (local work, measured too when it is a round's result), its figures go out as the
+round's METRICS and are taken by the server before the ACK(AGGREGATE), then the checkpoint. Pure, like the session.
 """
 
 from __future__ import annotations
 
 import logging
 from enum import Enum
+from typing import Any
 
-from ..common.messages import Error, Metrics, RoundStart, UploadRequest
-from .actions import Action, Record, Send, SendBulk, Trained
+from ..common.errors import SchemaMismatchError
+from ..common.messages import Ack, Error, Message, Metrics, MsgType, RoundStart, UploadRequest
+from .actions import Action, Checkpoint, Install, Installed, Landed, Record, RunWork, Send, SendBulk, Trained, WaitAcked
 from .reconnect import LATE_CODES, remote_error
 from .results import RoundRecord, accuracy_note, finite_metrics
 from .sync import PreparedUpdate, SyncedAdapter
@@ -33,6 +39,8 @@ class Step(Enum):
 
 # The UPDATE may be on its way or applied unanswered: a connection lost here rolls the round back.
 IN_FLIGHT = frozenset({Step.METRICS_OUT, Step.AWAIT_GRANT, Step.UPLOADING, Step.AWAIT_ACK})
+# How long the server's QUIC stack has to acknowledge an aggregate's METRICS before its ACK goes out anyway.
+METRICS_TAKEN_S = 10.0
 
 
 class Flight:
@@ -122,4 +130,57 @@ class Flight:
         return Record(rec, late=self.late)
 
 
-__all__ = ["IN_FLIGHT", "Flight", "Step"]
+class Landing:
+    """One AGGREGATE (``reset``: a dense one after JOIN): installed, then a round's result is measured and its
+    figures sent as the round's METRICS, delivered before the ACK so the server's round history holds them; the
+    checkpoint comes after the ACK, off the server's critical path: the server persisted what it sent before
+    sending it, so a crash in between costs a dense reset at the rejoin, never a lost or doubled aggregate."""
+
+    def __init__(self, msg: Message, *, reset: bool) -> None:
+        self.msg, self.reset = msg, reset
+        self.header: Any = msg.header
+        self._installed: Installed | None = None
+
+    def work(self) -> Install:
+        h = self.header
+        # A round's aggregate, not a reset (dense, no contributors: the server's copy re-sent after a rejoin).
+        is_result = h.kind != "local" and (h.delta or h.contributors > 0)
+        return Install(self.msg, evaluate=not self.reset and bool(is_result))
+
+    @property
+    def installed(self) -> Installed:
+        assert self._installed is not None, "not installed yet"
+        return self._installed
+
+    def done_installing(self, installed: Installed) -> list[Action]:
+        self._installed = installed
+        if installed.figures:
+            return [SendBulk(Metrics(round=self.header.round, values=finite_metrics(installed.figures)))]
+        return self._ack()
+
+    def bulk_sent(self) -> list[Action]:
+        return [WaitAcked(METRICS_TAKEN_S)]
+
+    def taken(self, ok: bool) -> list[Action]:
+        if not ok:
+            log.warning("round %d: the server did not take the held-out figures in time", self.header.round)
+        return self._ack()
+
+    def _ack(self) -> list[Action]:
+        ack = Ack(ref=MsgType.AGGREGATE, round=self.header.round, state_hash=self.installed.state_hash)
+        return [Send(ack), RunWork(Checkpoint())]
+
+    def done(self) -> Landed:
+        """Checkpointed."""
+        return Landed(self.header, self.installed)
+
+    def reset_complete(self, view_hash: str, server_hash: str) -> bool:
+        """After a reset: whether we now hold what the server acknowledged JOIN with (a `local` reset must)."""
+        if self.header.kind == "local" and view_hash != server_hash:
+            raise SchemaMismatchError(
+                f"the server's reset has state {view_hash}, but it acknowledged JOIN with {server_hash}"
+            )
+        return view_hash == server_hash
+
+
+__all__ = ["IN_FLIGHT", "METRICS_TAKEN_S", "Flight", "Landing", "Step"]

@@ -1,15 +1,17 @@
 """The client's protocol session, sans-I/O: one :class:`ClientSession` per connection.
 
 In the style of h11's ``_state.py`` and aioquic's ``QuicConnection``: the session is told what happened (a
-message, the end of local work, a bulk send returning, a timer, the connection ending), always with the time
-``now``, and returns the actions to carry out, in order (:mod:`fedquic.client.actions`; at most one that completes
-later, and it comes last). It reads no clock, socket or file; :mod:`fedquic.client.runner` carries the actions out.
+message, the end of local work, a bulk send or an acknowledgement wait returning, a timer, the connection ending),
+always with the time ``now``, and returns the actions to carry out, in order (:mod:`fedquic.client.actions`; at
+most one that completes later, and it comes last). It reads no clock, socket or file; :mod:`fedquic.client.runner`
+carries the actions out (``testkit/memory_client.py`` does so inline, on a fake clock).
 
-It owns the connection's :class:`State` (a round's steps are in :mod:`fedquic.client.flight`), the transition
-table (:data:`TABLE`, and :data:`UNLISTED` for what a state does not list: handled, ending the wait but staying
-queued, dropped, or deferred to ``pending`` for the main loop), the bounded ``pending`` queue, the message timeout
-and the liveness rule. What outlives a connection is in the :class:`~fedquic.client.sync.SyncedAdapter` it is
-given (the adapter state) and in the runner (the checkpoint, counters, results).
+It owns the connection's :class:`State` (a round's steps and an aggregate's are in :mod:`fedquic.client.flight`),
+the transition table (:data:`TABLE`, and :data:`UNLISTED` for what a state does not list: handled, ending the wait
+but staying queued, dropped, or deferred to ``pending`` for the main loop), the bounded ``pending`` queue, the
+message timeout and the liveness rule. What outlives a connection is in the
+:class:`~fedquic.client.sync.SyncedAdapter` it is given (the adapter state) and in the driver's
+:class:`~fedquic.client.work.LocalWork` (the checkpoint, counters, results).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .actions import (
     Close,
     Finished,
     Install,
+    Installed,
     Joined,
     Outcome,
     Restore,
@@ -44,7 +47,7 @@ from .actions import (
     classify,
 )
 from .config import ClientConfig
-from .flight import Flight, Step
+from .flight import Flight, Landing, Step
 from .reconnect import remote_error
 from .sync import SyncedAdapter
 
@@ -63,7 +66,7 @@ class State(Enum):
     RESETTING = "resetting"  # the server holds another view of our adapter: waiting for its dense AGGREGATEs
     IDLE = "idle"  # joined: the main loop
     ROUND = "round"  # one of our rounds, at a Step
-    INSTALLING = "installing"  # the runner installs an AGGREGATE (and acknowledges it)
+    INSTALLING = "installing"  # an AGGREGATE being installed, its METRICS sent, acknowledged, checkpointed
     ENDING = "ending"  # BYE: results and adapters being saved
     DONE = "done"
     FAILED = "failed"
@@ -91,7 +94,7 @@ TABLE: dict[tuple[State | Step, MsgType], Rule] = {
     (State.JOIN_SENT, T.ACK): Rule(A, "_on_join_ack", guard=_acks_join),
     (State.JOIN_SENT, T.ERROR): Rule(A, "_on_error"),
     (State.JOIN_SENT, T.HEARTBEAT): Rule(D),
-    (State.RESETTING, T.AGGREGATE): Rule(A, "_on_reset"),
+    (State.RESETTING, T.AGGREGATE): Rule(A, "_on_aggregate"),
     (State.RESETTING, T.ROUND_START): Rule(A, "_on_no_reset"),
     (State.RESETTING, T.BYE): Rule(A, "_on_no_reset"),
     (State.RESETTING, T.ERROR): Rule(A, "_on_error"),
@@ -137,13 +140,13 @@ class ClientSession:
         self.max_pending_bytes = cfg.transport.limits.max_body_bytes
         self.heartbeat_ok = False  # before the JOIN is acknowledged the server expects HELLO/JOIN only
         self.unanswered_since: float | None = None  # control bytes unacknowledged since (liveness)
-        self._deadline = 0.0  # message timeout
-        self._beat_at = 0.0  # next liveness check (and heartbeat)
+        self._deadline = self._beat_at = 0.0  # the message timeout; the next liveness check (and heartbeat)
         self._work: Work | None = None
         self._welcome: Welcome | None = None
         self._resume: SyncState | None = None
         self._server_hash = ""  # ACK(JOIN)'s view hash while resetting
         self._flight: Flight | None = None
+        self._landing: Landing | None = None
 
     # -- events in ------------------------------------------------------------------------------------------
 
@@ -155,11 +158,17 @@ class ClientSession:
     def on_message(self, msg: Message, now: float) -> list[Action]:
         return self._handle(now, lambda out: self._message(msg, out))
 
-    def on_work_done(self, result: AdapterSchema | bool | Trained | None, now: float) -> list[Action]:
+    def on_work_done(self, result: AdapterSchema | bool | Trained | Installed | None, now: float) -> list[Action]:
         return self._handle(now, lambda out: self._work_done(result, out))
 
     def on_bulk_sent(self, nbytes: int, now: float) -> list[Action]:
+        if self.state is State.INSTALLING:  # an aggregate's METRICS
+            return self._handle(now, lambda out: out.extend(self._landing_().bulk_sent()))
         return self._handle(now, lambda out: out.extend(self._round_().bulk_sent(nbytes)))
+
+    def on_acked(self, ok: bool, now: float) -> list[Action]:
+        """A :class:`WaitAcked` returned: ``ok`` whether the server's QUIC stack acknowledged in time."""
+        return self._handle(now, lambda out: out.extend(self._landing_().taken(ok)))
 
     def handle_timer(self, now: float, *, unacked_control: bool | None) -> list[Action]:
         """``get_timer()`` is due. ``unacked_control``: whether bytes written on the control stream are still
@@ -168,9 +177,7 @@ class ClientSession:
 
     def on_connection_lost(self, exc: BaseException, now: float) -> list[Action]:
         """The connection ended under us (closed, refused, cancelled): a round in flight is rolled back."""
-        if self.state in (State.DONE, State.FAILED):
-            return []
-        return [self._fail(exc)]
+        return [] if self.state in (State.DONE, State.FAILED) else [self._fail(exc)]
 
     @property
     def round(self) -> int | None:
@@ -195,6 +202,8 @@ class ClientSession:
             self._arm(now)
         try:
             body(out)
+            if out and isinstance(out[-1], RunWork):  # work a flight or a landing asks for is awaited too
+                self._work = out[-1].work
             self._pump(out)
         except FedQuicError as exc:
             out.append(self._fail(exc))
@@ -257,9 +266,8 @@ class ClientSession:
         self.pending.append(msg)
 
     def _unexpected(self, msg: Message) -> ProtocolError:
-        return ProtocolError(
-            f"unexpected {msg.type.name} from the server ({self.state.value})", code=ErrorCode.UNEXPECTED_MESSAGE
-        )
+        what = f"unexpected {msg.type.name} from the server ({self.state.value})"
+        return ProtocolError(what, code=ErrorCode.UNEXPECTED_MESSAGE)
 
     def _start(self, state: State, work: Work, out: list[Action]) -> None:
         self.state, self._work = state, work
@@ -269,8 +277,7 @@ class ClientSession:
         if self.state is State.ROUND and self._flight is not None:
             self._flight.abandon(self.sync)
         outcome = classify(exc)
-        self.state = State.DONE if outcome is Outcome.JOB_ENDED else State.FAILED
-        self._work = None
+        self.state, self._work = (State.DONE if outcome is Outcome.JOB_ENDED else State.FAILED), None
         return Finished(outcome, exc)
 
     def _timer(self, now: float, unacked_control: bool | None, out: list[Action]) -> None:
@@ -335,8 +342,7 @@ class ClientSession:
 
     def _send_join(self, schema: AdapterSchema, resume: SyncState | None, out: list[Action]) -> None:
         out.append(Send(Join(adapter=schema, resume=resume)))
-        self._resume = resume
-        self.state = State.JOIN_SENT
+        self._resume, self.state = resume, State.JOIN_SENT
 
     def _on_join_ack(self, msg: Message, out: list[Action]) -> None:
         ack: Any = msg.header
@@ -349,25 +355,28 @@ class ClientSession:
         else:
             self._joined(out)
 
-    def _on_reset(self, msg: Message, out: list[Action]) -> None:
-        self._start(State.INSTALLING, Install(msg, evaluate=False), out)
-
     def _on_no_reset(self, msg: Message, out: list[Action]) -> None:
         raise SchemaMismatchError(
             f"the server holds adapter state {self._server_hash}, the client {self.sync.view_hash}, "
             f"and it sent {msg.type.name} instead of a reset"
         )
 
-    def _installed(self, work: Install, out: list[Action]) -> None:
-        if work.evaluate:  # a round's aggregate (a reset is installed without evaluation)
+    def _on_aggregate(self, msg: Message, out: list[Action]) -> None:
+        """A dense reset while RESETTING, a round's aggregate in the main loop (flight.py: its steps)."""
+        self._landing = Landing(msg, reset=self.state is State.RESETTING)
+        self._start(State.INSTALLING, self._landing.work(), out)
+
+    def _landing_(self) -> Landing:
+        assert self.state is State.INSTALLING and self._landing is not None, self.state
+        return self._landing
+
+    def _landed(self, out: list[Action]) -> None:
+        """An aggregate is installed, acknowledged and checkpointed; after a reset, the join may be done."""
+        landing, self._landing = self._landing_(), None
+        out.append(landing.done())
+        if not landing.reset:  # a round's aggregate
             self.state = State.IDLE
-            return
-        view_hash = self.sync.view_hash
-        if work.msg.header.kind == "local" and view_hash != self._server_hash:  # type: ignore[attr-defined]
-            raise SchemaMismatchError(
-                f"the server's reset has state {view_hash}, but it acknowledged JOIN with {self._server_hash}"
-            )
-        if view_hash == self._server_hash:
+        elif landing.reset_complete(self.sync.view_hash, self._server_hash):
             self._joined(out)
         else:  # more resets to come (row/global first, then local)
             self.state = State.RESETTING
@@ -378,9 +387,6 @@ class ClientSession:
         out.append(Joined(self._welcome, self._resume))
 
     # -- the main loop --------------------------------------------------------------------------------------
-
-    def _on_aggregate(self, msg: Message, out: list[Action]) -> None:
-        self._start(State.INSTALLING, Install(msg, evaluate=True), out)
 
     def _on_bye(self, msg: Message, out: list[Action]) -> None:
         reason = msg.header.reason  # type: ignore[attr-defined]
@@ -427,7 +433,9 @@ class ClientSession:
         elif isinstance(work, Train):
             out.append(self._round_().trained(result))
         elif isinstance(work, Install):
-            self._installed(work, out)
+            out.extend(self._landing_().done_installing(result))
+        elif isinstance(work, Checkpoint) and self.state is State.INSTALLING:
+            self._landed(out)
         elif isinstance(work, Checkpoint):
             out.append(self._round_().done())
             self._flight, self.state = None, State.IDLE

@@ -136,12 +136,12 @@ class CorruptingClient(FederatedClient):
 
     corrupted = 0
 
-    async def _install(self, peer, h, body, **kw):  # type: ignore[no-untyped-def]
+    async def _install(self, h, body, **kw):  # type: ignore[no-untyped-def]
         if h.delta and not self.corrupted:
             self.corrupted += 1
             body = bytearray(body)
             body[-1] ^= 0x55
-        await super()._install(peer, h, body, **kw)
+        return await super()._install(h, body, **kw)  # what it installed: the session acknowledges its hash
 
 
 async def test_a_wrong_aggregate_ack_leads_to_a_dense_reset(dev_pki, loopback_server, light_client) -> None:  # type: ignore[no-untyped-def]

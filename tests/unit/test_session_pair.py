@@ -5,6 +5,11 @@ through testkit.memory_link, on the server's fake clock. No QUIC, no threads on 
 A clean job, a rejoin with a dense reset, a lost ACK and its identical resend, a late update under each straggler
 rule, the refusals that end a client, a stale connection taken over by the same certificate and upload slots under
 contention; after each, both sides hold the same adapter states.
+
+Then the same without the runner (testkit.memory_client): ClientSession + LocalWork + SyntheticLearner against
+MemoryServer, synchronously, with ONE fake clock for both sides: no event loop, no threads. A clean job, a rejoin
+with a dense reset, a late update whose deadline passes on that clock while the client trains, refusals, and the
+client's liveness timeout.
 """
 
 from __future__ import annotations
@@ -18,16 +23,18 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fedquic.client.actions import Outcome, classify
+from fedquic.client.actions import Finished, Outcome, Train, Work, classify
 from fedquic.client.config import ClientConfig
 from fedquic.client.runner import FederatedClient
 from fedquic.common.adapter import TensorDict, state_hash
 from fedquic.common.codec import Encoding, EncodingSpec
-from fedquic.common.errors import ErrorCode, RemoteError
+from fedquic.common.errors import ErrorCode, RemoteError, TransportError
 from fedquic.common.messages import (
     Ack,
     Aggregate,
+    Error,
     Header,
+    Heartbeat,
     Hello,
     Join,
     Message,
@@ -39,10 +46,11 @@ from fedquic.common.messages import (
 )
 from fedquic.server.config import JobConfig, ServerConfig
 from fedquic.server.history import read_history_dicts
-from fedquic.server.rounds import RoundPolicy
+from fedquic.server.rounds import Phase, RoundPolicy
 from fedquic.transport.settings import TlsFiles
 
 from testkit.memory import MemoryServer
+from testkit.memory_client import MemoryClient, run
 from testkit.memory_link import MemoryLink, MemoryPeer, on
 from testkit.synthetic import SyntheticLearner, lora_schema
 
@@ -115,7 +123,7 @@ def assert_same(a: TensorDict, b: TensorDict, atol: float = 0.0) -> None:
         np.testing.assert_allclose(a[k], b[k], rtol=0, atol=atol, err_msg=k)
 
 
-def assert_agree(srv: MemoryServer, clients: dict[str, FederatedClient]) -> None:
+def assert_agree(srv: MemoryServer, clients: dict[str, FederatedClient] | dict[str, MemoryClient]) -> None:
     """Each client and the server hold the same view and Rest-of-World; the client's adapter is its view plus the
     uplink residual (what compression has not delivered yet)."""
     for cid, c in clients.items():
@@ -350,3 +358,166 @@ async def test_upload_slots_under_contention_grant_one_at_a_time(tmp_path: Path)
     assert [sorted(row["contributors"]) for row in rows] == [list("abcd")] * 3
     assert srv.job.metrics.updates_accepted == 12 and srv.budget.reserved == 0
     assert_agree(srv, clients)
+
+
+# -- without the runner: ClientSession + LocalWork, one fake clock for both sides -------------------------------
+
+
+def memory_client(
+    tmp_path: Path, srv: MemoryServer, cid: str, *, seed: int = 0, learner: SyntheticLearner | None = None, **cfg: Any
+) -> MemoryClient:
+    config = ClientConfig(client_id=cid, tls=TlsFiles(ca=tmp_path / "ca.pem"), run_dir=tmp_path / cid, **cfg)
+    return MemoryClient(srv, config, learner or SyntheticLearner(SCHEMA, seed=seed))
+
+
+def trains(work: Work, round_: int) -> bool:
+    return isinstance(work, Train) and work.start.round == round_
+
+
+class Measuring(SyntheticLearner):
+    """A learner with held-out figures: a round's aggregate is measured, and its METRICS go before its ACK."""
+
+    def evaluate(self, final: bool) -> dict[str, float]:
+        return {"acc_exact": 0.25 + 0.25 * len(self.trained_rounds), "eval_n": 8.0 if final else 4.0}
+
+
+def test_without_the_runner_a_clean_job_agrees_after_every_round_and_takes_no_time(tmp_path: Path) -> None:
+    srv = make_server(tmp_path)
+    clients = {cid: memory_client(tmp_path, srv, cid, learner=Measuring(SCHEMA, seed=i)) for i, cid in enumerate("ab")}
+    agreed: list[tuple[int, str]] = []
+
+    def check(c: MemoryClient, msg: Message) -> None:  # as each round's aggregate is acknowledged
+        h = msg.header
+        if not (isinstance(h, Ack) and h.ref is MsgType.AGGREGATE):
+            return
+        rec = srv.job.records[c.client_id]
+        if c.view_hash == rec.view_hash and h.state_hash == rec.disk.held_hash["row"] == state_hash(c.held["row"]):
+            agreed.append((h.round, c.client_id))
+
+    for c in clients.values():
+        c.on_sent.append(check)
+    t0 = srv.clock()
+    run(srv, *clients.values())
+    assert srv.clock() == t0  # nothing waited: no timer was needed
+    assert sorted(agreed) == [(r, cid) for r in (1, 2, 3) for cid in "ab"]
+    rows = read_history_dicts(srv.job.history_path)
+    assert [sorted(row["contributors"]) for row in rows] == [["a", "b"]] * 3
+    for cid, c in clients.items():
+        assert c.outcome == Finished(Outcome.DONE, reason=c.outcome.reason) and c.ends == [c.outcome]  # type: ignore[union-attr]
+        assert len(c.conns) == 1 and c.joins == 1 and c.resets == 0
+        assert list(srv.job.records[cid].disk.updates) == [1, 2, 3]
+        assert not [h for h in c.received_of(Aggregate) if not h.delta]  # nothing to reset
+        records = c.result.rounds
+        assert [r.round for r in records] == [1, 2, 3] and all(r.accepted and r.bytes_down > 0 for r in records)
+        # each aggregate was measured, and its figures reached the server's history before its ACK
+        assert [r.metrics["acc_exact"] for r in records] == [0.5, 0.75, 1.0] and records[2].metrics["eval_final"]
+        assert [row["clients"][cid]["acc_exact"] for row in rows] == [0.5, 0.75, 1.0]
+        assert len((tmp_path / cid / "rounds.jsonl").read_text().splitlines()) == 3
+        assert (tmp_path / cid / "state" / "checkpoint.json").is_file()
+    assert_agree(srv, clients)
+    assert srv.result is not None and srv.result.ok and srv.result.rounds_completed == 3
+
+
+def test_without_the_runner_a_rejoin_after_a_dropped_connection_gets_a_dense_reset(tmp_path: Path) -> None:
+    srv = make_server(tmp_path)
+    a, b = memory_client(tmp_path, srv, "a", seed=1), memory_client(tmp_path, srv, "b", seed=2)
+    a.gate = lambda w: not trains(w, 2) or any(h.round == 2 for h in b.sent_of(Update))  # a's update closes round 2
+
+    def drop(c: MemoryClient, msg: Message) -> None:  # applied; its ACK and the round's aggregate are lost
+        if isinstance(msg.header, Update) and msg.header.round == 2 and len(c.conns) == 1:
+            c.drop()
+
+    a.on_sent.append(drop)
+    run(srv, a, b)
+    resets = [h for h in a.received_of(Aggregate) if not h.delta]
+    assert [h.kind for h in resets] == ["local", "row"] and a.resets == 1
+    joins = a.sent_of(Join)
+    assert len(joins) == 2 and joins[0].resume is None and joins[1].resume.round == 1 and a.joins == 2
+    assert [e.outcome for e in a.ends] == [Outcome.RETRY, Outcome.DONE] and len(a.conns) == 2
+    assert a.conns[0].closed is not None and a.conns[0].closed.code is ErrorCode.INTERNAL  # dropped
+    assert list(srv.job.records["a"].disk.updates) == [1, 2, 3]  # round 2 applied once, never handed again
+    assert [r.round for r in a.result.rounds] == [1, 3] and [r.round for r in b.result.rounds] == [1, 2, 3]
+    assert a.learner.trained_rounds == [1, 2, 3]  # type: ignore[attr-defined]
+    assert_agree(srv, {"a": a, "b": b})
+    assert srv.result is not None and srv.result.ok
+
+
+def test_without_the_runner_the_deadline_passes_while_a_client_trains_and_its_change_comes_next(
+    tmp_path: Path,
+) -> None:
+    srv = make_server(tmp_path, straggler="drop", uplink=FP32)
+    a, b = memory_client(tmp_path, srv, "a", seed=1), memory_client(tmp_path, srv, "b", seed=2)
+    machine, held = srv.job.machine, []
+
+    def gate(w: Work) -> bool:  # a trains round 2 only once the server closed it without a
+        if not trains(w, 2):
+            return True
+        held.append(srv.clock())
+        return machine.round > 2 or machine.phase is not Phase.TRAINING
+
+    a.gate = gate
+    run(srv, a, b)
+    assert held[-1] - held[0] >= 60.0  # the round's deadline (round_timeout_s) passed on the one clock meanwhile
+    assert [ErrorCode(h.code) for h in a.received_of(Error)] == [ErrorCode.LATE_UPDATE]
+    assert a.late_rounds == [2] and [r.accepted for r in a.result.rounds] == [True, False, True]
+    assert list(srv.job.records["a"].disk.updates) == [1, 3] and len(a.conns) == 1
+    rows = read_history_dicts(srv.job.history_path)
+    assert rows[1]["contributors"] == ["b"] and sorted(rows[2]["contributors"]) == ["a", "b"]
+    assert a.learner.trained_rounds == [1, 2, 3]  # type: ignore[attr-defined]
+    # both rounds' training reached the server with round 3 (fp32: exactly what a holds)
+    assert_same(server_state(srv, "a"), a.learner.local_state(), atol=1e-6)
+    assert_agree(srv, {"a": a, "b": b})
+
+
+@pytest.mark.parametrize(
+    ("case", "code"),
+    [("encoding", ErrorCode.UNSUPPORTED_ENCODING), ("adapter schema", ErrorCode.SCHEMA_MISMATCH)],
+)
+def test_without_the_runner_a_refusal_ends_the_client_for_good(tmp_path: Path, case: str, code: ErrorCode) -> None:
+    srv = make_server(tmp_path)
+    first = memory_client(tmp_path, srv, "first")
+    run(srv, first, until=lambda: "first" in srv.job.clients)  # its JOIN fixed the job's schema
+    learner = SyntheticLearner(lora_schema(2, 16, 4) if case == "adapter schema" else SCHEMA, seed=1)
+    c = memory_client(tmp_path, srv, "c", learner=learner, connect_attempts=5)
+    if case == "encoding":  # it decodes fp32 alone: the job's int8 downlink is beyond it
+        c.hello = c.hello.model_copy(update={"encodings": (Encoding.FP32,)})
+    run(srv, first, c, until=lambda: c.done)
+    end = c.outcome
+    assert end is not None and end.outcome is Outcome.FATAL and c.ends == [end]
+    assert isinstance(end.error, RemoteError) and end.error.code is code
+    assert len(c.conns) == 1 and [ErrorCode(h.code) for h in c.received_of(Error)] == [code]  # no second attempt
+    closed = c.conns[0].closed
+    assert closed is not None and closed.code is code and closed.error
+    assert c.joins == 0 and "c" not in srv.job.clients and srv.job.metrics.rejected == {code.name: 1}
+    assert "first" in srv.job.clients and not first.done  # the job goes on for the others
+
+
+def test_without_the_runner_a_silent_server_ends_the_session_at_the_liveness_timeout(tmp_path: Path) -> None:
+    srv = make_server(tmp_path)
+    a = memory_client(tmp_path, srv, "a", seed=1, heartbeat_s=5.0, liveness_timeout_s=30.0)
+    b = memory_client(tmp_path, srv, "b", seed=2)
+    b.gate = lambda w: not trains(w, 2) or len(a.sent_of(Join)) == 2  # round 2 is still open when a rejoins
+    silenced: list[float] = []
+
+    def silence(c: MemoryClient, msg: Message) -> None:  # a's path dies once round 1's ACK is through
+        h = msg.header
+        if isinstance(h, Ack) and h.ref is MsgType.AGGREGATE and h.round == 1 and not silenced:
+            c.silent = True
+            silenced.append(srv.clock())
+
+    a.on_sent.append(silence)
+    run(srv, a, b, until=lambda: bool(a.ends))
+    [end] = a.ends
+    assert end.outcome is Outcome.RETRY and isinstance(end.error, TransportError)
+    assert end.error.code is ErrorCode.TIMEOUT and "acknowledged nothing for 30 s" in str(end.error)
+    assert srv.clock() - silenced[0] == 30.0  # liveness_timeout_s, long before the message timeout (3600 s)
+    old = a.conns[0]
+    assert sum(isinstance(h, Heartbeat) for cid, h in a.sent if cid == old.id) == 5  # probed every heartbeat_s
+    assert old.closed is None  # the server's end is still open: only the client's probe noticed
+    run(srv, a, b)  # a connects again: its HELLO takes the stale connection over, round 2 resumes
+    assert old.closed is not None and old.closed.code is ErrorCode.IDENTITY_MISMATCH and not old.closed.error
+    assert [e.outcome for e in a.ends] == [Outcome.RETRY, Outcome.DONE] and len(a.conns) == 2
+    joins = a.sent_of(Join)
+    assert len(joins) == 2 and joins[1].resume.round == 1 and a.resets == 0
+    assert [r.round for r in a.result.rounds] == [1, 2, 3] and all(r.accepted for r in a.result.rounds)
+    assert_agree(srv, {"a": a, "b": b})

@@ -1,4 +1,5 @@
-"""ClientSession driven by hand: scripted messages, a fake clock, work carried out inline (no asyncio, no network).
+"""ClientSession driven by hand: scripted messages, a fake clock, work carried out inline by LocalWork (no asyncio,
+no network).
 
 Every test checks the actions the session returns and the state it is in, and where it matters what it did to
 the SyncedAdapter (the residual rolled back, the round's start noted for a retrain).
@@ -20,7 +21,9 @@ from fedquic.client.actions import (
     Close,
     Finished,
     Install,
+    Installed,
     Joined,
+    Landed,
     Outcome,
     Record,
     Restore,
@@ -29,14 +32,14 @@ from fedquic.client.actions import (
     Send,
     SendBulk,
     Train,
-    Trained,
+    WaitAcked,
     classify,
 )
 from fedquic.client.config import ClientConfig
-from fedquic.client.flight import Step
-from fedquic.client.results import RoundRecord
+from fedquic.client.flight import METRICS_TAKEN_S, Step
 from fedquic.client.session import MAX_PENDING, TABLE, UNLISTED, ClientSession, State, Verdict
 from fedquic.client.sync import SyncedAdapter
+from fedquic.client.work import LocalWork
 from fedquic.common.adapter import init_lora_state, state_hash, zeros_state
 from fedquic.common.codec import EncodingSpec, encode_tensors
 from fedquic.common.errors import (
@@ -83,21 +86,25 @@ def config(**kw: Any) -> ClientConfig:
 
 
 class Harness:
-    """A session and what a runner would do for it, inline: the learner's work, the install, the clock."""
+    """A session and what a runner would do for it, inline: the local work (no checkpoint files), the clock."""
 
     def __init__(self, sync: SyncedAdapter | None = None, **cfg: Any) -> None:
         self.learner = sync.learner if sync is not None else SyntheticLearner(SCHEMA, seed=3)
         self.sync = sync or SyncedAdapter(self.learner, "c1")  # type: ignore[arg-type]
         self.session = ClientSession(config(**cfg), self.sync, hello=HELLO, beats=itertools.count(1))
+        self.local = LocalWork(config(checkpoint=False, **cfg), self.learner, self.sync)  # type: ignore[arg-type]
         self.now = 0.0
-        self.acked: list[Ack] = []  # what _install would have sent
+        self.acked: list[Ack] = []  # the ACK(AGGREGATE)s the session sent
 
     def check(self, actions: list[Action]) -> list[Action]:
         """The invariant the runner relies on: what completes later (or ends the session) comes last, once."""
-        later = [i for i, a in enumerate(actions) if isinstance(a, SendBulk | RunWork | Finished)]
+        later = [i for i, a in enumerate(actions) if isinstance(a, SendBulk | WaitAcked | RunWork | Finished)]
         assert later in ([], [len(actions) - 1]) or (
             len(later) == 2 and isinstance(actions[-1], Finished) and isinstance(actions[-2], Close)
         ), actions
+        for a in actions:
+            if isinstance(a, Send) and isinstance(a.header, Ack) and a.header.ref is MsgType.AGGREGATE:
+                self.acked.append(a.header)
         return actions
 
     def msg(self, header: Any, body: bytes = b"", at: float | None = None) -> list[Action]:
@@ -110,30 +117,26 @@ class Harness:
     def sent(self, nbytes: int = 100) -> list[Action]:
         return self.check(self.session.on_bulk_sent(nbytes, self.now))
 
+    def taken(self, ok: bool = True) -> list[Action]:
+        return self.check(self.session.on_acked(ok, self.now))
+
     def timer(self, at: float, unacked: bool | None = False) -> list[Action]:
         self.now = at
         return self.check(self.session.handle_timer(at, unacked_control=unacked))
 
     def work(self, action: Action) -> Any:
-        """Carry out a RunWork the way the runner does (minus threads, checkpoint files and evaluation)."""
+        """Carry out a RunWork the way the runner does (minus threads and checkpoint files)."""
         assert isinstance(action, RunWork), action
-        w = action.work
-        if isinstance(w, Attach):
-            return self.learner.attach(w.job)
-        if isinstance(w, Restore):
-            return False
-        if isinstance(w, Train):
-            start = self.sync.begin_round(w.start.round)
-            metrics = self.learner.train(w.start.round, w.start.train)
-            prepared = self.sync.prepare_update(w.start.round, w.start.uplink, start)
-            return Trained(prepared, RoundRecord(w.start.round, metrics))
-        if isinstance(w, Install):
-            h = w.msg.header
-            assert isinstance(h, Aggregate)
-            _, decoded = self.sync.decode(h, w.msg.body, WireLimits())
-            state, _ = self.sync.install(h, decoded)
-            self.acked.append(Ack(ref=MsgType.AGGREGATE, round=h.round, state_hash=state_hash(state)))
-        return None
+        return None if isinstance(action.work, SaveResults) else self.local.run(action.work)
+
+    def land(self, action: Action) -> list[Action]:
+        """Carry out an Install that yields no figures: the session acknowledges, then checkpoints; returns what
+        follows the Landed."""
+        *ack, ckpt = self.done(self.work(action))
+        assert [type(a) for a in ack] == [Send] and ckpt == RunWork(Checkpoint()), (ack, ckpt)
+        landed, *rest = self.done()
+        assert isinstance(landed, Landed) and landed.header == action.work.msg.header  # type: ignore[attr-defined]
+        return rest
 
     def run_work(self, actions: list[Action]) -> list[Action]:
         """Carry out a trailing RunWork and return what the session says next (repeatedly)."""
@@ -176,9 +179,9 @@ def round_start(r: int) -> RoundStart:
     return RoundStart(round=r, train=TrainSpec(local_steps=1), uplink=INT8, deadline_s=60)
 
 
-def dense(kind: str, state: dict, round_: int = 0) -> tuple[Aggregate, bytes]:
+def dense(kind: str, state: dict, round_: int = 0, contributors: int = 0) -> tuple[Aggregate, bytes]:
     manifest, body = encode_tensors(state, EncodingSpec.parse("fp32"))
-    return Aggregate(round=round_, kind=kind, delta=False, contributors=0, manifest=manifest), body
+    return Aggregate(round=round_, kind=kind, delta=False, contributors=contributors, manifest=manifest), body
 
 
 def finished(actions: list[Action]) -> Finished:
@@ -291,7 +294,7 @@ def test_messages_before_the_update_ack_are_handled_afterwards_in_order() -> Non
     h = Harness()
     h.to_ack_wait(1)
     row = {k: np.full(v.shape, 0.5, np.float32) for k, v in zeros_state(SCHEMA).items()}
-    agg, body = dense("row", row, round_=1)
+    agg, body = dense("row", row, round_=1, contributors=2)
     for m in (Heartbeat(seq=1), Metrics(round=1, values={"x": 1.0}), agg, round_start(2)):
         assert h.msg(m, body if m is agg else b"") == []
     assert [m.type for m in h.session.pending] == [MsgType.METRICS, MsgType.AGGREGATE, MsgType.ROUND_START]
@@ -300,7 +303,7 @@ def test_messages_before_the_update_ack_are_handled_afterwards_in_order() -> Non
     out = h.done()
     assert isinstance(out[0], Record) and out[0].record.accepted and not out[0].late
     assert out[1:] == [RunWork(Install(Message(agg, body), evaluate=True))]  # METRICS dropped, AGGREGATE next
-    assert h.done(h.work(out[1])) == [RunWork(Train(round_start(2)))]  # then the next round
+    assert h.land(out[1]) == [RunWork(Train(round_start(2)))]  # then the next round
     assert h.acked[-1].state_hash == state_hash(row) and not h.session.pending
 
 
@@ -325,8 +328,8 @@ def test_messages_during_a_send_wait_and_a_bye_among_them_comes_after_those_befo
     assert h.msg(agg, body) == [] and h.msg(Bye(reason="over")) == [] and len(h.session.pending) == 2
     out = h.sent()  # AWAIT_ACK: the AGGREGATE waits, the BYE ends the wait; IDLE then takes them in order
     assert isinstance(out[0], Record) and not out[0].record.accepted
-    assert out[1:] == [RunWork(Install(Message(agg, body), evaluate=True))]
-    assert h.done(h.work(out[1])) == [RunWork(SaveResults("over"))] and not h.session.pending
+    assert out[1:] == [RunWork(Install(Message(agg, body), evaluate=False))]  # a dense copy: nothing to measure
+    assert h.land(out[1]) == [RunWork(SaveResults("over"))] and not h.session.pending
 
 
 def test_the_pending_queue_is_bounded_in_messages() -> None:
@@ -440,6 +443,61 @@ def test_a_connection_lost_while_training_rolls_nothing_back() -> None:
     assert isinstance(end, Finished) and end.outcome is Outcome.FATAL and h.sync.unacked is None
 
 
+# -- aggregates ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "delta", "contributors", "measured"),
+    [("row", True, 2, True), ("row", True, 0, True), ("global", False, 3, True), ("row", False, 0, False)],
+)
+def test_the_session_decides_whether_an_aggregate_is_measured(
+    kind: str, delta: bool, contributors: int, measured: bool
+) -> None:
+    h = Harness()
+    h.join()
+    agg, body = dense(kind, zeros_state(SCHEMA), round_=1, contributors=contributors)
+    agg = agg.model_copy(update={"delta": delta})
+    assert h.msg(agg, body) == [RunWork(Install(Message(agg, body), evaluate=measured))]
+    assert h.session.state is State.INSTALLING and h.session.get_timer() is None
+
+
+def test_a_rounds_figures_are_sent_and_taken_before_the_ack_and_the_checkpoint_comes_last() -> None:
+    h = Harness()
+    h.join()
+    agg, body = dense("row", zeros_state(SCHEMA), round_=1, contributors=2)
+    assert h.msg(agg, body) == [RunWork(Install(Message(agg, body), evaluate=True))]
+    installed = Installed("cd" * 16, h.sync.decode(agg, body, WireLimits())[0], 99, {"acc": 0.5, "bad": np.nan}, False)
+    [bulk] = h.done(installed)
+    assert bulk == SendBulk(Metrics(round=1, values={"acc": 0.5}))  # what JSON can carry
+    assert h.msg(round_start(2)) == [] and h.msg(Heartbeat(seq=3)) == []  # queued meanwhile (no state waits)
+    assert h.sent() == [WaitAcked(METRICS_TAKEN_S)] and h.session.get_timer() is None
+    assert h.taken(False) == [Send(Ack(ref=MsgType.AGGREGATE, round=1, state_hash="cd" * 16)), RunWork(Checkpoint())]
+    assert h.done() == [Landed(agg, installed), RunWork(Train(round_start(2)))]  # then the queue, in order
+    assert h.session.state is State.ROUND and [m.type for m in h.session.pending] == [MsgType.HEARTBEAT]
+
+
+def test_an_aggregate_without_figures_is_acknowledged_at_once() -> None:
+    h = Harness()
+    h.join()
+    agg, body = dense("row", zeros_state(SCHEMA), round_=1, contributors=2)
+    [work] = h.msg(agg, body)
+    [ack, ckpt] = h.done(h.work(work))  # the learner has no evaluate: no figures, no METRICS
+    assert ack == Send(Ack(ref=MsgType.AGGREGATE, round=1, state_hash=state_hash(zeros_state(SCHEMA))))
+    assert ckpt == RunWork(Checkpoint())
+    [landed] = h.done()
+    assert isinstance(landed, Landed) and landed.installed.figures == {} and h.session.state is State.IDLE
+
+
+def test_a_connection_lost_while_installing_ends_it_without_an_ack() -> None:
+    h = Harness()
+    h.join()
+    agg, body = dense("row", zeros_state(SCHEMA), round_=1, contributors=2)
+    [work] = h.msg(agg, body)
+    [end] = h.session.on_connection_lost(TransportError("lost"), 1.0)
+    assert isinstance(end, Finished) and end.outcome is Outcome.RETRY
+    assert h.done(h.work(work)) == [] and h.acked == []  # over: nothing more is sent
+
+
 # -- resets -------------------------------------------------------------------------------------------------------
 
 
@@ -451,7 +509,7 @@ def test_a_reset_that_agrees_completes_the_join() -> None:
     agg, body = dense("local", server)
     out = h.msg(agg, body)
     assert out == [RunWork(Install(Message(agg, body), evaluate=False))]
-    assert h.done(h.work(out[0])) == [Joined(JOB, None)] and h.session.state is State.IDLE
+    assert h.land(out[0]) == [Joined(JOB, None)] and h.session.state is State.IDLE
     assert h.sync.view_hash == state_hash(server) and h.acked[-1].state_hash == state_hash(server)
 
 
@@ -460,7 +518,7 @@ def test_a_reset_mismatch_after_a_local_reset_is_a_schema_mismatch() -> None:
     h.join(server_hash="ab" * 16)
     agg, body = dense("local", {k: v + 1.0 for k, v in init_lora_state(SCHEMA, JOB.init_seed).items()})
     out = h.msg(agg, body)
-    end = finished(h.done(h.work(out[0])))
+    end = finished(h.land(out[0]))
     assert end.outcome is Outcome.FATAL and isinstance(end.error, SchemaMismatchError)
 
 
