@@ -272,6 +272,12 @@ class AggregationServer(UploadDesk):
             log.error("server task failed: %r", exc, exc_info=exc)
             self._finish(JobResult(False, self.job.rounds_completed(), f"internal error: {exc!r}"))
 
+    def _grant_done(self, task: asyncio.Task[None]) -> None:
+        """An upload's place in line ended; a failure there costs that upload (the client asks again), not the job."""
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("upload admission failed: %r", task.exception(), exc_info=task.exception())
+
     def _finish(self, result: JobResult) -> None:
         if self.job.result is None:
             self.job.result = result
@@ -386,7 +392,7 @@ class AggregationServer(UploadDesk):
             rec.upload_done[act.round] = asyncio.Event()
             task = asyncio.ensure_future(self._grant(rec, act.round, act.nbytes))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._grant_done)
         elif isinstance(act, UploadDone):
             rec = self.records.get(act.client_id)
             done = rec.upload_done.get(act.round) if rec is not None else None
