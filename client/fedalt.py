@@ -51,13 +51,17 @@ ROUTERS_ATTR = "fedalt_routers"  # on the outer PeftModel, outside every tuner l
 _FIXED_GATE = 0.5
 
 
+_JOB_LORA = LoraJobSpec()
+
+
 @dataclass
 class LoraSpec:
     """LoRA hyper-parameters shared by every client of a job (they define the adapter schema)."""
 
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    # The job's defaults (LoraJobSpec, sent in WELCOME), not declared again.
+    rank: int = _JOB_LORA.rank
+    alpha: float = _JOB_LORA.alpha
+    dropout: float = _JOB_LORA.dropout
     target_modules: list[str] | None = None
     method: str = "lora"  # the adapter method (fedquic.client.methods) that builds the peft config
 

@@ -29,23 +29,27 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int, float], None]
 
 
+_SPEC = TrainSpec()
+
+
 @dataclass
 class TrainConfig:
-    steps: int = 10
-    lr: float = 3e-3
-    batch_size: int = 8
+    # The per-round recipe's defaults are the server's (TrainSpec, sent in ROUND_START), not declared again.
+    steps: int = _SPEC.local_steps
+    lr: float = _SPEC.lr
+    batch_size: int = _SPEC.batch_size
     max_len: int = 48
     weight_decay: float = 0.0
     grad_accum: int = 1
     seed: int = 0
     eval_samples: int = 32  # size of the fixed subset behind loss_before/loss_after
     max_grad_norm: float = 1.0  # 0 disables clipping
-    prox_mu: float = 0.0  # FedProx: adds mu/2·‖w − w_round_start‖² over the trainable parameters
+    prox_mu: float = _SPEC.prox_mu  # FedProx: adds mu/2·‖w − w_round_start‖² over the trainable parameters
     # At most this many examples per forward/backward (memory); each step still uses batch_size x grad_accum
     # examples and gives the same gradient. None: batch_size.
     micro_batch_size: int | None = None
-    schedule: str = "constant"  # constant, linear or cosine decay to 0 over the round's steps
-    warmup_steps: int = 0  # linear warm-up from 0 before the schedule
+    schedule: str = _SPEC.lr_schedule  # constant, linear or cosine decay to 0 over the round's steps
+    warmup_steps: int = _SPEC.warmup_steps  # linear warm-up from 0 before the schedule
     objective: str | None = None  # a registered local objective (fedquic.client.objectives); None: by the data
 
     def __post_init__(self) -> None:
