@@ -23,8 +23,11 @@ Run
 
     .venv/bin/python bench/round.py --json           # 45 MB updates (~1-2 min)
     .venv/bin/python bench/round.py --quick --json   # 4 MB updates: smoke test
+    .venv/bin/python bench/round.py --flower --json  # and Flower 1.41 on the same payload, alternated
 
-Keys: ``round_s_fp32``, ``round_s_int8``, ``round_s_topk10``, ``int8_vs_fp32``, ``topk10_vs_fp32`` (time ratios).
+Keys: ``round_s_fp32``, ``round_s_int8``, ``round_s_topk10``, ``int8_vs_fp32``, ``topk10_vs_fp32`` (time ratios);
+with ``--flower`` also ``flower_round_s`` (the median of one Flower FedAvg round after each encoding, from
+``bench/flower_round.py`` in a scratch venv under runs/), ``flower_runs_s`` and ``<encoding>_vs_flower``.
 """
 
 from __future__ import annotations
@@ -147,6 +150,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{'encoding':<8} {'round s':>8} {'train+enc':>9} {'upload':>8} {'decode':>7} {'persist':>8} "
             f"{'aggr':>6} {'downlink':>8} {'MB up':>7} {'x fp32':>7}"
         )
+        flower_py = flower_python() if args.flower else None
+        flower: list[float] = []
         for name in ENCODINGS:
             r = rows[name] = await one_encoding(name, pki, work, nbytes, args.dgram)
             print(
@@ -155,6 +160,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"{r['downlink_s']:>8.2f} {r['bytes_up'] / 1e6:>7.2f} {r['wire_ratio_up']:>7.1f}",
                 flush=True,
             )
+            if flower_py is not None:  # alternated: each encoding's round, then Flower's on the same payload
+                f = await asyncio.to_thread(flower_round, flower_py, nbytes)
+                if f is not None:
+                    flower.append(f)
+                    print(f"{'flower':<8} {f:>8.2f}  (FedAvg over gRPC, fp32, {FLOWER})", flush=True)
+    peer = _flower_keys(rows, flower) if flower else {}
     return {
         "bench": "round",
         "quick": args.quick,
@@ -165,8 +176,54 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "round_s_topk10": rows["topk10"]["round_s"],
         "int8_vs_fp32": rows["int8"]["round_s"] / rows["fp32"]["round_s"],
         "topk10_vs_fp32": rows["topk10"]["round_s"] / rows["fp32"]["round_s"],
+        **peer,
         "rows": rows,
     }
+
+
+def _flower_keys(rows: dict[str, Any], flower: list[float]) -> dict[str, Any]:
+    import statistics
+
+    f = statistics.median(flower)
+    return {
+        "flower_round_s": f,
+        "flower_runs_s": flower,
+        **{f"{name}_vs_flower": rows[name]["round_s"] / f for name in ENCODINGS},
+    }
+
+
+FLOWER = "flwr==1.41.0"
+FLOWER_VENV = Path(__file__).resolve().parents[1] / "runs" / "flower-venv"
+LAYER_BYTES = 2 * 2 * 16 * 2048 * 4  # q and v, A and B, rank 16 at width 2048, fp32: one layer of the update
+
+
+def flower_python() -> Path | None:
+    """The scratch venv with Flower (created once under runs/; never a dependency of fedquic), or None."""
+    py = FLOWER_VENV / "bin" / "python"
+    if py.exists():
+        return py
+    print(f"flower: creating {FLOWER_VENV} with {FLOWER} (once, about a minute)", flush=True)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(FLOWER_VENV)], check=True, capture_output=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", FLOWER, "numpy"], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"flower: skipped, {FLOWER} could not be installed into {FLOWER_VENV}: {exc}", flush=True)
+        return None
+    return py
+
+
+def flower_round(py: Path, nbytes: int) -> float | None:
+    """One Flower FedAvg measurement of the same payload (bench/flower_round.py): its round-2 time, or None."""
+    layers = max(1, round(nbytes / LAYER_BYTES))
+    script = Path(__file__).with_name("flower_round.py")
+    try:
+        r = subprocess.run([str(py), str(script), "--layers", str(layers)], capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        r = None
+    if r is None or r.returncode != 0:
+        print(f"flower: the round failed: {(r.stderr[-500:] if r else 'timed out')}", flush=True)
+        return None
+    return float(json.loads(r.stdout.strip().splitlines()[-1])["flower_round_s"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,6 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="4 MB updates (smoke test)")
     ap.add_argument("--bytes", type=int, default=45_000_000, help="fp32 size of each update (default 45 MB)")
     ap.add_argument("--dgram", type=int, default=TransportSettings().max_datagram_size)
+    ap.add_argument(
+        "--flower",
+        action="store_true",
+        help=f"also time the same payload through Flower (FedAvg, gRPC) after each encoding; {FLOWER} is installed "
+        "into runs/flower-venv the first time (skipped with a message if it cannot be)",
+    )
     # client-process mode (internal)
     ap.add_argument("--client", dest="client_id")
     ap.add_argument("--port", type=int)
@@ -191,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         f"\nround time: fp32 {out['round_s_fp32']:.2f} s, int8 {out['round_s_int8']:.2f} s "
         f"({out['int8_vs_fp32']:.2f}x), top-k 10% + EF {out['round_s_topk10']:.2f} s ({out['topk10_vs_fp32']:.2f}x)"
     )
+    if "flower_round_s" in out:
+        print(
+            f"Flower (FedAvg, gRPC, fp32) {out['flower_round_s']:.2f} s: int8 {out['int8_vs_flower']:.2f}x, "
+            f"top-k 10% {out['topk10_vs_flower']:.2f}x, fp32 {out['fp32_vs_flower']:.2f}x of Flower's round"
+        )
     if args.json:
         print(json.dumps(out))
     return 0
