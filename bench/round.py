@@ -24,6 +24,7 @@ Run
     .venv/bin/python bench/round.py --json           # 45 MB updates (~1-2 min)
     .venv/bin/python bench/round.py --quick --json   # 4 MB updates: smoke test
     .venv/bin/python bench/round.py --flower --json  # and Flower 1.41 on the same payload, alternated
+    .venv/bin/python bench/round.py --backend aioquic --json   # server and clients on aioquic (default: auto)
 
 Keys: ``round_s_fp32``, ``round_s_int8``, ``round_s_topk10``, ``int8_vs_fp32``, ``topk10_vs_fp32`` (time ratios);
 with ``--flower`` also ``flower_round_s`` (the median of one Flower FedAvg round after each encoding, from
@@ -49,6 +50,7 @@ from fedquic.server.config import JobConfig, MetricsSettings, ServerConfig
 from fedquic.server.daemon import AggregationServer
 from fedquic.server.history import read_history_dicts
 from fedquic.server.rounds import RoundPolicy
+from fedquic.transport.backend import ENV_VAR, get_backend
 from fedquic.transport.pki import DevPki, init_dev_pki, issue_client_cert
 from fedquic.transport.settings import TlsFiles, TransportSettings
 
@@ -171,6 +173,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "quick": args.quick,
         "update_fp32_bytes": rows["fp32"]["fp32_up"],
         "dgram": args.dgram,
+        "quic_backend": f"{get_backend().name} {get_backend().version}",
         "round_s_fp32": rows["fp32"]["round_s"],
         "round_s_int8": rows["int8"]["round_s"],
         "round_s_topk10": rows["topk10"]["round_s"],
@@ -233,6 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bytes", type=int, default=45_000_000, help="fp32 size of each update (default 45 MB)")
     ap.add_argument("--dgram", type=int, default=TransportSettings().max_datagram_size)
     ap.add_argument(
+        "--backend",
+        choices=("auto", "aioquic", "qh3"),
+        default="auto",
+        help="QUIC implementation of the server and the clients (default auto: qh3 when installed)",
+    )
+    ap.add_argument(
         "--flower",
         action="store_true",
         help=f"also time the same payload through Flower (FedAvg, gRPC) after each encoding; {FLOWER} is installed "
@@ -245,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run-dir")
     args = ap.parse_args(argv)
+    if args.backend != "auto":
+        os.environ[ENV_VAR] = args.backend  # this process and the client processes it starts
     if args.client_id:
         return client_main(args)
     t0 = time.perf_counter()

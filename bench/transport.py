@@ -39,11 +39,14 @@ Run
     .venv/bin/python bench/transport.py --json          # table, then one JSON object as the last stdout line
     .venv/bin/python bench/transport.py --quick --json  # 4 MiB payloads, 5 handshakes, 1 rep: smoke test
     .venv/bin/python bench/transport.py --loop uvloop   # both processes on uvloop
+    .venv/bin/python bench/transport.py --backend aioquic --json   # both processes on aioquic (default: auto)
     .venv/bin/python bench/transport.py --sections quic --datagram-sizes 1452 --reps 1 --profile /tmp/prof
 
-Options: ``--reps N`` (transfers and control phases per configuration; medians are reported, default 5),
-``--handshakes N``, ``--datagram-sizes A,B,C``, ``--sections quic,tls,handshake,control``, ``--profile DIR``
-(cProfile both processes; prints their top functions; timings under the profiler are slower).
+Options: ``--backend auto|aioquic|qh3`` (the QUIC implementation of both processes, through
+``$FEDQUIC_QUIC_BACKEND``; ``config.quic_backend`` says which ran), ``--reps N`` (transfers and control phases
+per configuration; medians are reported, default 5), ``--handshakes N``, ``--datagram-sizes A,B,C``,
+``--sections quic,tls,handshake,control``, ``--profile DIR`` (cProfile both processes; prints their top
+functions; timings under the profiler are slower).
 Loopback on a shared 2-core machine is noisy: compare against the same-run TLS/TCP baseline, not across runs.
 """
 
@@ -75,11 +78,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aioquic
 from fedquic.common.codec import Manifest
 from fedquic.common.errors import TransportError
 from fedquic.common.messages import Ack, Aggregate, Heartbeat, MsgType
 from fedquic.transport.aio import FedQuicServer, Peer, connect_peer
+from fedquic.transport.backend import ENV_VAR, get_backend
 from fedquic.transport.connection import BulkPermit
 from fedquic.transport.pki import DevPki, init_dev_pki, issue_client_cert
 from fedquic.transport.settings import TlsFiles, TransportSettings
@@ -181,9 +184,9 @@ def aggregate(tid: int, size: int) -> Aggregate:
 
 
 def quic_cipher(peer: Peer) -> str | None:
-    """Negotiated TLS cipher suite of a QUIC connection (aioquic internals, best effort)."""
+    """Negotiated TLS cipher suite of a QUIC connection (either backend's TLS context, best effort)."""
     try:
-        return str(peer._quic.tls.key_schedule.cipher_suite.name)  # type: ignore[union-attr]
+        return str(peer._quic.tls.key_schedule.cipher_suite.name)
     except AttributeError:
         return None
 
@@ -718,7 +721,7 @@ def summarize(
         "tls_version": client.info.get("tls_version"),
         "quic_sessions_resumed": client.info.get("quic_sessions_resumed"),
         "transfers": [asdict(t) | {"mbps": t.mbps} for t in client.transfers],
-        "aioquic": aioquic.__version__,
+        "quic_backend": f"{get_backend().name} {get_backend().version}",
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "profiled": bool(args.profile),
@@ -805,7 +808,7 @@ def print_table(out: dict[str, Any], client: Client) -> None:
         print(f"  {key:<22} {fmt(c['value'], '.2f'):>8}  {c['target']:<16} {verdict}")
     if cfg["quick"]:
         print("  (quick: one 4 MiB transfer per configuration; the targets are meant for the full run)")
-    print(f"\n({cfg['elapsed_s']:.1f} s, aioquic {cfg['aioquic']}, python {cfg['python']}, {cfg['cpus']} cpus)")
+    print(f"\n({cfg['elapsed_s']:.1f} s, {cfg['quic_backend']}, python {cfg['python']}, {cfg['cpus']} cpus)")
 
 
 def profile_category(file: str, func: str) -> str:
@@ -820,6 +823,8 @@ def profile_category(file: str, func: str) -> str:
         return "socket syscalls"
     if "/aioquic/" in file or "aioquic._buffer" in func:
         return "aioquic (packets, ACKs, recovery, streams)"
+    if "/qh3/" in file or "qh3._hazmat" in func:
+        return "qh3 (Python facade and native core)"
     if "_contextvars.Context" in func:
         return "asyncio event loop"
     if file.endswith("/enum.py") or func.startswith("<built-in method builtins."):
@@ -896,6 +901,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
     p.add_argument("--quick", action="store_true", help="4 MiB payloads, 5 handshakes, 1 rep (smoke test)")
     p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio", help="event loop of both processes")
+    p.add_argument(
+        "--backend", choices=("auto", "aioquic", "qh3"), default="auto", help="QUIC implementation of both processes"
+    )
     p.add_argument("--reps", type=int, default=None, help="repetitions per configuration (default 5, quick 1)")
     p.add_argument("--handshakes", type=int, default=None, help="fresh connections timed (default 20, quick 5)")
     p.add_argument("--datagram-sizes", default=f"{DEFAULT_DGRAM},{DGRAM_1452},{DGRAM_MAX}")
@@ -924,6 +932,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.backend != "auto":
+        os.environ[ENV_VAR] = args.backend  # this process and the server child it starts
     if args.serve:
         return serve(args)
     logging.basicConfig(level=logging.WARNING, format="client %(levelname)s %(name)s: %(message)s")

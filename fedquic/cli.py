@@ -101,6 +101,7 @@ SERVER_FLAG_SPECS: tuple[Flag, ...] = (
     Flag("metrics_port", "metrics.port"),
     Flag("upload_slots", "upload_slots"),
     Flag("on_finished", "on_finished"),
+    Flag("quic_backend", "transport.quic_backend"),
 )
 # (flag dest, dotted config key), --max-datagram-size (a common flag) included.
 SERVER_FLAGS: tuple[tuple[str, str], ...] = (
@@ -152,6 +153,7 @@ CLIENT_FLAG_SPECS: tuple[Flag, ...] = (
     Flag("max_len", "learner.max_len"),
     Flag("threads", "learner.threads"),
     Flag("run_dir", "client.run_dir", default="runs/CLIENT_ID"),
+    Flag("quic_backend", "client.transport.quic_backend"),
 )
 # (flag dest, dotted config key), --max-datagram-size (a common flag) included.
 CLIENT_FLAGS: tuple[tuple[str, str], ...] = (

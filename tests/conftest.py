@@ -13,6 +13,23 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")]))
 
 
+def _backend_params() -> list[object]:
+    from fedquic.transport.backend import BACKENDS, installed
+
+    return [
+        pytest.param(b, marks=pytest.mark.skipif(not installed(b), reason=f"{b} is not installed")) for b in BACKENDS
+    ]
+
+
+@pytest.fixture(params=_backend_params())
+def quic_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test once per QUIC backend: ``auto`` means this one here and in every process the test starts."""
+    from fedquic.transport.backend import ENV_VAR
+
+    monkeypatch.setenv(ENV_VAR, request.param)
+    return str(request.param)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("torch")

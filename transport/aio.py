@@ -1,7 +1,9 @@
 """Thin asyncio adapter over the sans-I/O core: sockets, timers and tasks live here only.
 
-Delivery is confirmed by the peer's application-level ACK, never by a write returning: aioquic's
-stream writer buffers without limit and never pushes back.
+Delivery is confirmed by the peer's application-level ACK, never by a write returning: the QUIC stream
+writers buffer without limit and never push back. The QUIC implementation is a setting
+(:attr:`TransportSettings.quic_backend`, :mod:`.backend`); each backend's connection protocol class is combined
+with :class:`Peer` once (:func:`peer_class`).
 """
 
 from __future__ import annotations
@@ -14,15 +16,12 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from functools import cache
 from typing import Any
-
-from aioquic.asyncio import QuicConnectionProtocol, connect, serve
-from aioquic.asyncio.server import QuicServer
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
 
 from ..common.errors import ErrorCode, FedQuicError, TransportError
 from ..common.messages import Error, Header, Message, MsgType
+from .backend import QuicBackend, backend_for, get_backend
 from .budget import BufferBudget
 from .connection import (
     EARLY_DATA_TYPES,
@@ -86,16 +85,53 @@ class _PreciseClockLoop:
         return getattr(self._loop, name)
 
 
+MAX_PROBED_DATAGRAM = 16_000  # TransportSettings.max_datagram_size's bound: the largest size measured to work
+_IP_MTU = getattr(socket, "IP_MTU", 14)  # Linux
+_IPV6_MTU = getattr(socket, "IPV6_MTU", 24)
+
+
+def route_datagram_limit(host: str, port: int) -> int | None:
+    """The largest UDP payload the route to ``host`` carries unfragmented: the outgoing interface's MTU (the
+    kernel's, for a connected socket) less the IP and UDP headers. None where the kernel cannot tell.
+
+    This is the upper bound a path MTU search probes up to, not the path MTU itself: a hop beyond the first may
+    carry less, which only a probe finds out."""
+    try:
+        family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.connect(addr)
+            if family == socket.AF_INET6:
+                return int(sock.getsockopt(socket.IPPROTO_IPV6, _IPV6_MTU)) - 48
+            return int(sock.getsockopt(socket.IPPROTO_IP, _IP_MTU)) - 28
+    except (OSError, IndexError):
+        return None
+
+
 def _on_uvloop(loop: asyncio.AbstractEventLoop) -> bool:
     return type(loop).__module__.startswith("uvloop")
 
 
-class Peer(QuicConnectionProtocol):
-    """One fedquic connection: receive messages in order, send control or bulk messages."""
+class Peer:
+    """One fedquic connection: receive messages in order, send control or bulk messages.
+
+    A mixin: the class that is instantiated is :func:`peer_class` of a backend, which puts the backend's
+    ``QuicConnectionProtocol`` after this one in the method order (the ``super()`` calls below reach it).
+    """
+
+    _quic: Any
+    _loop: Any
+    _timer: Any
+    _timer_at: float | None
+    _handle_timer: Callable[[], None]
+
+    def __new__(cls, quic: Any, *args: Any, **kwargs: Any) -> Peer:
+        if cls is Peer:  # built directly over a QuicConnection: the class for its backend
+            cls = peer_class(backend_for(quic))
+        return super().__new__(cls)
 
     def __init__(
         self,
-        quic: QuicConnection,
+        quic: Any,
         stream_handler: Any = None,
         *,
         settings: TransportSettings,
@@ -104,9 +140,11 @@ class Peer(QuicConnectionProtocol):
         tickets: TicketStore | None = None,
         budget: BufferBudget | None = None,
     ) -> None:
-        super().__init__(quic, stream_handler)
+        super().__init__(quic, stream_handler)  # type: ignore[call-arg]
         if _on_uvloop(self._loop):
-            self._loop = _PreciseClockLoop(self._loop)  # type: ignore[assignment]
+            self._loop = _PreciseClockLoop(self._loop)
+            if hasattr(self, "_loop_time"):  # qh3 keeps the loop's clock function too
+                self._loop_time = self._loop.time
         self.settings = settings
         self.core = FedQuicConnection(quic, limits=settings.limits, verifier=verifier, tickets=tickets, budget=budget)
         self.identity: ClientIdentity | None = None
@@ -126,7 +164,7 @@ class Peer(QuicConnectionProtocol):
     # -- asyncio / aioquic hooks -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
+        super().connection_made(transport)  # type: ignore[misc]
         if self._quic.configuration.is_client:  # server peers share the listening socket, tuned once in start()
             self.socket_buffers = _tune_socket(transport.get_extra_info("socket"), self.settings.socket_buffer_bytes)
 
@@ -152,18 +190,51 @@ class Peer(QuicConnectionProtocol):
                 self._mark_closed(ev.reason or f"closed with code {ev.error_code}")
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        super().datagram_received(data, addr)
+        self._received(super().datagram_received, data, addr)  # type: ignore[misc]
+
+    def datagrams_received(self, data: list[bytes], addr: Any) -> None:
+        """A batch from one receive system call (qh3's client transport, UDP GRO)."""
+        self._received(super().datagrams_received, data, addr)  # type: ignore[misc]
+
+    def transmit(self) -> None:
+        try:
+            super().transmit()  # type: ignore[misc]
+        except self.core.backend.ConnectionError as exc:
+            # qh3 2.1 raises "packet builder capacity exhausted" when the anti-amplification limit (an address
+            # not yet validated: Retry off) leaves less room than a packet: what it polled is retransmitted by
+            # loss recovery; the timer must still be armed, or nothing would ever retry
+            log.debug("QUIC transmit to %s failed: %s", self.remote_address, exc)
+            self._rearm_timer()
+
+    def _rearm_timer(self) -> None:
+        """What the protocol's transmit() does after sending: arm its timer for the connection's next deadline."""
+        timer_at = self._quic.get_timer()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None if timer_at is None else self._loop.call_at(timer_at, self._handle_timer)
+        self._timer_at = timer_at
+
+    def _received(self, receive: Callable[[Any, Any], None], data: Any, addr: Any) -> None:
+        try:
+            receive(data, addr)
+        except self.core.backend.ConnectionError as exc:
+            # qh3 raises for a packet its core refuses (e.g. one it has no key for yet): drop it, as QUIC would
+            log.debug("datagram from %s dropped: %s", addr, exc)
         self._progress.set()  # ACKs may have freed send budget
+        closed = self.core.backend.peer_closed(self._quic)
+        if closed is not None and not self.closed.is_set():
+            self.close_code = closed[0]
+            self._mark_closed(closed[1] or f"closed with code {closed[0]}")
 
     def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
+        super().connection_lost(exc)  # type: ignore[misc]
         self._mark_closed(str(exc) if exc else "connection lost")
 
     # -- public API --------------------------------------------------------------------------------
 
     @property
     def remote_address(self) -> Any:
-        return self._quic._network_paths[0].addr if self._quic._network_paths else None
+        return self.core.backend.remote_address(self._quic)
 
     async def recv(self, timeout: float | None = None) -> Message:
         """Next message (control or bulk, in arrival order). Raises TransportError once closed."""
@@ -185,7 +256,7 @@ class Peer(QuicConnectionProtocol):
     def send(self, header: Header, body: bytes = b"") -> int:
         """Send on the control stream; returns the frame's size in bytes."""
         self._check_open()
-        n = self.core.send_control(header, body)
+        n = self._call(self.core.send_control, header, body)
         self.transmit()
         return n
 
@@ -198,7 +269,7 @@ class Peer(QuicConnectionProtocol):
         """
         self._check_open()
         s = self.settings
-        sid = self.core.open_bulk(header, len(body))
+        sid = self._call(self.core.open_bulk, header, len(body))
         self.transmit()
         view = memoryview(body)
         for off in range(0, len(body), s.bulk_chunk_bytes):
@@ -211,7 +282,7 @@ class Peer(QuicConnectionProtocol):
                 await self._progress.wait()
             self._check_open()
             end = off + s.bulk_chunk_bytes >= len(body)
-            self.core.write_bulk(sid, view[off : off + s.bulk_chunk_bytes], end=end)
+            self._call(self.core.write_bulk, sid, view[off : off + s.bulk_chunk_bytes], end=end)
             self.transmit()
         return frame_size(header, len(body))
 
@@ -237,7 +308,8 @@ class Peer(QuicConnectionProtocol):
 
     async def aclose(self, code: int = 0, reason: str = "") -> None:
         if not self.closed.is_set():
-            self._quic.close(error_code=code, reason_phrase=reason)
+            with contextlib.suppress(self.core.backend.ConnectionError):
+                self._quic.close(error_code=code, reason_phrase=reason)
             self.transmit()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.closed.wait(), 2.0)
@@ -255,11 +327,20 @@ class Peer(QuicConnectionProtocol):
         if self.closed.is_set():
             raise self._closed_error()
 
+    def _call(self, operation: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A call into the QUIC connection; one that finds it closed (qh3 raises) closes this peer."""
+        try:
+            return operation(*args, **kwargs)
+        except self.core.backend.ConnectionError as exc:
+            self._mark_closed(f"connection closed: {exc}")
+            raise self._closed_error() from None
+
     def _refuse(self, exc: FedQuicError) -> None:
         if self.core.control_stream_id is not None and not self.closed.is_set():
             self.send_error(exc)
         # QUIC application error codes carry our numbered error code (0x100 + code).
-        self._quic.close(error_code=0x100 + int(exc.code), reason_phrase=str(exc)[:200])
+        with contextlib.suppress(self.core.backend.ConnectionError):
+            self._quic.close(error_code=0x100 + int(exc.code), reason_phrase=str(exc)[:200])
         self.transmit()
         self.close_code = 0x100 + int(exc.code)
         self.refused_with = exc.code
@@ -294,22 +375,40 @@ class Peer(QuicConnectionProtocol):
             if now - last_ping >= self.settings.keepalive_s:
                 uid += 1
                 last_ping = now
-                self._quic.send_ping(uid)
+                try:
+                    self._quic.send_ping(uid)
+                except self.core.backend.ConnectionError as exc:
+                    self._mark_closed(f"connection closed: {exc}")
+                    return
                 self.transmit()
 
 
+@cache
+def peer_class(backend: QuicBackend) -> type[Peer]:
+    """:class:`Peer` over ``backend``'s connection protocol."""
+    return type(f"{backend.name.capitalize()}Peer", (Peer, backend.QuicConnectionProtocol), {})
+
+
 def _quic_config(
-    settings: TransportSettings, *, is_client: bool, tls: TlsFiles, server_name: str | None = None
-) -> QuicConfiguration:
-    cfg = QuicConfiguration(
+    settings: TransportSettings,
+    backend: QuicBackend,
+    *,
+    is_client: bool,
+    tls: TlsFiles,
+    server_name: str | None = None,
+) -> Any:
+    extra: dict[str, Any] = {}
+    if backend.congestion_control:
+        extra["congestion_control_algorithm"] = settings.congestion_control
+    cfg = backend.QuicConfiguration(
         is_client=is_client,
         alpn_protocols=[settings.alpn],
         max_datagram_size=settings.max_datagram_size,
         idle_timeout=settings.idle_timeout_s,
         max_data=settings.max_data,
         max_stream_data=settings.max_stream_data,
-        congestion_control_algorithm=settings.congestion_control,
         server_name=server_name,
+        **extra,
     )
     try:
         if is_client:
@@ -324,6 +423,18 @@ def _quic_config(
             cfg.load_verify_locations(cafile=str(tls.ca))
     except (OSError, ValueError) as exc:
         raise TransportError(f"cannot load TLS files: {exc}") from exc
+    return cfg
+
+
+def _client_config(
+    settings: TransportSettings, backend: QuicBackend, tls: TlsFiles, host: str, port: int, name: str
+) -> Any:
+    cfg = _quic_config(settings, backend, is_client=True, tls=tls, server_name=name)
+    if hasattr(cfg, "probe_datagram_size"):  # qh3: path MTU probing, client side
+        limit = route_datagram_limit(host, port) if settings.path_mtu_probing else None
+        cfg.probe_datagram_size = limit is not None and limit > settings.max_datagram_size
+        if cfg.probe_datagram_size:
+            cfg.max_datagram_size = min(limit, MAX_PROBED_DATAGRAM)
     return cfg
 
 
@@ -344,7 +455,8 @@ class FedQuicServer:
         self._bulk_permits = bulk_permits
         self.tls = tls
         self._on_connect = on_connect
-        self._server: QuicServer | None = None
+        self.backend = get_backend(settings.quic_backend)
+        self._server: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._peers: set[Peer] = set()
         self._by_identity: dict[str, list[Peer]] = {}  # live connections per verified client id, oldest first
@@ -356,7 +468,8 @@ class FedQuicServer:
         self.replaced_connections = 0  # over max_connections_per_identity
 
     async def start(self, host: str, port: int) -> int:
-        cfg = _quic_config(self.settings, is_client=False, tls=self.tls)
+        backend = self.backend
+        cfg = _quic_config(self.settings, backend, is_client=False, tls=self.tls)
         verifier = None
         if self.settings.require_client_cert:
             verifier = ClientCertVerifier(self.tls.ca, self.tls.revoked)
@@ -366,8 +479,10 @@ class FedQuicServer:
 
         tickets = self.tickets if verifier is not None else None
 
+        cls = peer_class(backend)
+
         def create(*args: Any, **kw: Any) -> Peer:
-            peer = Peer(
+            peer = cls(
                 *args,
                 settings=self.settings,
                 on_ready=self._spawn,
@@ -380,11 +495,26 @@ class FedQuicServer:
                 peer.core.permit(mtype, permit)
             return peer
 
-        self._server = await serve(host, port, configuration=cfg, create_protocol=create, retry=self.settings.retry)
+        if backend.name == "qh3" and not self.settings.retry:
+            log.warning(
+                "qh3 server without QUIC Retry: an aioquic client's handshake can stall on a lossy path (qh3 2.1 "
+                "fails to send under the anti-amplification limit); keep retry on, or use quic_backend=aioquic"
+            )
+        self._server = await backend.serve(
+            host, port, configuration=cfg, create_protocol=create, retry=self.settings.retry
+        )
         sock = self._server._transport.get_extra_info("socket")
         rcv, snd = _tune_socket(sock, self.settings.socket_buffer_bytes)
         bound = sock.getsockname()[1]
-        log.info("listening on %s:%d (UDP buffers granted: rcv=%d snd=%d)", host, bound, rcv, snd)
+        log.info(
+            "listening on %s:%d (QUIC: %s %s; UDP buffers granted: rcv=%d snd=%d)",
+            host,
+            bound,
+            backend.name,
+            backend.version,
+            rcv,
+            snd,
+        )
         return int(bound)
 
     @property
@@ -481,15 +611,17 @@ async def connect_peer(
     for h in early:
         if h.msg_type not in EARLY_DATA_TYPES:
             raise ValueError(f"{h.msg_type.name} may not be sent in 0-RTT data (only HELLO and HEARTBEAT)")
-    cfg = _quic_config(settings, is_client=True, tls=tls, server_name=name)
+    backend = get_backend(settings.quic_backend)
+    cfg = _client_config(settings, backend, tls, host, port, name)
     if tickets is not None:
         cfg.session_ticket = tickets.take(name)
+    cls = peer_class(backend)
 
     def create(*args: Any, **kw: Any) -> Peer:
-        return Peer(*args, settings=settings, **kw)
+        return cls(*args, settings=settings, **kw)
 
     try:
-        cm = connect(
+        cm = backend.connect(
             host,
             port,
             configuration=cfg,

@@ -1,4 +1,4 @@
-"""Sans-I/O protocol core: turns aioquic's QUIC events into fedquic events.
+"""Sans-I/O protocol core: turns QUIC events (aioquic's API, either backend) into fedquic events.
 
 Modelled on aioquic's ``h3/connection.py``: it owns no sockets, clocks or tasks. The asyncio adapter
 (:mod:`fedquic.transport.aio`) feeds it QUIC events and flushes the QUIC connection afterwards.
@@ -12,29 +12,26 @@ behind megabytes of weights: QUIC schedules streams independently.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from aioquic.quic.connection import QuicConnection, stream_is_unidirectional
-from aioquic.quic.events import (
-    ConnectionTerminated,
-    HandshakeCompleted,
-    QuicEvent,
-    StreamDataReceived,
-    StreamReset,
-)
+from typing import Any
 
 from ..common.errors import ErrorCode, FedQuicError, ProtocolError
 from ..common.limits import DEFAULT_LIMITS, WireLimits
 from ..common.messages import Header, Message, MsgType
+from .backend import backend_for
 from .budget import BufferBudget
-from .flow import cap_windows
 from .framing import FrameDecoder, FramePrefix, encode_frame, encode_frame_head
-from .mtls import CertificateError, ClientCertVerifier, ClientIdentity, request_client_certificate
-from .tickets import ServerTickets, TicketStore, resend_early_data_after_retry
+from .mtls import CertificateError, ClientCertVerifier, ClientIdentity
+from .tickets import ServerTickets, TicketStore
 
 # The only messages a server accepts in 0-RTT data (replayable): neither changes state.
 EARLY_DATA_TYPES = frozenset({MsgType.HELLO, MsgType.HEARTBEAT})
 # Messages that travel on a unidirectional stream of their own; every other type belongs on the control stream.
 BULK_TYPES = frozenset({MsgType.UPDATE, MsgType.AGGREGATE, MsgType.METRICS})
+
+
+def stream_is_unidirectional(stream_id: int) -> bool:
+    """RFC 9000 2.1: bit 0x2 of a stream id marks a unidirectional stream."""
+    return bool(stream_id & 0x2)
 
 
 @dataclass
@@ -101,11 +98,11 @@ class _StreamState:
 
 
 class FedQuicConnection:
-    """fedquic framing over one :class:`QuicConnection`."""
+    """fedquic framing over one ``QuicConnection`` of either backend (:mod:`.backend`)."""
 
     def __init__(
         self,
-        quic: QuicConnection,
+        quic: Any,
         *,
         limits: WireLimits = DEFAULT_LIMITS,
         verifier: ClientCertVerifier | None = None,
@@ -113,16 +110,19 @@ class FedQuicConnection:
         budget: BufferBudget | None = None,
     ) -> None:
         self._quic = quic
-        cap_windows(quic)  # aioquic would grow its receive windows without bound
+        self.backend = backend = backend_for(quic)
+        backend.prepare(quic, client_auth=verifier is not None)
+        self._events = (
+            backend.StreamDataReceived,
+            backend.HandshakeCompleted,
+            backend.StreamReset,
+            backend.ConnectionTerminated,
+        )
         self._verifier = verifier
         self._tickets: ServerTickets | None = None
-        if verifier is not None:
-            request_client_certificate(quic)
-            if tickets is not None:  # resumption only where the ticket can carry a verified identity
-                self._tickets = ServerTickets(quic, tickets, verifier)
+        if verifier is not None and tickets is not None:  # resumption only where a ticket carries an identity
+            self._tickets = ServerTickets(quic, tickets, verifier)
         self.established = False  # the handshake completed: what arrives before is 0-RTT data
-        if quic.configuration.is_client:
-            resend_early_data_after_retry(quic)
         self._limits = limits
         self._is_client = quic.configuration.is_client
         self._streams: dict[int, _StreamState] = {}
@@ -138,7 +138,7 @@ class FedQuicConnection:
         self._closed = False
 
     @property
-    def quic(self) -> QuicConnection:
+    def quic(self) -> Any:
         return self._quic
 
     # -- sending -------------------------------------------------------------------------------
@@ -181,14 +181,10 @@ class FedQuicConnection:
     def unacked_bytes(self, stream_id: int | None = None) -> int:
         """Bytes written but not yet acknowledged by the peer's QUIC stack, on one stream or all.
 
-        aioquic's stream writer never pushes back, so this (read from its sender, pinned aioquic 1.7) is what
-        the adapter bounds before it writes more.
+        The stream writers of both backends buffer without pushing back, so this is what the adapter bounds
+        before it writes more (see :meth:`.backend.QuicBackend.unacked_bytes`).
         """
-        streams = self._quic._streams
-        if stream_id is not None:
-            s = streams.get(stream_id)
-            return 0 if s is None else s.sender._buffer_stop - s.sender._buffer_start
-        return sum(s.sender._buffer_stop - s.sender._buffer_start for s in streams.values())
+        return self.backend.unacked_bytes(self._quic, stream_id)
 
     # -- admission -----------------------------------------------------------------------------
 
@@ -273,18 +269,19 @@ class FedQuicConnection:
 
     # -- receiving -----------------------------------------------------------------------------
 
-    def handle_event(self, event: QuicEvent, now: float) -> list[AppEvent]:
+    def handle_event(self, event: Any, now: float) -> list[AppEvent]:
         """Our events for one QUIC event; ``now`` (seconds, any monotonic clock; required, so a caller cannot
         date every stream at 0 by forgetting it) dates new streams."""
         if self._violated:
             return []
-        if isinstance(event, StreamDataReceived):
+        data_received, handshake_completed, stream_reset, terminated = self._events
+        if isinstance(event, data_received):
             try:
                 return self._on_data(event, now)
             except ProtocolError as exc:
                 self._violated = True
                 return [ProtocolViolation(exc)]
-        if isinstance(event, HandshakeCompleted):
+        if isinstance(event, handshake_completed):
             self.established = True
             identity = None
             if self._verifier is not None:
@@ -297,10 +294,10 @@ class FedQuicConnection:
                     self._violated = True
                     return [ProtocolViolation(exc)]
             return [ConnectionReady(event.alpn_protocol, event.session_resumed, event.early_data_accepted, identity)]
-        if isinstance(event, StreamReset):
+        if isinstance(event, stream_reset):
             self._drop_stream(event.stream_id)
             return [StreamAborted(event.stream_id, event.error_code)]
-        if isinstance(event, ConnectionTerminated):
+        if isinstance(event, terminated):
             self.close()
             return [PeerClosed(event.error_code, event.reason_phrase)]
         return []
@@ -325,7 +322,7 @@ class FedQuicConnection:
                 return [ProtocolViolation(ProtocolError(late, code=ErrorCode.TIMEOUT))]
         return []
 
-    def _on_data(self, event: StreamDataReceived, now: float) -> list[AppEvent]:
+    def _on_data(self, event: Any, now: float) -> list[AppEvent]:
         sid = event.stream_id
         st = self._streams.get(sid)
         if st is None:

@@ -1,11 +1,9 @@
-"""Mutual TLS for aioquic 1.7: request, verify and bind client certificates.
+"""Mutual TLS: verify and bind client certificates.
 
-aioquic 1.7 can only ask for a client certificate through a private flag of its TLS context
-(``_request_client_certificate``, meant for its own tests), never verifies the client's chain, and accepts
-an empty Certificate message. This module, tied to the pinned ``aioquic==1.7.*``, fills those gaps:
+Neither QUIC backend verifies a client's chain, and both accept an empty Certificate message; each backend
+makes its server request a certificate on every full handshake (:mod:`.backend_aioquic`, :mod:`.qh3_tls`).
+Here:
 
-* :func:`request_client_certificate` sets that flag on a server-side connection as soon as its TLS context
-  exists, so every full handshake asks for a certificate;
 * :class:`ClientCertVerifier` verifies the presented chain with ``cryptography`` (chain to our CA, validity
   period, key usage, client-auth EKU), refuses revoked serials, and derives the client id from the
   certificate (subject CN, which must agree with a ``fedquic://client/<id>`` URI SAN when one is present).
@@ -21,14 +19,15 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from aioquic.quic.connection import QuicConnection
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from ..common.errors import ErrorCode, TransportError
+from .backend import backend_for
 
 URI_PREFIX = "fedquic://client/"
 
@@ -42,17 +41,6 @@ class ClientIdentity:
     client_id: str
     serial: int
     fingerprint: str  # SHA-256 of the DER certificate, hex
-
-
-def request_client_certificate(quic: QuicConnection) -> None:
-    """Make a server-side QuicConnection request a client certificate on full handshakes."""
-    original = quic._initialize
-
-    def initialize(peer_cid: bytes) -> None:
-        original(peer_cid)
-        quic.tls._request_client_certificate = True
-
-    quic._initialize = initialize  # type: ignore[method-assign]
 
 
 def load_revoked(path: Path | None) -> frozenset[int]:
@@ -115,6 +103,7 @@ class ClientCertVerifier:
             raise CertificateError(f"client certificate CN {client_id!r} disagrees with its SAN {uris}")
         return ClientIdentity(client_id, leaf.serial_number, leaf.fingerprint(hashes.SHA256()).hex())
 
-    def verify_connection(self, quic: QuicConnection) -> ClientIdentity:
-        tls = quic.tls
-        return self.verify(tls._peer_certificate, list(tls._peer_certificate_chain))
+    def verify_connection(self, quic: Any) -> ClientIdentity:
+        """Verify what the client of a server-side ``QuicConnection`` (either backend) presented."""
+        leaf, chain = backend_for(quic).peer_certificates(quic)
+        return self.verify(leaf, chain)

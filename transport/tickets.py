@@ -10,9 +10,9 @@ is refused if that certificate has since been revoked). The client keeps the tic
 0-RTT data is replayable by a network attacker, so the server accepts only HELLO and HEARTBEAT before the
 handshake completes (:mod:`fedquic.transport.connection` enforces it) and the client sends nothing else early.
 
-Tied to the pinned ``aioquic==1.7.*``: it sets the per-connection ticket callbacks and, for a resumed
-handshake, clears the private certificate-request flag that :mod:`fedquic.transport.mtls` sets (TLS 1.3 has no
-CertificateRequest in a PSK handshake).
+It sets the per-connection ticket callbacks, which both backends (aioquic 1.7, qh3 2.1) keep under the same
+private names, and tells the backend when a handshake resumes (aioquic must then not request a certificate:
+TLS 1.3 has no CertificateRequest in a PSK handshake). A ticket object is the backend's own ``SessionTicket``.
 """
 
 from __future__ import annotations
@@ -21,11 +21,9 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from aioquic.quic.connection import QuicConnection
-from aioquic.tls import SessionTicket
-
+from .backend import backend_for
 from .mtls import CertificateError, ClientCertVerifier, ClientIdentity
 
 if TYPE_CHECKING:
@@ -36,7 +34,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Entry:
-    ticket: SessionTicket
+    ticket: Any
     identity: ClientIdentity
     expires: float
 
@@ -55,12 +53,12 @@ class TicketStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def add(self, ticket: SessionTicket, identity: ClientIdentity) -> None:
+    def add(self, ticket: Any, identity: ClientIdentity) -> None:
         self._entries[ticket.ticket] = _Entry(ticket, identity, self._clock() + self.lifetime_s)
         while len(self._entries) > self.max_tickets:
             self._entries.popitem(last=False)  # the oldest goes first
 
-    def pop(self, label: bytes) -> tuple[SessionTicket, ClientIdentity] | None:
+    def pop(self, label: bytes) -> tuple[Any, ClientIdentity] | None:
         entry = self._entries.pop(label, None)  # single use
         if entry is None or entry.expires < self._clock():
             return None
@@ -71,23 +69,23 @@ class TicketJar:
     """Client side: the latest ticket per server name, used once."""
 
     def __init__(self) -> None:
-        self._tickets: dict[str, SessionTicket] = {}
+        self._tickets: dict[str, Any] = {}
 
     def __len__(self) -> int:
         return len(self._tickets)
 
-    def store(self, ticket: SessionTicket) -> None:
+    def store(self, ticket: Any) -> None:
         if ticket.server_name:
             self._tickets[ticket.server_name] = ticket
 
-    def take(self, server_name: str) -> SessionTicket | None:
+    def take(self, server_name: str) -> Any | None:
         return self._tickets.pop(server_name, None)
 
 
 class ServerTickets:
     """Per server connection: issue tickets bound to its verified identity, accept a ticket once."""
 
-    def __init__(self, quic: QuicConnection, store: TicketStore, verifier: ClientCertVerifier) -> None:
+    def __init__(self, quic: Any, store: TicketStore, verifier: ClientCertVerifier) -> None:
         self.quic = quic
         self.store = store
         self.verifier = verifier
@@ -95,15 +93,15 @@ class ServerTickets:
         quic._session_ticket_fetcher = self._fetch
         quic._session_ticket_handler = self._issue
 
-    def _fetch(self, label: bytes) -> SessionTicket | None:
+    def _fetch(self, label: bytes) -> Any | None:
         found = self.store.pop(label)
         if found is None:
             return None
         ticket, self.resumed_identity = found
-        self.quic.tls._request_client_certificate = False  # a PSK handshake has no CertificateRequest
+        backend_for(self.quic).on_resumption(self.quic)
         return ticket
 
-    def _issue(self, ticket: SessionTicket) -> None:
+    def _issue(self, ticket: Any) -> None:
         identity = self.resumed_identity
         if identity is None:
             try:
@@ -120,27 +118,3 @@ class ServerTickets:
         if identity.serial in self.verifier.revoked:
             raise CertificateError(f"client certificate {identity.serial:x} is revoked")
         return identity
-
-
-def resend_early_data_after_retry(quic: QuicConnection) -> None:
-    """Client side: re-queue stream data sent as 0-RTT when the server answers with a QUIC Retry.
-
-    aioquic 1.7 restarts the handshake on Retry but forgets the 0-RTT packets it had sent (their loss-recovery
-    state is discarded with the old packet spaces), so that data is never retransmitted and the stream stalls.
-    Nothing can have been acknowledged before a Retry, so everything buffered is marked to be sent again.
-    """
-    original = quic._connect
-
-    def connect(now: float) -> None:
-        if quic._retry_count:
-            for stream in quic._streams.values():
-                sender = stream.sender
-                if sender._buffer_stop > sender._buffer_start:
-                    sender._pending.add(sender._buffer_start, sender._buffer_stop)
-                    sender.buffer_is_empty = False
-                if sender._buffer_fin is not None:
-                    sender._pending_eof = True
-                    sender.buffer_is_empty = False
-        original(now=now)
-
-    quic._connect = connect  # type: ignore[method-assign]

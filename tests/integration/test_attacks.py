@@ -44,7 +44,7 @@ from fedquic.transport.settings import TlsFiles, TransportSettings
 
 from testkit.synthetic import SyntheticLearner, lora_schema
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.usefixtures("quic_backend")]  # each test once per QUIC backend
 
 SCHEMA = lora_schema(layers=2, dim=64, rank=4)  # what `python -m testkit.synthetic` builds by default
 FINGERPRINT = SyntheticLearner(SCHEMA).base_fingerprint()

@@ -39,7 +39,7 @@ from fedquic.transport.settings import TlsFiles, TransportSettings
 
 from testkit.synthetic import lora_schema
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.usefixtures("quic_backend")]  # each test once per QUIC backend
 
 SCHEMA = lora_schema(layers=1, dim=32, rank=2)
 FP32 = EncodingSpec.parse("fp32")

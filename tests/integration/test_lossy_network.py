@@ -16,7 +16,7 @@ from fedquic.transport.settings import TransportSettings
 from testkit.chaos import ChaosRelay, Faults
 from testkit.synthetic import SyntheticLearner, lora_schema
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.usefixtures("quic_backend")]  # each test once per QUIC backend
 
 CASES = {
     "loss5-delay50-reorder1": Faults(loss=0.05, delay_ms=25, jitter_ms=5, reorder=0.01, duplicate=0.01, corrupt=0.005),

@@ -17,6 +17,8 @@ from fedquic.transport.aio import FedQuicServer, Peer, connect_peer
 from fedquic.transport.pki import DevPki, init_dev_pki, issue_client_cert
 from fedquic.transport.settings import TlsFiles, TransportSettings
 
+pytestmark = pytest.mark.usefixtures("quic_backend")  # each test once per QUIC backend
+
 SETTINGS = TransportSettings(connect_timeout_s=5)
 
 

@@ -15,6 +15,8 @@ from fedquic.transport.pki import DevPki, init_dev_pki, issue_client_cert, revok
 from fedquic.transport.settings import TlsFiles, TransportSettings
 from fedquic.transport.tickets import TicketJar
 
+pytestmark = pytest.mark.usefixtures("quic_backend")  # each test once per QUIC backend
+
 SETTINGS = TransportSettings(connect_timeout_s=5)
 HELLO = Hello(versions=SUPPORTED_VERSIONS, client_id="edge-1", base_fingerprint="ab", num_samples=1)
 

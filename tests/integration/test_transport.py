@@ -7,12 +7,15 @@ import asyncio
 import hashlib
 import os
 
+import pytest
 from fedquic.common.codec import Manifest
 from fedquic.common.messages import Ack, Aggregate, Heartbeat, MsgType
 from fedquic.transport.aio import FedQuicServer, Peer, connect_peer
 from fedquic.transport.connection import BulkPermit
 from fedquic.transport.pki import DevPki, issue_client_cert
 from fedquic.transport.settings import TlsFiles, TransportSettings
+
+pytestmark = pytest.mark.usefixtures("quic_backend")  # each test once per QUIC backend
 
 SETTINGS = TransportSettings()
 
@@ -93,22 +96,68 @@ async def test_eight_concurrent_transfers_each_intact(dev_pki: DevPki) -> None:
 
 
 async def test_control_messages_overtake_a_bulk_transfer(dev_pki: DevPki) -> None:
-    """Heartbeats sent after a 32 MB transfer started are answered before that transfer is acknowledged."""
+    """Heartbeats sent before the last chunk of a transfer is even written are answered before that transfer is
+    acknowledged: the control stream never waits behind a bulk one (queued megabytes included)."""
     server, port = await start_echo(dev_pki)
-    body = os.urandom(32 << 20)
+    body = os.urandom(64 << 20)
+    behind: list[int] = []  # heartbeats sent while the transfer is still being written
     order: list[str] = []
     try:
         async with connect_peer("127.0.0.1", port, SETTINGS, client_tls(dev_pki), "localhost") as peer:
             await open_control(peer)
             sending = asyncio.ensure_future(peer.send_bulk(bulk(body), body))  # paced by backpressure
-            for seq in range(5):
-                await asyncio.sleep(0.05)
+            seq = 0
+            while not sending.done():
                 peer.send(Heartbeat(seq=seq))
+                behind.append(seq)
+                seq += 1
+                await asyncio.sleep(0.005)
             await sending
             while "bulk" not in order:
                 msg = (await peer.recv(timeout=120)).header
                 assert isinstance(msg, Ack)
-                order.append("bulk" if msg.ref is MsgType.AGGREGATE else "heartbeat")
+                order.append("bulk" if msg.ref is MsgType.AGGREGATE else f"heartbeat {msg.round}")
     finally:
         await server.close()
-    assert order.count("heartbeat") == 5 and order[-1] == "bulk", order
+    assert len(behind) >= 3, "the transfer was too fast to send heartbeats during it"
+    assert order[: len(behind)] == [f"heartbeat {i}" for i in behind] and order[-1] == "bulk", order
+
+
+async def test_a_qh3_client_probes_up_to_large_datagrams_on_loopback(
+    dev_pki: DevPki, quic_backend: str, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Path MTU probing (qh3): on loopback the upload moves in datagrams far above the 1350-byte start; with
+    probing off (or on aioquic), none is larger than max_datagram_size."""
+    from fedquic.transport.aio import peer_class
+    from fedquic.transport.backend import get_backend
+
+    cls = peer_class(get_backend(quic_backend))
+    sizes: list[int] = []
+    original = cls.datagram_received
+
+    def record(self, data, addr):  # type: ignore[no-untyped-def]
+        if not self._quic.configuration.is_client:
+            sizes.append(len(data))
+        original(self, data, addr)
+
+    monkeypatch.setattr(cls, "datagram_received", record)
+    server, port = await start_echo(dev_pki)
+    body = os.urandom(4 << 20)
+    largest = {}
+    try:
+        for probing in (True, False):
+            sizes.clear()
+            settings = TransportSettings(path_mtu_probing=probing)
+            async with connect_peer("127.0.0.1", port, settings, client_tls(dev_pki), "localhost") as peer:
+                await open_control(peer)
+                await peer.send_bulk(bulk(body), body)
+                ack = (await peer.recv(timeout=60)).header
+                assert isinstance(ack, Ack) and ack.state_hash == hashlib.sha256(body).hexdigest()[:32]
+            largest[probing] = max(sizes)
+    finally:
+        await server.close()
+    assert largest[False] <= SETTINGS.max_datagram_size
+    if quic_backend == "qh3":
+        assert largest[True] > 8 * SETTINGS.max_datagram_size
+    else:
+        assert largest[True] <= SETTINGS.max_datagram_size

@@ -1,4 +1,5 @@
-"""The sans-I/O core driven by hand-made QUIC events and a fake clock: no sockets, no event loop."""
+"""The sans-I/O core driven by hand-made QUIC events and a fake clock: no sockets, no event loop. Every test runs
+once per QUIC backend (the core tells the events of each apart)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from fedquic.common.codec import Manifest
 from fedquic.common.errors import ErrorCode
 from fedquic.common.limits import WireLimits
 from fedquic.common.messages import Aggregate, Heartbeat, MsgType, Update
+from fedquic.transport.backend import get_backend
 from fedquic.transport.budget import BufferBudget
 from fedquic.transport.connection import (
     BulkPermit,
@@ -22,6 +24,15 @@ from fedquic.transport.connection import (
 from fedquic.transport.framing import encode_frame
 
 CONTROL = 0  # first client-initiated bidirectional stream
+QUIC_NAMES = ("QuicConfiguration", "QuicConnection", "StreamDataReceived", "StreamReset", "ConnectionTerminated")
+
+
+@pytest.fixture(autouse=True)
+def _backend_classes(quic_backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The module's QUIC names are the backend's under test (the factories below look them up when called)."""
+    backend = get_backend(quic_backend)
+    for name in QUIC_NAMES:
+        monkeypatch.setitem(globals(), name, getattr(backend, name))
 
 
 def uni(i: int) -> int:
@@ -198,7 +209,6 @@ def test_resets_and_close_become_our_events(server_core) -> None:  # type: ignor
 
 
 def test_before_the_handshake_only_hello_and_heartbeat_are_accepted(server_core) -> None:  # type: ignore[no-untyped-def]
-    from aioquic.quic.events import StreamDataReceived
     from fedquic.common.messages import SUPPORTED_VERSIONS, Ack, Heartbeat, Hello, MsgType
     from fedquic.transport.connection import MessageReceived, ProtocolViolation
     from fedquic.transport.framing import encode_frame
