@@ -123,6 +123,8 @@ class Peer:
     _timer: Any
     _timer_at: float | None
     _handle_timer: Callable[[], None]
+    _process_events: Callable[[], None]
+    _transmit_soon: Callable[[], None]
 
     def __new__(cls, quic: Any, *args: Any, **kwargs: Any) -> Peer:
         if cls is Peer:  # built directly over a QuicConnection: the class for its backend
@@ -190,11 +192,30 @@ class Peer:
                 self._mark_closed(ev.reason or f"closed with code {ev.error_code}")
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        self._received(super().datagram_received, data, addr)  # type: ignore[misc]
+        self._received(self._quic.receive_datagram, data, addr)
 
     def datagrams_received(self, data: list[bytes], addr: Any) -> None:
-        """A batch from one receive system call (qh3's client transport, UDP GRO)."""
-        self._received(super().datagrams_received, data, addr)  # type: ignore[misc]
+        """A batch from one receive system call (qh3's UDP transport, with GRO)."""
+        self._received(self._quic.receive_many_datagrams, data, addr)
+
+    def _received(self, receive: Callable[..., None], data: Any, addr: Any) -> None:
+        try:
+            receive(data, addr, now=self._loop.time())
+        except self.core.backend.ConnectionError as exc:
+            # qh3 raises for a packet its core refuses (e.g. one it has no key for yet): drop it, as QUIC would
+            log.debug("datagram from %s dropped: %s", addr, exc)
+        self._process_events()
+        if self.core.backend.batch_transmit:
+            # One transmit after a burst of datagrams, not one per datagram as the protocol classes do: the burst's
+            # ACKs go out together and the loop is back to the application sooner (docs/benchmarks.md, transport)
+            self._transmit_soon()
+        else:
+            self.transmit()
+        self._progress.set()  # ACKs may have freed send budget
+        closed = self.core.backend.peer_closed(self._quic)
+        if closed is not None and not self.closed.is_set():
+            self.close_code = closed[0]
+            self._mark_closed(closed[1] or f"closed with code {closed[0]}")
 
     def transmit(self) -> None:
         try:
@@ -213,18 +234,6 @@ class Peer:
             self._timer.cancel()
         self._timer = None if timer_at is None else self._loop.call_at(timer_at, self._handle_timer)
         self._timer_at = timer_at
-
-    def _received(self, receive: Callable[[Any, Any], None], data: Any, addr: Any) -> None:
-        try:
-            receive(data, addr)
-        except self.core.backend.ConnectionError as exc:
-            # qh3 raises for a packet its core refuses (e.g. one it has no key for yet): drop it, as QUIC would
-            log.debug("datagram from %s dropped: %s", addr, exc)
-        self._progress.set()  # ACKs may have freed send budget
-        closed = self.core.backend.peer_closed(self._quic)
-        if closed is not None and not self.closed.is_set():
-            self.close_code = closed[0]
-            self._mark_closed(closed[1] or f"closed with code {closed[0]}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)  # type: ignore[misc]

@@ -45,6 +45,10 @@ class QuicBackend:
     ConnectionTerminated: Any
     # whether QuicConfiguration takes congestion_control_algorithm (qh3's native core has one controller)
     congestion_control: bool = False
+    # transmit once per burst of received datagrams rather than after each: measured on loopback, qh3's server
+    # control p99 under a 64 MiB transfer fell from 157 to 45 ms at the same throughput; aioquic's pacing relies on
+    # the per-datagram transmit (its throughput halved)
+    batch_transmit: bool = False
     # what the connection raises when used after it closed (qh3 does; aioquic ignores such calls)
     ConnectionError: type[Exception] = RuntimeError
 

@@ -56,6 +56,7 @@ class Qh3Backend(QuicBackend):
     StreamReset = StreamReset
     ConnectionTerminated = ConnectionTerminated
     ConnectionError = QuicConnectionError
+    batch_transmit = True
 
     def prepare(self, quic: Any, *, client_auth: bool) -> None:
         if client_auth:
