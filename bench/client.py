@@ -10,8 +10,11 @@ real trainer. Measured:
 * training step time: the median of the steps after a warm-up one (forward, backward, AdamW; gradient
   checkpointing on, as in the default and edge profiles).
 
-    .venv/bin/python bench/client.py --json        # hidden 1024, 8 layers (~100 M parameters), a few minutes
+    .venv/bin/python bench/client.py --json        # hidden 1536, 12 layers (340 M parameters), ~2 minutes
     .venv/bin/python bench/client.py --quick --json
+
+``--transformers-load`` loads NF4 through transformers' own memory-mapped path (the loader before the streamed
+one) for comparison; ``--pin-mmap-threshold`` runs both variants with glibc's mmap threshold pinned at 1 MiB.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-FULL = {"hidden_size": 1024, "num_layers": 8, "num_heads": 16, "intermediate_size": 2816}
+# Large enough that the weights, not the ~0.4 GB of Python + torch + transformers, dominate both processes: 340 M
+# parameters, 1.36 GB in fp32 (the char tokenizer's 99-token vocabulary keeps nearly all of them in linear layers).
+FULL = {"hidden_size": 1536, "num_layers": 12, "num_heads": 12, "intermediate_size": 4096}
 QUICK = {"hidden_size": 256, "num_layers": 2, "num_heads": 4, "intermediate_size": 512}
 
 
@@ -66,6 +71,11 @@ def worker(args: argparse.Namespace) -> None:
     import random
     import string
 
+    if args.pin_mmap_threshold:  # before torch allocates anything: every block >= 1 MiB is mmapped from now on
+        from fedquic.server.memory import pin_mmap_threshold
+
+        pin_mmap_threshold()
+
     import torch
     from fedquic.client.data import Example
     from fedquic.client.fedalt import FedALTModel, LoraSpec
@@ -74,6 +84,10 @@ def worker(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.transformers_load:  # no safetensors files found: load_base_model falls back to from_pretrained(path)
+        import fedquic.client.model as model_mod
+
+        model_mod.safetensors_files = lambda path: None
     baseline = rss_bytes()
     t0 = time.perf_counter()
     quant = "nf4" if args.worker == "nf4" else "none"
@@ -126,6 +140,8 @@ def run_variant(variant: str, model_dir: Path, args: argparse.Namespace) -> dict
     cmd = [sys.executable, __file__, "--worker", variant, "--model-dir", str(model_dir)]
     cmd += ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
     cmd += ["--threads", str(args.threads), *([] if args.trim else ["--no-trim"])]
+    cmd += ["--transformers-load"] if args.transformers_load else []
+    cmd += ["--pin-mmap-threshold"] if args.pin_mmap_threshold else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3000)
     if proc.returncode != 0:
@@ -143,6 +159,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--model-dir", type=Path, default=None, help="reuse/keep the built model here")
     ap.add_argument("--no-trim", dest="trim", action="store_false", help="skip malloc_trim after loading")
+    ap.add_argument(
+        "--transformers-load",
+        action="store_true",
+        help="load NF4 through transformers' own memory-mapped path (the loader before the streamed one)",
+    )
+    ap.add_argument(
+        "--pin-mmap-threshold",
+        action="store_true",
+        help="both variants: glibc mmaps every block >= 1 MiB (no heap fragmentation from per-use dequantization)",
+    )
     ap.add_argument("--worker", choices=("nf4", "fp32"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.steps is None:
@@ -164,6 +190,8 @@ def main() -> None:
     summary = {
         "model": {**shape, "params": f["params"], "batch_size": args.batch_size, "seq_len": args.seq_len},
         "quick": args.quick,
+        "nf4_loader": "transformers" if args.transformers_load else "streamed",
+        "pin_mmap_threshold": args.pin_mmap_threshold,
         "build_s": round(build_s, 2),
         "weight_bytes_4bit": q["weight_bytes"],
         "weight_bytes_fp32": f["weight_bytes"],
@@ -178,8 +206,13 @@ def main() -> None:
         "train_peak_rss_4bit_vs_fp32": q["train_peak_rss"] / f["train_peak_rss"] if f["train_peak_rss"] else None,
         "load_peak_rss_4bit": q["load_peak_rss"],
         "load_peak_rss_fp32": f["load_peak_rss"],
+        "load_peak_rss_4bit_vs_fp32": q["load_peak_rss"] / f["load_peak_rss"],
+        # what loading adds to the process: fp32 maps its checkpoint lazily, so this is mostly the NF4 load's cost
+        "load_peak_rss_above_imports_4bit": q["load_peak_rss"] - q["rss_baseline"],
+        "load_peak_rss_above_imports_fp32": f["load_peak_rss"] - f["rss_baseline"],
         "rss_after_load_4bit": q["rss_after_load"],
         "rss_after_load_fp32": f["rss_after_load"],
+        "rss_after_load_4bit_vs_fp32": q["rss_after_load"] / f["rss_after_load"],
         "rss_after_imports": f["rss_baseline"],
         "step_s_4bit": q["step_s"],
         "step_s_fp32": f["step_s"],

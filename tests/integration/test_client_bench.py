@@ -30,4 +30,8 @@ def test_client_bench_quick_prints_json() -> None:
     # NF4 packs two weights a byte (+ scales); even the quick model's fp32 embeddings leave it well under 0.3
     assert result["weight_bytes_4bit_vs_fp32"] < 0.3
     assert result["peak_rss_4bit"] >= result["train_peak_rss_4bit"] > result["rss_after_imports"]
+    assert result["nf4_loader"] == "streamed"
+    assert result["load_peak_rss_4bit_vs_fp32"] == result["load_peak_rss_4bit"] / result["load_peak_rss_fp32"]
+    assert result["load_peak_rss_4bit"] >= result["rss_after_load_4bit"] > result["rss_after_imports"]
+    assert 0 < result["load_peak_rss_above_imports_4bit"] < result["load_peak_rss_4bit"]
     assert result["step_s_4bit"] > 0 and result["step_s_fp32"] > 0 and result["steps_timed"] == 2
