@@ -131,7 +131,7 @@ class RoundClose:
             out += self._maybe_history(now)
         return out
 
-    def _prepare(self, cid: str, target: Target) -> tuple[Payload, float] | None:
+    def _prepare(self, cid: str, target: Target) -> tuple[Payload, float, float] | None:
         """Compute (target − what the client holds), encode it and persist what the client will hold, before the
         send. A client whose aggregate for this round is on disk already (a close redone after a crash) is
         skipped: it gets a dense reset when it rejoins."""
@@ -141,16 +141,18 @@ class RoundClose:
         self.job.load(rec)
         t0 = time.perf_counter()  # the target (e.g. this client's leave-one-out row) is computed here
         payload, held = downlink_payload(self.job.cfg.job, rec, target.kind, target.make())
-        encode_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
         commit_downlink(self.job, rec, self.round, target.kind, held)
-        return payload, encode_s
+        return payload, t1 - t0, time.perf_counter() - t1
 
-    def _prepared(self, cid: str, target: Target, result: tuple[Payload, float] | None, now: float) -> list[Action]:
+    def _prepared(
+        self, cid: str, target: Target, result: tuple[Payload, float, float] | None, now: float
+    ) -> list[Action]:
         rec = self.job.records[cid]
         if result is None or rec.peer is None:
             self._in_flight -= 1
             return self._pump(now)
-        payload, encode_s = result
+        payload, encode_s, persist_s = result
         assert self.job.schema is not None
         header = Aggregate(
             round=self.round,
@@ -161,10 +163,19 @@ class RoundClose:
         )
         rec.held_hash_pending[self.round] = (target.kind, rec.disk.held_hash[target.kind])  # type: ignore[index]
         self.awaiting.add(cid)
-        then = partial(self._sent, cid, payload, encode_s)
+        then = partial(self._sent, cid, payload, encode_s, persist_s, now)
         return [SendBulk(header, payload.body, to=cid, then=then, background=True)]
 
-    def _sent(self, cid: str, payload: Payload, encode_s: float, nbytes: int | None, now: float) -> list[Action]:
+    def _sent(  # the continuation of one send: its context, then what the send returned
+        self,
+        cid: str,
+        payload: Payload,
+        encode_s: float,
+        persist_s: float,
+        started: float,
+        nbytes: int | None,
+        now: float,
+    ) -> list[Action]:
         self._in_flight -= 1
         if nbytes is None:  # the connection closed under the send: no ACK will come
             self.awaiting.discard(cid)
@@ -172,6 +183,8 @@ class RoundClose:
             self.job.metrics.bytes_out += nbytes
             st = self.job.records[cid].stats.setdefault(self.round, {})
             st["downlink_encode_s"] = encode_s
+            st["downlink_persist_s"] = persist_s  # what the client will hold, written and fsynced before the send
+            st["downlink_send_s"] = now - started  # until the last byte was handed to QUIC
             st["bytes_down"] = float(nbytes)
             st["fp32_down"] = float(fp32_nbytes(payload.manifest))
         return self._pump(now)
