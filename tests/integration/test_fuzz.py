@@ -224,6 +224,7 @@ async def test_live_server_keeps_serving_while_fuzzed(dev_pki, loopback_server, 
     from fedquic.server.config import JobConfig
     from fedquic.server.rounds import RoundPolicy
     from fedquic.transport.aio import connect_peer
+    from fedquic.transport.backend import get_backend
     from fedquic.transport.pki import issue_client_cert
     from fedquic.transport.settings import TlsFiles, TransportSettings
 
@@ -240,6 +241,7 @@ async def test_live_server_keeps_serving_while_fuzzed(dev_pki, loopback_server, 
     bad_tls = TlsFiles(ca=dev_pki.ca_cert, cert=cert, key=key)
     rng = random.Random(11)
     pool = seeds()
+    quic_closed = get_backend().ConnectionError
 
     async def attacker(n: int) -> int:
         sent = 0
@@ -254,7 +256,9 @@ async def test_live_server_keeps_serving_while_fuzzed(dev_pki, loopback_server, 
                     sent += 1
                     with contextlib.suppress(Exception):
                         await p.recv(timeout=0.2)
-            except FedQuicError:
+            except (FedQuicError, quic_closed):
+                # the server closed this connection (a newer one of the same identity replaced it, or it
+                # refused the frames): qh3 raises on a send after that, aioquic drops it quietly
                 pass
         return sent
 
