@@ -11,11 +11,17 @@ bench/round.py times its own round 2 (round 1 includes connecting). Prints one J
 ``{"flower_round_s": ..., "flower_version": ...}``.
 
     runs/flower-venv/bin/python bench/flower_round.py [--layers 86]   # server + 2 client processes
+
+Over ``testkit.wan``'s emulated link (``bench/round.py --wan --flower``), ``--host`` is the address the server
+listens on and the clients dial (the link's root side) and ``--client-prefix`` what each client command is
+started under (``ip netns exec <namespace>``: the clients sit behind the link).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -52,7 +58,7 @@ def client_main(address: str, seed: int) -> None:
     fl.client.start_client(server_address=address, client=Client().to_client())
 
 
-def server_main(port: int) -> float:
+def server_main(address: str, client_prefix: list[str]) -> float:
     import flwr as fl
 
     marks: list[float] = []
@@ -70,10 +76,9 @@ def server_main(port: int) -> float:
         min_available_clients=2,
         initial_parameters=fl.common.ndarrays_to_parameters(payload(0)),
     )
-    address = f"127.0.0.1:{port}"
     clients = [
         subprocess.Popen(
-            [sys.executable, __file__, "--layers", str(LAYERS), "--client", address, str(i + 1)],
+            [*client_prefix, sys.executable, __file__, "--layers", str(LAYERS), "--client", address, str(i + 1)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -94,20 +99,24 @@ def server_main(port: int) -> float:
 
 def main() -> int:
     global LAYERS
-    argv = sys.argv[1:]
-    if argv[:1] == ["--layers"]:
-        LAYERS, argv = int(argv[1]), argv[2:]
-    if argv[:1] == ["--client"]:
-        client_main(argv[1], int(argv[2]))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=LAYERS)
+    ap.add_argument("--host", default="127.0.0.1", help="the server's address (it listens there, clients dial it)")
+    ap.add_argument("--client-prefix", default="", help="command prefix of each client, e.g. 'ip netns exec NS'")
+    ap.add_argument("--client", nargs=2, metavar=("ADDRESS", "SEED"), help=argparse.SUPPRESS)  # a client process
+    args = ap.parse_args()
+    LAYERS = args.layers
+    if args.client:
+        client_main(args.client[0], int(args.client[1]))
         return 0
     import socket
 
     import flwr
 
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((args.host, 0))
         port = s.getsockname()[1]
-    round_s = server_main(port)
+    round_s = server_main(f"{args.host}:{port}", shlex.split(args.client_prefix))
     print(json.dumps({"flower_round_s": round_s, "flower_version": flwr.__version__}))
     return 0
 

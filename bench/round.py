@@ -25,10 +25,22 @@ Run
     .venv/bin/python bench/round.py --quick --json   # 4 MB updates: smoke test
     .venv/bin/python bench/round.py --flower --json  # and Flower 1.41 on the same payload, alternated
     .venv/bin/python bench/round.py --backend aioquic --json   # server and clients on aioquic (default: auto)
+    .venv/bin/python bench/round.py --wan --flower --json  # and the same over an emulated 50 Mbit/s, 40 ms link
+
+Over a constrained link (``--wan``, root only): after the loopback rounds, the same rounds again through
+``testkit.wan``'s packet-level link emulator (TUN devices and a network namespace; default 50 Mbit/s, 40 ms RTT,
+0.5 % random loss each way, 256 kB drop-tail queue), which QUIC's datagrams and gRPC's TCP segments cross alike:
+the servers listen on the link's root side and the 2 clients of each run inside the namespace, behind the one
+link they share. A self-check first measures the link (TCP goodput both ways on a loss-free copy and on the
+lossy link, UDP round trips and loss). ``--wan-only`` skips the loopback rounds; ``--wan-tcp-cc cubic`` sets
+the TCP congestion control across the link (default: the system's). Without root, TUN or network namespaces
+the WAN part is skipped with a message.
 
 Keys: ``round_s_fp32``, ``round_s_int8``, ``round_s_topk10``, ``int8_vs_fp32``, ``topk10_vs_fp32`` (time ratios);
 with ``--flower`` also ``flower_round_s`` (the median of one Flower FedAvg round after each encoding, from
-``bench/flower_round.py`` in a scratch venv under runs/), ``flower_runs_s`` and ``<encoding>_vs_flower``.
+``bench/flower_round.py`` in a scratch venv under runs/), ``flower_runs_s`` and ``<encoding>_vs_flower``. With
+``--wan`` the same keys prefixed ``wan_`` (``wan_round_s_int8``, ``wan_flower_round_s``, ``wan_int8_vs_flower``...)
+and ``wan_link`` (the link's parameters, TCP congestion control, self-checks and the emulator's counters).
 """
 
 from __future__ import annotations
@@ -37,10 +49,12 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +70,7 @@ from fedquic.transport.settings import TlsFiles, TransportSettings
 
 # testkit/ (the test doubles) lives in the checkout, not in the installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from testkit import wan
 from testkit.synthetic import SyntheticLearner, schema_for_bytes
 
 ENCODINGS = {"fp32": "fp32", "int8": "int8", "topk10": "topk10"}
@@ -68,6 +83,7 @@ def client_main(args: argparse.Namespace) -> int:
     pki = DevPki(Path(args.pki))
     cfg = ClientConfig(
         client_id=args.client_id,
+        host=args.host,
         port=args.port,
         server_name="localhost",
         tls=TlsFiles(ca=pki.ca_cert, cert=pki.client_cert(args.client_id), key=pki.client_key(args.client_id)),
@@ -79,14 +95,18 @@ def client_main(args: argparse.Namespace) -> int:
     return 0
 
 
-async def one_encoding(name: str, pki: DevPki, work: Path, nbytes: int, dgram: int) -> dict[str, Any]:
+async def one_encoding(
+    name: str, pki: DevPki, work: Path, nbytes: int, dgram: int, link: wan.WanLink | None = None
+) -> dict[str, Any]:
     spec = EncodingSpec.parse(ENCODINGS[name])
+    host = link.server_addr if link else "127.0.0.1"  # over the link: its root side, which the clients dial
+    timeout = 1800 if link else 600
     cfg = ServerConfig(
-        host="127.0.0.1",
+        host=host,
         port=0,
         tls=TlsFiles(ca=pki.ca_cert, cert=pki.server_cert, key=pki.server_key),
         transport=TransportSettings(max_datagram_size=dgram),
-        policy=RoundPolicy(rounds=2, min_clients=2, round_timeout_s=600),
+        policy=RoundPolicy(rounds=2, min_clients=2, round_timeout_s=timeout),
         job=JobConfig(job_id=f"bench-{name}", train=TrainSpec(local_steps=1), uplink=spec, downlink=spec),
         metrics=MetricsSettings(enabled=False),
         run_dir=work / name / "server",
@@ -95,15 +115,21 @@ async def one_encoding(name: str, pki: DevPki, work: Path, nbytes: int, dgram: i
     port = await server.start()
 
     def argv(i: int) -> list[str]:
-        return [
-            *(sys.executable, __file__, "--client", f"c{i}", "--port", str(port), "--pki", str(pki.root)),
-            *("--bytes", str(nbytes), "--dgram", str(dgram), "--seed", str(i), "--run-dir", str(work / name / f"c{i}")),
+        cmd = [
+            *(sys.executable, __file__, "--client", f"c{i}", "--host", host, "--port", str(port)),
+            *("--pki", str(pki.root), "--bytes", str(nbytes), "--dgram", str(dgram), "--seed", str(i)),
+            *("--run-dir", str(work / name / f"c{i}")),
         ]
+        return link.wrap(cmd) if link else cmd  # the server name stays "localhost": the dev certificate's
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs = [subprocess.Popen(argv(i), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
     try:
-        result = await asyncio.wait_for(server.run(), timeout=900)
+        result = await asyncio.wait_for(server.run(), timeout=timeout + 300)
+    except BaseException:  # Ctrl-C, a timeout: the clients would wait for a server that is gone
+        for p in procs:
+            p.kill()
+        raise
     finally:
         for p in procs:
             try:
@@ -140,48 +166,96 @@ async def one_encoding(name: str, pki: DevPki, work: Path, nbytes: int, dgram: i
     }
 
 
+HEADER = (
+    f"{'encoding':<8} {'round s':>8} {'train+enc':>9} {'upload':>8} {'decode':>7} {'persist':>8} "
+    f"{'aggr':>6} {'downlink':>8} {'MB up':>7} {'x fp32':>7}"
+)
+
+
+async def series(
+    pki: DevPki, work: Path, nbytes: int, dgram: int, flower_py: Path | None, link: wan.WanLink | None = None
+) -> tuple[dict[str, Any], list[float]]:
+    """Each encoding's round, each followed by Flower's on the same payload (alternated): rows, Flower's times."""
+    rows, flower = {}, []
+    print(HEADER)
+    for name in ENCODINGS:
+        r = rows[name] = await one_encoding(name, pki, work, nbytes, dgram, link)
+        print(
+            f"{name:<8} {r['round_s']:>8.2f} {r['client_train_encode_s']:>9.2f} {r['upload_transfer_s']:>8.2f} "
+            f"{r['server_decode_s']:>7.2f} {r['server_persist_s']:>8.2f} {r['aggregate_s']:>6.2f} "
+            f"{r['downlink_s']:>8.2f} {r['bytes_up'] / 1e6:>7.2f} {r['wire_ratio_up']:>7.1f}",
+            flush=True,
+        )
+        if flower_py is not None:
+            f = await asyncio.to_thread(flower_round, flower_py, nbytes, link)
+            if f is not None:
+                flower.append(f)
+                print(f"{'flower':<8} {f:>8.2f}  (FedAvg over gRPC, fp32, {FLOWER})", flush=True)
+    return rows, flower
+
+
+def series_keys(rows: dict[str, Any], flower: list[float], prefix: str = "") -> dict[str, Any]:
+    out = {
+        f"{prefix}round_s_fp32": rows["fp32"]["round_s"],
+        f"{prefix}round_s_int8": rows["int8"]["round_s"],
+        f"{prefix}round_s_topk10": rows["topk10"]["round_s"],
+        f"{prefix}int8_vs_fp32": rows["int8"]["round_s"] / rows["fp32"]["round_s"],
+        f"{prefix}topk10_vs_fp32": rows["topk10"]["round_s"] / rows["fp32"]["round_s"],
+    }
+    peer = _flower_keys(rows, flower) if flower else {}
+    return {**out, **{f"{prefix}{k}": v for k, v in peer.items()}, f"{prefix}rows": rows}
+
+
+async def wan_series(
+    args: argparse.Namespace, pki: DevPki, work: Path, nbytes: int, flower_py: Path | None
+) -> dict[str, Any]:
+    """The same series through the emulated link (testkit.wan), after a self-check of the link."""
+    why = wan.unavailable()
+    if why is not None:
+        print(f"\nwan: skipped, {why}", flush=True)
+        return {"wan_skipped": why}
+    p = {"rate_mbit": args.wan_rate_mbit, "rtt_ms": args.wan_rtt_ms, "queue_bytes": int(args.wan_queue_kb * 1000)}
+    p.update(seed=args.wan_seed, tcp_cc=args.wan_tcp_cc)
+    try:
+        with wan.WanLink(**p, loss=0.0) as clean:  # the emulator's own capacity: TCP on a loss-free copy
+            check_clean = await asyncio.to_thread(wan.check, clean, 16_000_000)
+        with wan.WanLink(**p, loss=args.wan_loss) as link:
+            check_lossy = await asyncio.to_thread(wan.check, link, 16_000_000)
+            print(f"\nwan link {link.params}, TCP congestion control {link.tcp_cc}")
+            print(f"  loss-free copy: {_fmt(check_clean)}\n  lossy: {_fmt(check_lossy)}", flush=True)
+            rows, flower = await series(pki, work, nbytes, args.dgram, flower_py, link)
+    except wan.WanUnavailable as exc:
+        print(f"\nwan: skipped, {exc}", flush=True)
+        return {"wan_skipped": str(exc)}
+    emulator = {k: link.stats.get(k) for k in ("elapsed_s", "cpu_s", "up", "down")}
+    info = {"params": asdict(link.params), "tcp_cc": link.tcp_cc, "check_loss_free": check_clean}
+    info.update(check=check_lossy, emulator=emulator)
+    return {**series_keys(rows, flower, "wan_"), "wan_link": info}
+
+
+def _fmt(check: dict[str, Any]) -> str:
+    return (
+        f"TCP up {check['tcp_up_mbit_s']:.1f} / down {check['tcp_down_mbit_s']:.1f} Mbit/s, "
+        f"UDP RTT {check['udp_rtt_ms_median']:.1f} ms, UDP loss {check['udp_loss_up'] * 100:.2f} %"
+    )
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     nbytes = 4_000_000 if args.quick else args.bytes
+    out: dict[str, Any] = {"bench": "round", "quick": args.quick, "dgram": args.dgram}
+    out["quic_backend"] = f"{get_backend().name} {get_backend().version}"
     with tempfile.TemporaryDirectory(prefix="fedquic-round-") as tmp:
         work = Path(tmp)
         pki = init_dev_pki(work / "pki")
         for i in range(2):
             issue_client_cert(pki, f"c{i}")
-        rows = {}
-        print(
-            f"{'encoding':<8} {'round s':>8} {'train+enc':>9} {'upload':>8} {'decode':>7} {'persist':>8} "
-            f"{'aggr':>6} {'downlink':>8} {'MB up':>7} {'x fp32':>7}"
-        )
         flower_py = flower_python() if args.flower else None
-        flower: list[float] = []
-        for name in ENCODINGS:
-            r = rows[name] = await one_encoding(name, pki, work, nbytes, args.dgram)
-            print(
-                f"{name:<8} {r['round_s']:>8.2f} {r['client_train_encode_s']:>9.2f} {r['upload_transfer_s']:>8.2f} "
-                f"{r['server_decode_s']:>7.2f} {r['server_persist_s']:>8.2f} {r['aggregate_s']:>6.2f} "
-                f"{r['downlink_s']:>8.2f} {r['bytes_up'] / 1e6:>7.2f} {r['wire_ratio_up']:>7.1f}",
-                flush=True,
-            )
-            if flower_py is not None:  # alternated: each encoding's round, then Flower's on the same payload
-                f = await asyncio.to_thread(flower_round, flower_py, nbytes)
-                if f is not None:
-                    flower.append(f)
-                    print(f"{'flower':<8} {f:>8.2f}  (FedAvg over gRPC, fp32, {FLOWER})", flush=True)
-    peer = _flower_keys(rows, flower) if flower else {}
-    return {
-        "bench": "round",
-        "quick": args.quick,
-        "update_fp32_bytes": rows["fp32"]["fp32_up"],
-        "dgram": args.dgram,
-        "quic_backend": f"{get_backend().name} {get_backend().version}",
-        "round_s_fp32": rows["fp32"]["round_s"],
-        "round_s_int8": rows["int8"]["round_s"],
-        "round_s_topk10": rows["topk10"]["round_s"],
-        "int8_vs_fp32": rows["int8"]["round_s"] / rows["fp32"]["round_s"],
-        "topk10_vs_fp32": rows["topk10"]["round_s"] / rows["fp32"]["round_s"],
-        **peer,
-        "rows": rows,
-    }
+        if not args.wan_only:
+            rows, flower = await series(pki, work / "loopback", nbytes, args.dgram, flower_py)
+            out.update(update_fp32_bytes=rows["fp32"]["fp32_up"], **series_keys(rows, flower))
+        if args.wan or args.wan_only:
+            out.update(await wan_series(args, pki, work / "wan", nbytes, flower_py))
+    return out
 
 
 def _flower_keys(rows: dict[str, Any], flower: list[float]) -> dict[str, Any]:
@@ -215,12 +289,14 @@ def flower_python() -> Path | None:
     return py
 
 
-def flower_round(py: Path, nbytes: int) -> float | None:
+def flower_round(py: Path, nbytes: int, link: wan.WanLink | None = None) -> float | None:
     """One Flower FedAvg measurement of the same payload (bench/flower_round.py): its round-2 time, or None."""
     layers = max(1, round(nbytes / LAYER_BYTES))
-    script = Path(__file__).with_name("flower_round.py")
+    cmd = [str(py), str(Path(__file__).with_name("flower_round.py")), "--layers", str(layers)]
+    if link is not None:  # the server on the link's root side, the clients behind the link
+        cmd += ["--host", link.server_addr, "--client-prefix", shlex.join(link.wrap([]))]
     try:
-        r = subprocess.run([str(py), str(script), "--layers", str(layers)], capture_output=True, text=True, timeout=600)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800 if link else 600)
     except subprocess.TimeoutExpired:
         r = None
     if r is None or r.returncode != 0:
@@ -247,8 +323,17 @@ def main(argv: list[str] | None = None) -> int:
         help=f"also time the same payload through Flower (FedAvg, gRPC) after each encoding; {FLOWER} is installed "
         "into runs/flower-venv the first time (skipped with a message if it cannot be)",
     )
+    ap.add_argument("--wan", action="store_true", help="then the same rounds over an emulated link (root only)")
+    ap.add_argument("--wan-only", action="store_true", help="only the rounds over the emulated link")
+    ap.add_argument("--wan-rate-mbit", type=float, default=50.0, help="link rate each way (default 50 Mbit/s)")
+    ap.add_argument("--wan-rtt-ms", type=float, default=40.0, help="round-trip propagation delay (default 40 ms)")
+    ap.add_argument("--wan-loss", type=float, default=0.005, help="random loss each way (default 0.005)")
+    ap.add_argument("--wan-queue-kb", type=float, default=256.0, help="drop-tail queue each way (default 256 kB)")
+    ap.add_argument("--wan-seed", type=int, default=0)
+    ap.add_argument("--wan-tcp-cc", help="TCP congestion control across the link, e.g. cubic (default: the system's)")
     # client-process mode (internal)
     ap.add_argument("--client", dest="client_id")
+    ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int)
     ap.add_argument("--pki")
     ap.add_argument("--seed", type=int, default=0)
@@ -261,18 +346,26 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     out = asyncio.run(run(args))
     out["elapsed_s"] = time.perf_counter() - t0
-    print(
-        f"\nround time: fp32 {out['round_s_fp32']:.2f} s, int8 {out['round_s_int8']:.2f} s "
-        f"({out['int8_vs_fp32']:.2f}x), top-k 10% + EF {out['round_s_topk10']:.2f} s ({out['topk10_vs_fp32']:.2f}x)"
-    )
-    if "flower_round_s" in out:
-        print(
-            f"Flower (FedAvg, gRPC, fp32) {out['flower_round_s']:.2f} s: int8 {out['int8_vs_flower']:.2f}x, "
-            f"top-k 10% {out['topk10_vs_flower']:.2f}x, fp32 {out['fp32_vs_flower']:.2f}x of Flower's round"
-        )
+    for prefix, what in (("", "loopback"), ("wan_", "emulated link")):
+        summary(out, prefix, what)
     if args.json:
         print(json.dumps(out))
     return 0
+
+
+def summary(out: dict[str, Any], prefix: str, what: str) -> None:
+    if f"{prefix}round_s_fp32" not in out:
+        return
+    k = {name[len(prefix) :]: v for name, v in out.items() if name.startswith(prefix)}
+    print(
+        f"\n{what}: round time fp32 {k['round_s_fp32']:.2f} s, int8 {k['round_s_int8']:.2f} s "
+        f"({k['int8_vs_fp32']:.2f}x), top-k 10% + EF {k['round_s_topk10']:.2f} s ({k['topk10_vs_fp32']:.2f}x)"
+    )
+    if "flower_round_s" in k:
+        print(
+            f"{what}: Flower (FedAvg, gRPC, fp32) {k['flower_round_s']:.2f} s: int8 {k['int8_vs_flower']:.2f}x, "
+            f"top-k 10% {k['topk10_vs_flower']:.2f}x, fp32 {k['fp32_vs_flower']:.2f}x of Flower's round"
+        )
 
 
 if __name__ == "__main__":
