@@ -90,7 +90,8 @@ def client_main(args: argparse.Namespace) -> int:
         transport=TransportSettings(max_datagram_size=args.dgram),
         run_dir=Path(args.run_dir),
     )
-    learner = SyntheticLearner(schema_for_bytes(args.bytes), seed=args.seed, step_scale=1e-3)
+    # trivial training at the cost of Flower's peer (one pass per tensor): noise windows of one pool
+    learner = SyntheticLearner(schema_for_bytes(args.bytes), seed=args.seed, step_scale=1e-3, noise_pool=1 << 20)
     asyncio.run(FederatedClient(cfg, learner).run())
     return 0
 

@@ -72,6 +72,7 @@ class Global:
         sync.unacked = None
         sync.view, sync.view_hash = state, state_hash(state)
         sync.synced = state
+        sync.local_is_synced = True  # the learner's adapter is ``state`` now
 
 
 for _handler in (RestOfWorld(), Global()):

@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,12 +37,12 @@ from pathlib import Path
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
-from safetensors.numpy import save as st_save
 
 from ..common.adapter import TensorDict, state_hash
 from ..common.atomic import atomic_write_bytes, fsync_dir
 from ..common.errors import ConfigError
 from ..common.names import ADAPTER_KINDS
+from ..common.tensorfile import write_tensors_named
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ class ClientState:
     residual: TensorDict = field(default_factory=dict)
     held: dict[str, TensorDict] = field(default_factory=dict)
     extra: TensorDict = field(default_factory=dict)
+    # Section hashes the caller knows already (e.g. the view's, which the protocol computed): saved unhashed.
+    known_hashes: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def view_hash(self) -> str:
@@ -100,12 +103,51 @@ def _flatten(state: ClientState) -> dict[str, np.ndarray]:
     return flat
 
 
+# Sections whose arrays client/sync.py replaces and never changes in place: a section made of the same array
+# objects as at the last save has the same content. The learner's own (``local``, ``extra``) are always hashed:
+# a learner may hand out arrays it goes on changing.
+_REPLACED_NOT_MUTATED = frozenset(s for s in _SECTIONS if s not in ("local", "extra"))
+
+
+class _SectionDigests:
+    """The digest each section had at the last save, keyed by the identity of its arrays (held, so an id is not
+    reused by another array while it is remembered)."""
+
+    def __init__(self) -> None:
+        self._by_section: dict[str, tuple[tuple[tuple[str, int], ...], list[np.ndarray], str]] = {}
+
+    @staticmethod
+    def key(tensors: Mapping[str, np.ndarray]) -> tuple[tuple[str, int], ...]:
+        return tuple((k, id(v)) for k, v in sorted(tensors.items()))
+
+    def get(self, section: str, tensors: Mapping[str, np.ndarray]) -> str | None:
+        hit = self._by_section.get(section)
+        if section in _REPLACED_NOT_MUTATED and hit is not None and hit[0] == self.key(tensors):
+            return hit[2]
+        return None
+
+    def put(self, section: str, tensors: Mapping[str, np.ndarray], digest: str) -> None:
+        if section in _REPLACED_NOT_MUTATED:
+            self._by_section[section] = (self.key(tensors), list(tensors.values()), digest)
+
+
+def _link(src: Path, dst: Path) -> bool:
+    """A second name for an identical section file (no copy); False where links are not possible (the caller
+    then writes it)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        return False
+    return True
+
+
 class StateStore:
     """Atomic save/load of a :class:`ClientState` in one directory."""
 
     def __init__(self, directory: Path) -> None:
         self.dir = Path(directory)
         self._generation: int | None = None
+        self._memo = _SectionDigests()
 
     @property
     def meta_path(self) -> Path:
@@ -141,14 +183,29 @@ class StateStore:
         generation = self._generation + 1
         sections: dict[str, dict[str, object]] = {}
         wrote = False
-        for name, tensors in state.sections().items():
-            digest = state_hash(tensors)
+        # Ours first (replaced, never mutated): a later section made of the very same arrays (``local`` sharing
+        # ``synced``'s) is then the same content, known without a pass over it.
+        resolved: dict[tuple[tuple[str, int], ...], tuple[str, Path]] = {}
+        given = state.sections()
+        for name in sorted(given, key=lambda n: (n not in _REPLACED_NOT_MUTATED, _SECTIONS.index(n))):
+            tensors = given[name]
+            key = _SectionDigests.key(tensors)
+            same = resolved.get(key) if key else None
+            digest = state.known_hashes.get(name) or self._memo.get(name, tensors) or (same[0] if same else None)
             path = self.dir / f"section-{name}-{digest}.safetensors"
-            if not path.is_file():  # content-addressed: an existing file holds exactly this section
-                flat = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
-                atomic_write_bytes(path, st_save(flat, metadata={"format": FORMAT, "section": name}), sync_dir=False)
-                wrote = True
+            if digest is not None and not path.is_file() and same is not None and same[0] == digest:
+                wrote = _link(same[1], path) or wrote
+            if digest is None or not path.is_file():  # content-addressed: an existing file holds this section
+                # one pass: the bytes go to a file and through the hash together; kept only if new (tensorfile.py)
+                meta = {"format": FORMAT, "section": name}
+                named = f"section-{name}-{{hash}}.safetensors"
+                path, digest, made = write_tensors_named(self.dir, named, tensors, meta)
+                wrote = wrote or made
+            self._memo.put(name, tensors, digest)
+            if name in _REPLACED_NOT_MUTATED and key:
+                resolved.setdefault(key, (digest, path))
             sections[name] = {"file": path.name, "hash": digest, "tensors": len(tensors)}
+        sections = {n: sections[n] for n in given}  # checkpoint.json lists them in the usual order
         if wrote:
             fsync_dir(self.dir)  # the section files are durable before the record that names them
         meta = {

@@ -85,6 +85,11 @@ class SyncedAdapter:
         # The client holds the job's initial adapter alone (nothing synced since a fresh start): the first round
         # measures the base model and reports it until an UPDATE carrying those figures is acknowledged.
         self.base_pending = False
+        # The learner's adapter has not changed since it was ``synced`` (an acknowledged UPDATE, or a global
+        # installed): a snapshot then shares synced's arrays for ``local`` rather than copying the learner's, so
+        # a checkpoint neither hashes nor writes the same 45 MB twice. Anything that may change the learner's
+        # adapter (training, restoring, a reset, a roll-back) clears it.
+        self.local_is_synced = False
 
     # -- joining -----------------------------------------------------------------------------------------
 
@@ -125,12 +130,13 @@ class SyncedAdapter:
             schema_fingerprint=self.schema.fingerprint(),
             base_fingerprint=self.learner.base_fingerprint(),
             federation=self.job.federation,
-            local=self.learner.local_state(),
+            local=self.synced if self.local_is_synced else self.learner.local_state(),
             view=self.view,
             synced=self.synced,
             residual=dict(self.ef.residual),
             held=dict(self.held),
             extra=extra_fn() if extra_fn is not None else {},
+            known_hashes={"view": self.view_hash},
         )
 
     def foreign(self, ckpt: ClientState, job: Welcome, schema: AdapterSchema) -> list[str]:
@@ -146,6 +152,7 @@ class SyncedAdapter:
 
     def restore(self, ckpt: ClientState, job: Welcome, schema: AdapterSchema) -> None:
         """Load a checkpoint of ours (:meth:`foreign` found nothing) into the learner and this object."""
+        self.local_is_synced = False
         for what, state in (("local", ckpt.local), ("view", ckpt.view), ("synced", ckpt.synced), *ckpt.held.items()):
             schema.check_state(state, what=f"checkpointed {what} adapter")
         self.learner.set_local_state(ckpt.local)
@@ -168,6 +175,7 @@ class SyncedAdapter:
     def begin_round(self, round_: int) -> RoundStartState:
         """Before training ``round_``: undo an unacknowledged first training of it, then note where it starts."""
         unacked, self.unacked = self.unacked, None
+        self.local_is_synced = False  # training follows
         if unacked is not None and unacked.round == round_:
             self._roll_back_learner(unacked)  # never train a round on top of its own first training
         extra_fn = getattr(self.learner, "extra_state", None)
@@ -212,6 +220,7 @@ class SyncedAdapter:
         self.base_pending = False  # the base figures reached the server with this round's METRICS
         self.view, self.view_hash = prepared.new_view, state_hash(prepared.new_view)
         self.synced = prepared.local if self.job.federation != "local" else self.synced
+        self.local_is_synced = self.job.federation != "local"  # no training since prepare_update took ``local``
         if server_hash != self.view_hash:
             raise ProtocolError("server acknowledged a different adapter state", code=ErrorCode.CONFLICTING_UPDATE)
         self.synced_round = prepared.round
@@ -247,6 +256,7 @@ class SyncedAdapter:
             state = decoded
             if state_hash(state) != self.view_hash:
                 # The server's copy of our adapter is the truth: adopt it, drop what it never received.
+                self.local_is_synced = False
                 self.learner.set_local_state(state)
                 self.view, self.view_hash = state, state_hash(state)
                 self.synced = {k: v.copy() for k, v in state.items()}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 from enum import Enum
 from functools import partial
 from typing import TYPE_CHECKING
@@ -56,6 +57,7 @@ class RoundClose:
         self._queue: deque[tuple[str, Target]] = deque()
         self._in_flight = 0  # downlinks prepared or being sent
         self.awaiting: set[str] = set()  # sent, ACK not yet in
+        self.persisting: set[str] = set()  # what the client will hold, being written beside the send
         self._ack_deadline = 0.0
 
     # -- events --------------------------------------------------------------------------------------
@@ -131,47 +133,60 @@ class RoundClose:
             out += self._maybe_history(now)
         return out
 
-    def _prepare(self, cid: str, target: Target) -> tuple[Payload, float, float] | None:
-        """Compute (target − what the client holds), encode it and persist what the client will hold, before the
-        send. A client whose aggregate for this round is on disk already (a close redone after a crash) is
-        skipped: it gets a dense reset when it rejoins."""
+    def _prepare(self, cid: str, target: Target) -> _Prepared | None:
+        """Compute (target − what the client holds) and encode it. A client whose aggregate for this round is on
+        disk already (a close redone after a crash) is skipped: it gets a dense reset when it rejoins."""
         rec = self.job.records[cid]
         if rec.disk.closed_round >= self.round:
             return None
         self.job.load(rec)
         t0 = time.perf_counter()  # the target (e.g. this client's leave-one-out row) is computed here
         payload, held = downlink_payload(self.job.cfg.job, rec, target.kind, target.make())
-        t1 = time.perf_counter()
-        commit_downlink(self.job, rec, self.round, target.kind, held)
-        return payload, t1 - t0, time.perf_counter() - t1
+        return _Prepared(payload, held, state_hash(held), time.perf_counter() - t0)
 
-    def _prepared(
-        self, cid: str, target: Target, result: tuple[Payload, float, float] | None, now: float
-    ) -> list[Action]:
-        rec = self.job.records[cid]
-        if result is None or rec.peer is None:
+    def _prepared(self, cid: str, target: Target, result: _Prepared | None, now: float) -> list[Action]:
+        """Send the downlink and, beside it, persist what the client will hold. Neither waits for the other: the
+        round is over only once both are done (and the ACK is in). A crash before the write lands leaves the
+        record at what the client held before; the client, which may have installed this one, then reports a
+        different hash at its rejoin and gets a dense reset of what the record says; the close is redone."""
+        if result is None:
             self._in_flight -= 1
             return self._pump(now)
-        payload, encode_s, persist_s = result
+        rec = self.job.records[cid]
+        self.persisting.add(cid)
+        persist = self._work(
+            partial(_timed, commit_downlink, self.job, rec, self.round, target.kind, result.held),
+            partial(self._persisted, cid),
+            keys=(cid,),  # before any later work on this client (a rejoin's load, the next upload's commit)
+            name=f"persist downlink of {cid}",
+        )
+        if rec.peer is None:
+            self._in_flight -= 1
+            return [persist, *self._pump(now)]
         assert self.job.schema is not None
         header = Aggregate(
             round=self.round,
             kind=target.kind,
             delta=True,
             contributors=target.contributors,
-            manifest=wire(self.job.schema, payload),
+            manifest=wire(self.job.schema, result.payload),
         )
-        rec.held_hash_pending[self.round] = (target.kind, rec.disk.held_hash[target.kind])  # type: ignore[index]
+        rec.held_hash_pending[self.round] = (target.kind, result.held_hash)
         self.awaiting.add(cid)
-        then = partial(self._sent, cid, payload, encode_s, persist_s, now)
-        return [SendBulk(header, payload.body, to=cid, then=then, background=True)]
+        then = partial(self._sent, cid, result.payload, result.encode_s, now)
+        return [persist, SendBulk(header, result.payload.body, to=cid, then=then, background=True)]
+
+    def _persisted(self, cid: str, persist_s: float, now: float) -> list[Action]:
+        self.persisting.discard(cid)
+        st = self.job.records[cid].stats.setdefault(self.round, {})
+        st["downlink_persist_s"] = persist_s  # what the client will hold, written and fsynced beside the send
+        return self._maybe_history(now)
 
     def _sent(  # the continuation of one send: its context, then what the send returned
         self,
         cid: str,
         payload: Payload,
         encode_s: float,
-        persist_s: float,
         started: float,
         nbytes: int | None,
         now: float,
@@ -183,14 +198,13 @@ class RoundClose:
             self.job.metrics.bytes_out += nbytes
             st = self.job.records[cid].stats.setdefault(self.round, {})
             st["downlink_encode_s"] = encode_s
-            st["downlink_persist_s"] = persist_s  # what the client will hold, written and fsynced before the send
             st["downlink_send_s"] = now - started  # until the last byte was handed to QUIC
             st["bytes_down"] = float(nbytes)
             st["fp32_down"] = float(fp32_nbytes(payload.manifest))
         return self._pump(now)
 
     def _maybe_history(self, now: float) -> list[Action]:
-        if self.phase is not ClosePhase.AWAIT_ACKS or self.awaiting:
+        if self.phase is not ClosePhase.AWAIT_ACKS or self.awaiting or self.persisting:
             return []
         self.phase = ClosePhase.HISTORY
         row = round_history(self.job, self.round, self.contributors, self.agg_s, now - self.started)
@@ -217,6 +231,20 @@ class RoundClose:
 
 
 # -- the pieces, shared with the dense reset and the tests ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    payload: Payload
+    held: TensorDict  # what the client holds once it installs the payload
+    held_hash: str  # its hash: what the client's ACK must carry
+    encode_s: float
+
+
+def _timed(fn, *args) -> float:  # type: ignore[no-untyped-def]
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
 
 
 def weight(job: JobConfig, rec: ClientRecord) -> float:
@@ -247,19 +275,19 @@ def downlink_payload(job: JobConfig, rec: ClientRecord, kind: str, target: Tenso
 def commit_downlink(job: ServerJob, rec: ClientRecord, round_: int, kind: str, held: TensorDict) -> None:
     """Persist what the client will hold after this round before it is sent (blocking: an fsynced commit)."""
     assert rec.held is not None
-    files: dict[str, TensorDict] = {f"{kind}-r{round_}.safetensors": held}
+    name = f"{kind}-r{round_}.safetensors"
+    digest = job.store.write_files(rec.client_id, {name: held})[name]  # hashed as it is written, once
     update: dict[str, object] = {
         "closed_round": round_,
-        "held_hash": {**rec.disk.held_hash, kind: state_hash(held)},
-        "held_files": {**rec.disk.held_files, kind: f"{kind}-r{round_}.safetensors"},
+        "held_hash": {**rec.disk.held_hash, kind: digest},
+        "held_files": {**rec.disk.held_files, kind: name},
         "ef_file": None,  # no downlink residual (server/downlink.py); a state written before keeps none either
     }
-    if kind == "global":  # the global replaces the client's own adapter: that is now our view of it
-        files[f"view-g{round_}.safetensors"] = held
-        update["view_file"] = f"view-g{round_}.safetensors"
-        update["view_hash"] = state_hash(held)
+    if kind == "global":  # the global replaces the client's own adapter: that is now our view of it (one file)
+        update["view_file"] = name
+        update["view_hash"] = digest
     disk = rec.disk.model_copy(update=update)
-    job.store.commit(disk, files, rec.disk)
+    job.store.commit(disk, {}, rec.disk)
     rec.disk = disk
     rec.held[kind] = held
     if kind == "global":

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from ..common.adapter import TensorDict, state_hash
+from ..common.adapter import TensorDict
 from ..common.codec import Manifest, decode_tensors, expand, fp32_nbytes
 from ..common.errors import ErrorCode, FedQuicError, ProtocolError
 from ..common.logs import round_var
@@ -114,9 +114,10 @@ class UploadHandling:
             assert rec.view is not None
             view = {k: rec.view[k] + delta[k] if k in delta else rec.view[k] for k in rec.view}
             name = f"view-u{h.round}.safetensors"
+            view_hash = job.store.write_files(rec.client_id, {name: view})[name]  # hashed as it is written
             disk = rec.disk.model_copy(
                 update={
-                    "view_hash": state_hash(view),
+                    "view_hash": view_hash,
                     "view_file": name,
                     "num_samples": h.num_samples,
                     "updates": {**rec.disk.updates, h.round: digest},
@@ -127,7 +128,7 @@ class UploadHandling:
                 }
             )
             # Acknowledged only once it is on disk: a crash after the ACK loses nothing.
-            job.store.commit(disk, {name: view}, rec.disk)
+            job.store.commit(disk, {}, rec.disk)
             rec.disk, rec.view = disk, view  # under the client's key: a downlink commit builds on this one
             return disk.view_hash, time.perf_counter() - t0
 

@@ -90,6 +90,7 @@ class ServerJob:
         self.schema: AdapterSchema | None = None
         self.base_fingerprint: str | None = None
         self.init_state: TensorDict | None = None
+        self._init_hashes: dict[str, str] = {}  # "view" and each kind's default held: hashed once per schema
         self.rule = job_rule(cfg.job)  # None: a local job aggregates nothing
         self.metrics = ServerMetrics()
         self.stopping = False  # a graceful stop: disconnects are not departures, nothing new starts
@@ -121,10 +122,28 @@ class ServerJob:
     def set_schema(self, schema: AdapterSchema) -> None:
         self.schema = schema
         self.init_state = init_lora_state(schema, self.cfg.job.init_seed)
+        self._init_hashes = {}
 
     def init_hash(self) -> str:
+        """The hash of the job's initial adapter (what a new client's view is), computed once."""
         assert self.init_state is not None
-        return state_hash(self.init_state)
+        if "view" not in self._init_hashes:
+            self._init_hashes["view"] = state_hash(self.init_state)
+        return self._init_hashes["view"]
+
+    def held_hash(self, rec: ClientRecord, kind: str) -> str:
+        """The hash of what ``rec`` holds of ``kind``: the one committed with its file, or the default's (computed
+        once), never a hash of the tensors on the loop."""
+        committed = rec.disk.held_hash.get(kind)  # type: ignore[call-overload]
+        if committed is not None and kind in rec.disk.held_files:
+            return committed
+        return self.default_held_hash(kind)
+
+    def default_held_hash(self, kind: str) -> str:
+        """The hash of what a client holds of ``kind`` before its first aggregate of that kind."""
+        if kind not in self._init_hashes:
+            self._init_hashes[kind] = state_hash(self.default_held(kind))
+        return self._init_hashes[kind]
 
     def default_held(self, kind: str) -> TensorDict:
         assert self.schema is not None and self.init_state is not None

@@ -21,7 +21,7 @@ from enum import Enum
 from functools import partial
 from typing import Any
 
-from ..common.adapter import TensorDict, state_hash
+from ..common.adapter import TensorDict
 from ..common.codec import EncodingSpec, encode_payload
 from ..common.errors import ErrorCode, FedQuicError, ProtocolError, SchemaMismatchError
 from ..common.messages import (
@@ -241,7 +241,8 @@ class ServerSession(UploadHandling):
             return out + self._ready(join, now)
         log.info("state differs from the server's, sending a dense reset of %s", ", ".join(k for k, _ in sends))
         self.state, self._deadline = State.RESETTING, now + RESET_ACK_TIMEOUT_S
-        self._reset_hashes = {state_hash(state) for _, state in sends}
+        # the hashes the client's ACKs will carry: the view's, or each kind's committed one
+        self._reset_hashes = {rec.view_hash if kind == "local" else job.held_hash(rec, kind) for kind, _ in sends}
         self._join = join
         for kind, state in sends:
             out.append(Work(partial(encode_payload, state, DENSE), partial(self._send_reset, kind), name="reset"))
@@ -256,7 +257,8 @@ class ServerSession(UploadHandling):
         if theirs_view != rec.view_hash:
             sends.append(("local", rec.view))
         for kind in KINDS:
-            if theirs_held.get(kind, state_hash(self.job.default_held(kind))) != state_hash(rec.held[kind]):
+            mine = self.job.held_hash(rec, kind)
+            if theirs_held.get(kind, self.job.default_held_hash(kind)) != mine:
                 sends.append((kind, rec.held[kind]))
         return sends
 

@@ -21,12 +21,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.numpy import load as st_load
-from safetensors.numpy import save as st_save
 
 from ..common.adapter import AdapterSchema, TensorDict
 from ..common.atomic import atomic_write_bytes, fsync_dir
 from ..common.errors import ConfigError
 from ..common.names import AdapterKind
+from ..common.tensorfile import write_tensors
 from .rounds import RoundSnapshot
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,16 @@ class ServerStore:
     def read_tensors(self, client_id: str, name: str) -> TensorDict:
         return dict(st_load((self.clients_dir / client_id / name).read_bytes()))
 
+    def write_files(self, client_id: str, files: dict[str, TensorDict]) -> dict[str, str]:
+        """Write tensor files of a client, durable (the directory fsynced) before a record names them; returns
+        each file's content hash (:func:`~fedquic.common.adapter.state_hash`), computed as it was written."""
+        d = self.clients_dir / client_id
+        d.mkdir(parents=True, exist_ok=True)
+        digests = {name: write_tensors(d / name, tensors, sync_dir=False) for name, tensors in files.items()}
+        if files:
+            fsync_dir(d)
+        return digests
+
     def commit(
         self,
         rec: ClientRecordOnDisk,
@@ -111,11 +121,7 @@ class ServerStore:
     ) -> None:
         """Write ``new_files`` (never overwriting), then ``rec`` as the commit point, then drop stale files."""
         d = self.clients_dir / rec.client_id
-        d.mkdir(parents=True, exist_ok=True)
-        for name, tensors in new_files.items():
-            atomic_write_bytes(d / name, st_save(dict(tensors)), sync_dir=False)
-        if new_files:
-            fsync_dir(d)  # the tensor files are durable before the record that names them
+        self.write_files(rec.client_id, new_files)
         atomic_write_bytes(d / "meta.json", rec.model_dump_json(indent=1).encode())
         if old is not None:
             for stale in _files(old) - _files(rec):

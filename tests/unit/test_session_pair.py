@@ -49,7 +49,7 @@ from fedquic.server.history import read_history_dicts
 from fedquic.server.rounds import Phase, RoundPolicy
 from fedquic.transport.settings import TlsFiles
 
-from testkit.memory import MemoryServer
+from testkit.memory import MemoryConn, MemoryServer
 from testkit.memory_client import MemoryClient, run
 from testkit.memory_link import MemoryLink, MemoryPeer, on
 from testkit.synthetic import SyntheticLearner, lora_schema
@@ -521,3 +521,54 @@ def test_without_the_runner_a_silent_server_ends_the_session_at_the_liveness_tim
     assert len(joins) == 2 and joins[1].resume.round == 1 and a.resets == 0
     assert [r.round for r in a.result.rounds] == [1, 2, 3] and all(r.accepted for r in a.result.rounds)
     assert_agree(srv, {"a": a, "b": b})
+
+
+class PersistLater(MemoryServer):
+    """Holds back the writes of what each client will hold (they run beside the downlink's send in the daemon)
+    until :meth:`release`: the sends, the clients' installs and their ACKs all happen first."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.held_back: list[tuple[Any, MemoryConn | None]] = []
+        self.hold = True
+
+    def _one(self, act: Any, conn: Any) -> None:
+        from fedquic.server.actions import Work as ServerWork
+
+        if self.hold and isinstance(act, ServerWork) and "persist downlink" in act.name:
+            self.held_back.append((act, conn))
+            return
+        super()._one(act, conn)
+
+    def release(self) -> None:
+        self.hold = False
+        pending, self.held_back = self.held_back, []
+        for act, conn in pending:
+            super()._one(act, conn)
+
+
+def test_a_round_ends_only_once_what_each_client_holds_is_on_disk(tmp_path: Path) -> None:
+    policy = RoundPolicy(rounds=2, min_clients=2, round_timeout_s=60)
+    job = JobConfig(uplink=INT8, downlink=INT8, train=TrainSpec(local_steps=1))
+    srv = PersistLater(
+        ServerConfig(tls=TlsFiles(ca=tmp_path / "ca.pem"), run_dir=tmp_path / "server", policy=policy, job=job)
+    )
+    clients = [memory_client(tmp_path, srv, cid, seed=i) for i, cid in enumerate("ab")]
+    acked: set[str] = set()
+    for c in clients:
+        c.on_sent.append(
+            lambda c, msg: (
+                acked.add(c.client_id) if isinstance(msg.header, Ack) and msg.header.ref is MsgType.AGGREGATE else None
+            )
+        )
+    run(srv, *clients, until=lambda: acked == {"a", "b"})
+    assert len(srv.held_back) == 2  # both sent and acknowledged, neither written yet
+    assert not srv.job.history_path.exists()  # so round 1 has not ended
+    assert all(srv.job.records[cid].disk.closed_round == 0 for cid in "ab")
+    srv.release()
+    assert [row["round"] for row in read_history_dicts(srv.job.history_path)] == [1]
+    for c in clients:
+        rec = srv.job.records[c.client_id]
+        assert rec.disk.closed_round == 1 and rec.disk.held_hash["row"] == state_hash(c.held["row"])
+    run(srv, *clients)
+    assert srv.result is not None and srv.result.ok and srv.result.rounds_completed == 2

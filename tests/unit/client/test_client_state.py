@@ -195,3 +195,51 @@ def test_atomic_write_never_exposes_a_partial_file(tmp_path: Path) -> None:
     assert target.read_bytes() == b"old"
     atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"new" and not (tmp_path / "f.bin.tmp").exists()
+
+
+def _inodes(d: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_ino for p in d.glob("section-*.safetensors")}
+
+
+def test_a_local_that_shares_synced_arrays_is_linked_not_written(tmp_path: Path) -> None:
+    state = make_state(1, seed=1)
+    state.local = state.synced  # what SyncedAdapter.snapshot hands over after an acknowledged UPDATE
+    StateStore(tmp_path).save(state)
+    local = next(tmp_path.glob("section-local-*.safetensors"))
+    synced = next(tmp_path.glob("section-synced-*.safetensors"))
+    assert local.stat().st_ino == synced.stat().st_ino  # one file, two names
+    loaded = StateStore(tmp_path).load()
+    assert loaded is not None
+    assert_states_equal(loaded, state)
+
+
+def test_the_learners_own_arrays_are_hashed_again_even_when_they_are_the_same_objects(tmp_path: Path) -> None:
+    # a learner may hand out arrays it goes on changing in place: identity must not stand for content there
+    store = StateStore(tmp_path)
+    state = make_state(1, seed=1)
+    store.save(state)
+    before = _inodes(tmp_path)
+    for arr in state.local.values():
+        arr += 1.0  # the same objects, changed
+    state.round = 2
+    store.save(state)
+    new = sorted(set(_inodes(tmp_path)) - set(before))
+    assert len(new) == 1 and new[0].startswith("section-local-")
+    loaded = StateStore(tmp_path).load()
+    assert loaded is not None
+    assert_states_equal(loaded, state)
+
+
+def test_sections_of_unchanged_arrays_are_not_hashed_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedquic.client.state as state_mod
+
+    store = StateStore(tmp_path)
+    state = make_state(1, seed=1)
+    store.save(state)
+    written: list[str] = []
+    real = state_mod.write_tensors_named
+    monkeypatch.setattr(state_mod, "write_tensors_named", lambda d, n, t, m=None: written.append(n) or real(d, n, t, m))
+    state.round = 2
+    state.local = {k: v.copy() for k, v in state.local.items()}  # a learner's fresh copy: hashed (and deduped)
+    store.save(state)
+    assert written == ["section-local-{hash}.safetensors", "section-extra-{hash}.safetensors"]
