@@ -33,6 +33,11 @@ class ClientConfig(BaseModel):
     backoff_max_s: float = Field(default=30.0, gt=0)
     # Write run_dir/state after every sync and resume from it on start.
     checkpoint: bool = True
+    # Write it in a thread of its own (client/checkpointer.py) so the next install or round need not wait for it.
+    # Off by default: where the client shares its cores with other busy processes (bench/round.py on 2 cores)
+    # the write competes with them and the round took longer (1.84 -> 2.14 s); on a client with cores to spare it
+    # takes the 0.2-0.7 s of writing after each sync off the round's path.
+    checkpoint_in_background: bool = False
     # Liveness: while waiting for the server, send a HEARTBEAT every heartbeat_s; if what we wrote on the control
     # stream stays unacknowledged by the server's QUIC stack for liveness_timeout_s, the server is gone (killed,
     # rebooted: a dead peer sends no close) and the client reconnects instead of waiting for QUIC's idle timeout.

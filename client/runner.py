@@ -12,8 +12,9 @@ reconnect policy. The synchronized adapter state outlives connections in a
 Resilience (docs/client.md):
 
 * **Checkpoint.** After every acknowledged UPDATE, every UPDATE refused as late and every installed AGGREGATE
-  the client state is written atomically to ``run_dir/state`` (:mod:`fedquic.client.state`); a client restarted
-  on the same job restores it and sends ``Join(resume=SyncState(...))``.
+  the client state is written atomically to ``run_dir/state`` (:mod:`fedquic.client.state`; with
+  ``checkpoint_in_background``, by :mod:`fedquic.client.checkpointer`'s thread); a client restarted on the same
+  job restores it and sends ``Join(resume=SyncState(...))``.
 * **Reset.** The server answers JOIN with its own view hash; when it differs from ours it sends dense
   AGGREGATEs (kind ``local``, maybe ``row``/``global``) that the client installs before it takes part in a round.
 * **Reconnect.** A connection lost after joining is re-established with exponential backoff and jitter, and
@@ -56,6 +57,7 @@ from .actions import (
     Work,
     classify,
 )
+from .checkpointer import BackgroundCheckpoints
 from .config import ClientConfig
 from .connector import Connector, MessagePeer, quic_connector
 from .learner import Learner
@@ -113,12 +115,21 @@ class FederatedClient:
         self._connect = connector or (lambda cfg: quic_connector(cfg, tickets=self.tickets, hello=self._hello()))
         self.sync = SyncedAdapter(learner, cfg.client_id)
         self.work = LocalWork(cfg, learner, self.sync)
+        if self.work.store is not None and cfg.checkpoint_in_background:  # client/checkpointer.py: why it is safe
+            self.work.checkpoints = BackgroundCheckpoints(self.work.store)
         self._beats = itertools.count(1)  # HEARTBEAT seq: not reset on reconnect
 
     # -- connections and the reconnect policy -------------------------------------------------------------
 
     async def run(self) -> ClientResult:
         client_id_var.set(self.cfg.client_id)
+        try:
+            return await self._run()
+        finally:
+            if self.work.checkpoints is not None:  # however the client ends, what it checkpointed is on disk
+                await asyncio.to_thread(self.work.checkpoints.close)
+
+    async def _run(self) -> ClientResult:
         cfg = self.cfg
         delay = cfg.backoff_initial_s
         failures = 0

@@ -36,6 +36,7 @@ from .actions import (
     Trained,
     Work,
 )
+from .checkpointer import Checkpoints, InlineCheckpoints
 from .config import ClientConfig
 from .learner import Learner
 from .results import ClientResult, RoundRecord, accuracy_note
@@ -53,6 +54,8 @@ class LocalWork:
         self.learner = learner
         self.sync = sync
         self.store = StateStore(cfg.run_dir / "state") if cfg.checkpoint else None
+        # when a checkpoint is written (client/checkpointer.py): inline here; the runner writes in the background
+        self.checkpoints: Checkpoints | None = InlineCheckpoints(self.store) if self.store is not None else None
         self.joined = False
         self.joins = 0  # successful JOINs (1 + the number of rejoins)
         self.resets = 0  # `local` resets installed
@@ -96,6 +99,8 @@ class LocalWork:
         """Load run_dir/state if it belongs to this job, client, schema and base model; False otherwise."""
         if self.store is None:
             return False
+        if self.checkpoints is not None:
+            self.checkpoints.flush()  # read what was last written, not what a write in progress replaces
         ckpt = self.store.load()
         if ckpt is None:
             return False
@@ -109,8 +114,13 @@ class LocalWork:
         return True
 
     def checkpoint(self) -> None:
-        if self.store is not None and self.sync.job is not None:
-            self.store.save(self.sync.snapshot())
+        if self.checkpoints is not None and self.sync.job is not None:
+            self.checkpoints.submit(self.sync.snapshot())  # taken now: the state does not change meanwhile
+
+    def flush_checkpoints(self) -> None:
+        """Every checkpoint asked for so far is on disk (raises a background write's failure)."""
+        if self.checkpoints is not None:
+            self.checkpoints.flush()
 
     def train(self, rs: RoundStart) -> Trained:
         """Train the round (from its start again if it was handed before unanswered), measure, encode."""
@@ -171,6 +181,7 @@ class LocalWork:
         """BYE: write the round log and the adapters."""
         assert self.result is not None
         self.result.bye_reason = reason
+        self.flush_checkpoints()
         self.save_rounds()
         save = getattr(self.learner, "save", None)
         if save is not None:
@@ -185,6 +196,7 @@ class LocalWork:
         """The server says the job is over (ERROR JOB_ENDED, or a close with that code, at any point): a success
         with nothing left to do. Keeps what there is: the round log and the adapters."""
         log.info("the job has ended (%s); nothing left to do, not retrying", exc)
+        self.flush_checkpoints()
         if self.result is None:  # ended before we took part: keep the round log of an earlier run of this client
             return ClientResult(job_id=self.sync.job.job_id if self.sync.job else "", bye_reason=str(exc))
         self.result.bye_reason = self.result.bye_reason or str(exc)

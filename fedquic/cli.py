@@ -170,6 +170,11 @@ def _add_client_args(c: argparse.ArgumentParser) -> None:
     add_flags(c, ClientProcessConfig, CLIENT_FLAG_SPECS)
     c.add_argument("--no-progress", action="store_true", help="no progress bar (also off when not on a terminal)")
     c.add_argument("--no-checkpoint", action="store_true", help="do not checkpoint client state after each round")
+    c.add_argument(
+        "--background-checkpoint",
+        action="store_true",
+        help="write checkpoints in a thread of their own (the next round need not wait for them)",
+    )
 
 
 def _client_overrides(args: argparse.Namespace) -> dict[str, object]:
@@ -187,6 +192,8 @@ def _client_overrides(args: argparse.Namespace) -> dict[str, object]:
         overrides["learner.progress"] = False
     if args.no_checkpoint:
         overrides["client.checkpoint"] = False
+    if args.background_checkpoint:
+        overrides["client.checkpoint_in_background"] = True
     return overrides
 
 
