@@ -13,8 +13,12 @@ real trainer. Measured:
     .venv/bin/python bench/client.py --json        # hidden 1536, 12 layers (340 M parameters), ~2 minutes
     .venv/bin/python bench/client.py --quick --json
 
+Both variants run with the client's defaults: NF4 computes in ``auto`` (bf16 where the CPU has bf16 units,
+client/profiles.py) and its load pins glibc's mmap threshold at 8 MiB (client/model.py); the fp32 base is fp32
+and unpinned. ``--compute-dtype float32`` and ``--mmap-threshold-mib 0`` (neither pinned) give the previous
+settings; ``--mmap-threshold-mib N`` pins both variants at N MiB (``--pin-mmap-threshold``: 1 MiB).
 ``--transformers-load`` loads NF4 through transformers' own memory-mapped path (the loader before the streamed
-one) for comparison; ``--pin-mmap-threshold`` runs both variants with glibc's mmap threshold pinned at 1 MiB.
+one) for comparison.
 """
 
 from __future__ import annotations
@@ -71,10 +75,10 @@ def worker(args: argparse.Namespace) -> None:
     import random
     import string
 
-    if args.pin_mmap_threshold:  # before torch allocates anything: every block >= 1 MiB is mmapped from now on
-        from fedquic.server.memory import pin_mmap_threshold
+    if args.mmap_threshold_mib:  # both variants, before torch allocates: big blocks mmapped from now on
+        from fedquic.common.heap import pin_mmap_threshold
 
-        pin_mmap_threshold()
+        pin_mmap_threshold(int(args.mmap_threshold_mib * (1 << 20)))
 
     import torch
     from fedquic.client.data import Example
@@ -91,7 +95,10 @@ def worker(args: argparse.Namespace) -> None:
     baseline = rss_bytes()
     t0 = time.perf_counter()
     quant = "nf4" if args.worker == "nf4" else "none"
-    model, tok = load_base_model(Path(args.model_dir), LoadSpec(quantization=quant, gradient_checkpointing=True))
+    # the client's defaults unless overridden: a quantized load pins the mmap threshold itself (client/model.py)
+    pin = {} if args.mmap_threshold_mib is None else {"mmap_threshold_mib": args.mmap_threshold_mib or None}
+    spec = LoadSpec(quantization=quant, compute_dtype=args.compute_dtype, gradient_checkpointing=True, **pin)
+    model, tok = load_base_model(Path(args.model_dir), spec)
     load_s = time.perf_counter() - t0
     gc.collect()
     if args.trim:
@@ -141,7 +148,9 @@ def run_variant(variant: str, model_dir: Path, args: argparse.Namespace) -> dict
     cmd += ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
     cmd += ["--threads", str(args.threads), *([] if args.trim else ["--no-trim"])]
     cmd += ["--transformers-load"] if args.transformers_load else []
-    cmd += ["--pin-mmap-threshold"] if args.pin_mmap_threshold else []
+    cmd += [] if args.mmap_threshold_mib is None else ["--mmap-threshold-mib", str(args.mmap_threshold_mib)]
+    # the compute dtype is NF4's (what its dequantized weights and matmuls use); the fp32 base stays fp32
+    cmd += ["--compute-dtype", args.compute_dtype if variant == "nf4" else "float32"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3000)
     if proc.returncode != 0:
@@ -158,6 +167,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--model-dir", type=Path, default=None, help="reuse/keep the built model here")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers of the full model (default 12: 340 M)")
     ap.add_argument("--no-trim", dest="trim", action="store_false", help="skip malloc_trim after loading")
     ap.add_argument(
         "--transformers-load",
@@ -165,12 +175,30 @@ def main() -> None:
         help="load NF4 through transformers' own memory-mapped path (the loader before the streamed one)",
     )
     ap.add_argument(
+        "--mmap-threshold-mib",
+        type=float,
+        default=None,
+        help="both variants: pin glibc's mmap threshold at this size; 0: neither (default: the client's, NF4 8 MiB)",
+    )
+    ap.add_argument(
         "--pin-mmap-threshold",
-        action="store_true",
-        help="both variants: glibc mmaps every block >= 1 MiB (no heap fragmentation from per-use dequantization)",
+        dest="mmap_threshold_mib",
+        action="store_const",
+        const=1.0,
+        help="the same as --mmap-threshold-mib 1",
+    )
+    ap.add_argument(
+        "--compute-dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="NF4's compute dtype (default: the client's auto, bf16 where the CPU has bf16 units; fp32 stays fp32)",
     )
     ap.add_argument("--worker", choices=("nf4", "fp32"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.compute_dtype == "auto":
+        from fedquic.client.profiles import native_compute_dtype
+
+        args.compute_dtype = native_compute_dtype("cpu")
     if args.steps is None:
         args.steps = 2 if args.quick else 4
     if args.worker:
@@ -180,6 +208,8 @@ def main() -> None:
     from fedquic.client.model import build_tiny_llama
 
     shape = QUICK if args.quick else FULL
+    if args.layers is not None:
+        shape = {**shape, "num_layers": args.layers}
     with tempfile.TemporaryDirectory(prefix="fedquic-bench-client-") as tmp:
         model_dir = args.model_dir or Path(tmp) / "model"
         t0 = time.perf_counter()
@@ -191,7 +221,8 @@ def main() -> None:
         "model": {**shape, "params": f["params"], "batch_size": args.batch_size, "seq_len": args.seq_len},
         "quick": args.quick,
         "nf4_loader": "transformers" if args.transformers_load else "streamed",
-        "pin_mmap_threshold": args.pin_mmap_threshold,
+        "mmap_threshold_mib": args.mmap_threshold_mib,  # None: the client's default (NF4 loads pin 8 MiB)
+        "compute_dtype_4bit": args.compute_dtype,
         "build_s": round(build_s, 2),
         "weight_bytes_4bit": q["weight_bytes"],
         "weight_bytes_fp32": f["weight_bytes"],

@@ -7,7 +7,6 @@ Everything here works from a local directory only; nothing ever reaches a model 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import hashlib
 import json
@@ -22,6 +21,7 @@ import torch
 from fedquic.common.errors import ConfigError
 from torch import nn
 
+from ..common.heap import pin_mmap_threshold, trim
 from .architectures import (
     NEW_HEADS_ATTR,
     ModelKind,
@@ -75,12 +75,19 @@ class LoadSpec:
     gradient_checkpointing: bool = True
     device: str = "cpu"
     kind: ModelKind | Literal["auto"] = "auto"  # auto: from config.json (see model_kind)
+    # A quantized model dequantizes each weight into a fresh buffer at every use (forward, the recomputed forward
+    # of checkpointing, backward): with glibc's dynamic mmap threshold those buffers end up in heap arenas that
+    # fragment, and the training peak was up to 0.6 GB of free heap on a 340 M model. Loading a quantized model
+    # pins the threshold at this size for the process (common/heap.py); None leaves glibc's own.
+    mmap_threshold_mib: float | None = 8.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("auto", "causal_lm", "seq_cls", "vlm"):
             raise ConfigError(f"kind must be auto, causal_lm, seq_cls or vlm, got {self.kind!r}")
         if self.quantization not in _QUANTIZATIONS:
             raise ConfigError(f"quantization must be one of {list(_QUANTIZATIONS)}, got {self.quantization!r}")
+        if self.mmap_threshold_mib is not None and not self.mmap_threshold_mib > 0:
+            raise ConfigError(f"mmap_threshold_mib must be positive (or None), got {self.mmap_threshold_mib!r}")
         if self.compute_dtype not in _COMPUTE_DTYPES:
             raise ConfigError(f"compute_dtype must be one of {list(_COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
         try:
@@ -193,6 +200,8 @@ def load_base_model(
     qcfg = _quantization_config(spec, kind)
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
+        if spec.mmap_threshold_mib is not None:
+            pin_mmap_threshold(int(spec.mmap_threshold_mib * (1 << 20)))
     model, tokenizer = _from_pretrained(path, kind, kwargs, progress)
     _freeze_for_training(model, tokenizer, spec, kind)
     log.info(
@@ -295,9 +304,7 @@ def release_checkpoint_memory(model: nn.Module) -> int:
             p.data = p.data.clone()
             copied += p.numel() * p.element_size()
     gc.collect()
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trim()
     return copied
 
 

@@ -48,7 +48,9 @@ class PeftLearnerConfig(BaseModel):
         "the flags below override its fields",
     )
     quantization: Literal["nf4", "int8", "none"] | None = Field(default=None, description="base model quantization")
-    compute_dtype: Literal["float32", "bfloat16"] | None = Field(default=None, description="compute dtype")
+    compute_dtype: Literal["auto", "float32", "bfloat16"] | None = Field(
+        default=None, description="compute dtype of the frozen base (auto: bfloat16 where the device has bf16 units)"
+    )
     gradient_checkpointing: bool | None = Field(default=None, description="recompute activations in the backward pass")
     device: str | None = Field(default=None, description="torch device, e.g. cpu or cuda:0")
     micro_batch_size: int | None = Field(

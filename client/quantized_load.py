@@ -22,8 +22,6 @@ full-precision tensor and its quantization temporaries exist at once.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import gc
 import json
 import logging
@@ -31,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common.errors import ConfigError
+from ..common.heap import trim
 
 log = logging.getLogger(__name__)
 
@@ -86,20 +85,9 @@ class _TrimmedSlice:
         return self._slice.get_shape()
 
 
-_libc: Any = None
-
-
 def trim_heap() -> None:
     """Return free heap pages to the OS (glibc ``malloc_trim``); a no-op where there is no glibc."""
-    global _libc
-    if _libc is None:
-        name = ctypes.util.find_library("c")
-        try:
-            _libc = ctypes.CDLL(name).malloc_trim if name else False
-        except (OSError, AttributeError):  # musl, macOS: no malloc_trim
-            _libc = False
-    if _libc:
-        _libc(0)
+    trim()
 
 
 def _open_shards(files: list[Path], stack: contextlib.ExitStack) -> dict[str, _TrimmedSlice]:

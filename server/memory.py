@@ -10,38 +10,15 @@ mmapped, so freed payloads leave RSS at once.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
-import logging
+from ..common.heap import pin_mmap_threshold as _pin
+from ..common.heap import trim
 
-log = logging.getLogger(__name__)
-
-M_MMAP_THRESHOLD = -3  # mallopt parameter numbers from glibc's malloc.h
 MMAP_THRESHOLD_BYTES = 1 << 20
 
 
 def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """Serve allocations ≥ ``threshold`` with mmap for the life of the process (glibc only; elsewhere a no-op)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl, macOS: no mallopt, and no dynamic threshold to pin
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    ok = bool(mallopt(M_MMAP_THRESHOLD, threshold))
-    log.debug("glibc mmap threshold pinned at %d bytes: %s", threshold, ok)
-    return ok
+    """Serve allocations >= ``threshold`` with mmap for the life of the process (glibc only; elsewhere a no-op)."""
+    return _pin(threshold)
 
 
-def trim() -> None:
-    """Return free heap pages to the OS (glibc ``malloc_trim``); a no-op elsewhere."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(name).malloc_trim(0)
+__all__ = ["MMAP_THRESHOLD_BYTES", "pin_mmap_threshold", "trim"]

@@ -55,7 +55,10 @@ def test_load_errors(tmp_path: Path) -> None:
         load_base_model(tmp_path, LoadSpec())
 
 
-@pytest.mark.parametrize("kwargs", [{"quantization": "fp8"}, {"compute_dtype": "float16"}, {"device": "not-a-device"}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"quantization": "fp8"}, {"compute_dtype": "float16"}, {"device": "not-a-device"}, {"mmap_threshold_mib": 0}],
+)
 def test_load_spec_validates(kwargs: dict[str, str]) -> None:
     with pytest.raises(ConfigError):
         LoadSpec(**kwargs)  # type: ignore[arg-type]
@@ -90,3 +93,18 @@ def test_fingerprint(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert base_model_fingerprint(copy) != fp
     with pytest.raises(ConfigError):
         base_model_fingerprint(tmp_path / "nowhere")
+
+
+def test_a_quantized_load_pins_the_mmap_threshold_and_a_plain_one_does_not(
+    load_tiny, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedquic.client.model as model_mod
+
+    pinned: list[int] = []
+    monkeypatch.setattr(model_mod, "pin_mmap_threshold", lambda n: pinned.append(n) or True)
+    load_tiny(quantization="nf4")
+    assert pinned == [8 << 20]  # the default: dequantized weights stop fragmenting the heap
+    load_tiny(quantization="nf4", mmap_threshold_mib=2.5)
+    load_tiny(quantization="nf4", mmap_threshold_mib=None)
+    load_tiny(quantization="none")
+    assert pinned == [8 << 20, int(2.5 * (1 << 20))]

@@ -27,12 +27,35 @@ def test_profiles_by_name_and_overrides() -> None:
     assert edge.gradient_checkpointing and edge.device == "cpu" and edge.micro_batch_size == 2
     assert not gpu.gradient_checkpointing and gpu.compute_dtype == "bfloat16" and gpu.device == "cuda"
     assert gpu.micro_batch_size is not None and gpu.micro_batch_size > edge.micro_batch_size
-    assert resolve_profile("default") == DeviceProfile()
+    default = resolve_profile("default")
+    assert default.compute_dtype in ("float32", "bfloat16")  # auto, resolved for this machine
+    assert default == DeviceProfile(compute_dtype=default.compute_dtype)
     # one field overridden, the others kept; None means "the profile's value"
     mixed = resolve_profile("gpu", device="cuda:1", gradient_checkpointing=None, micro_batch_size=16)
     assert (mixed.device, mixed.micro_batch_size) == ("cuda:1", 16)
     assert mixed.compute_dtype == gpu.compute_dtype and mixed.gradient_checkpointing == gpu.gradient_checkpointing
     assert PROFILES["gpu"] == gpu  # the registry is not modified by overrides
+
+
+def test_auto_compute_is_bf16_only_where_the_hardware_does_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedquic.client.profiles as profiles
+
+    amx = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    plain = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n"
+    arm = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes crc32\n"
+    assert profiles.cpu_has_native_bf16(amx)
+    assert not profiles.cpu_has_native_bf16(plain) and not profiles.cpu_has_native_bf16(arm)
+    assert not profiles.cpu_has_native_bf16("")
+    for info, want in ((amx, "bfloat16"), (plain, "float32")):
+        monkeypatch.setattr(
+            profiles,
+            "cpu_has_native_bf16",
+            lambda cpuinfo=None, info=info: profiles._BF16_CPU_FLAGS & set(info.split()) != set(),
+        )
+        assert resolve_profile("default").compute_dtype == want
+        assert resolve_profile("edge").compute_dtype == want
+        assert resolve_profile("default", compute_dtype="float32").compute_dtype == "float32"  # explicit wins
+    assert profiles.native_compute_dtype("mps") == "float32"
 
 
 def test_profiles_cannot_touch_job_level_settings() -> None:
