@@ -56,6 +56,19 @@ def atomic_write_with(path: Path, write: Callable[[Path], None], *, sync_dir: bo
     tmp = _tmp_for(path)
     try:
         write(tmp)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    publish(tmp, path)
+    if sync_dir:
+        fsync_dir(path.parent)
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """fsync the finished ``tmp`` and rename it over ``path`` (the directory is the caller's to fsync); ``tmp`` is
+    removed if either fails."""
+    try:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -63,8 +76,6 @@ def atomic_write_with(path: Path, write: Callable[[Path], None], *, sync_dir: bo
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    if sync_dir:
-        fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, sync_dir: bool = True) -> None:

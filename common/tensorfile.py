@@ -16,13 +16,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from .atomic import fsync_dir
+from .atomic import fsync_dir, publish
 
 _ALIGN = 8
 
@@ -42,8 +41,8 @@ def _header(
     return len(head).to_bytes(8, "little") + head
 
 
-def _write(tmp: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None, *, sync: bool) -> str:
-    """Write ``tmp`` (fsynced with ``sync``); the tensors' state_hash, from the buffers as they were written."""
+def _write(tmp: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None) -> str:
+    """Write ``tmp`` (not yet fsynced); the tensors' state_hash, from the buffers as they were written."""
     names = sorted(tensors)
     shapes = [np.shape(tensors[n]) for n in names]  # as given: ascontiguousarray makes a 0-d array 1-d
     arrays = [np.ascontiguousarray(tensors[n], dtype=np.float32) for n in names]
@@ -58,8 +57,6 @@ def _write(tmp: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, 
                 digest.update(data)
                 while data:  # a raw file's write may be short
                     data = data[f.write(data) :]
-            if sync:
-                os.fsync(f.fileno())
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -75,8 +72,8 @@ def write_tensors(
     computed from the same buffers as they were written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    digest = _write(tmp, tensors, metadata, sync=True)
-    os.replace(tmp, path)
+    digest = _write(tmp, tensors, metadata)
+    publish(tmp, path)
     if sync_dir:
         fsync_dir(path.parent)
     return digest
@@ -94,19 +91,12 @@ def write_tensors_named(
     place. The directory is not fsynced: the caller syncs it once for several files."""
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / (name_for.replace("{hash}", "staging") + ".tmp")
-    digest = _write(tmp, tensors, metadata, sync=False)
+    digest = _write(tmp, tensors, metadata)
     final = directory / name_for.replace("{hash}", digest)
     if final.is_file():
         tmp.unlink()
         return final, digest, False
-    try:
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    publish(tmp, final)
     return final, digest, True
 
 

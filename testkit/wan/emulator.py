@@ -1,13 +1,6 @@
-"""The emulator process of :mod:`testkit.wan`: packets from one TUN device to the other, per direction through
-
-1. random loss (seeded),
-2. a rate limit as a serialisation queue: departure = max(now, last departure) + size * 8 / rate, and drop-tail
-   when the bytes waiting would exceed ``queue_bytes`` (default about one bandwidth-delay product of 50 Mbit/s
-   x 40 ms),
-3. a fixed one-way propagation delay (RTT / 2), then delivery at the arrival time.
-
-With a fixed delay each direction stays FIFO, so a deque per direction replaces a heap, and one timer (the
-earlier head of the two) drives delivery. Sizes are IP packet sizes (no link-layer framing).
+"""The emulator process of :mod:`testkit.wan`: packets from one TUN device to the other, each direction through
+random loss, a drop-tail serialisation queue at the link's rate and a fixed one-way delay (the package's
+docstring has the model). A deque per direction (a fixed delay keeps each FIFO) and one timer drive it.
 
 Standard library only, run as a script by :class:`testkit.wan.WanLink` (which passes it the two device fds):
 

@@ -50,12 +50,12 @@ def test_a_named_write_of_content_already_there_keeps_the_file(tmp_path: Path) -
 
 
 def test_a_failed_write_leaves_no_temporary_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import fedquic.common.tensorfile as tf
+    import fedquic.common.atomic as atomic
 
     def fail(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(tf.os, "fsync", fail)
+    monkeypatch.setattr(atomic.os, "fsync", fail)
     with pytest.raises(OSError, match="Input/output"):
         write_tensors(tmp_path / "x.safetensors", tensors())
     with pytest.raises(OSError, match="Input/output"):
