@@ -199,7 +199,7 @@ class StateStore:
                 # one pass: the bytes go to a file and through the hash together; kept only if new (tensorfile.py)
                 meta = {"format": FORMAT, "section": name}
                 named = f"section-{name}-{{hash}}.safetensors"
-                path, digest, made = write_tensors_named(self.dir, named, tensors, meta)
+                path, digest, made = write_tensors_named(self.dir, named, tensors, meta, known_hash=digest)
                 wrote = wrote or made
             self._memo.put(name, tensors, digest)
             if name in _REPLACED_NOT_MUTATED and key:

@@ -90,6 +90,9 @@ class SyncedAdapter:
         # a checkpoint neither hashes nor writes the same 45 MB twice. Anything that may change the learner's
         # adapter (training, restoring, a reset, a roll-back) clears it.
         self.local_is_synced = False
+        # The hash of what we hold of a kind, as computed for its ACK, with the very dict it is the hash of: a
+        # checkpoint reuses it only while that dict is still the one held (anything that replaces it goes unused).
+        self._held_hash: dict[str, tuple[TensorDict, str]] = {}
 
     # -- joining -----------------------------------------------------------------------------------------
 
@@ -136,8 +139,15 @@ class SyncedAdapter:
             residual=dict(self.ef.residual),
             held=dict(self.held),
             extra=extra_fn() if extra_fn is not None else {},
-            known_hashes={"view": self.view_hash},
+            known_hashes={
+                "view": self.view_hash,
+                **{f"held.{k}": h for k, (held, h) in self._held_hash.items() if self.held.get(k) is held},
+            },
         )
+
+    def remember_held_hash(self, kind: str, state: TensorDict, digest: str) -> None:
+        """``digest`` is the state_hash of ``state``, what we now hold of ``kind`` (computed for its ACK)."""
+        self._held_hash[kind] = (state, digest)
 
     def foreign(self, ckpt: ClientState, job: Welcome, schema: AdapterSchema) -> list[str]:
         """Why ``ckpt`` is not this job's, client's, schema's and base model's (empty: it is ours)."""

@@ -174,8 +174,11 @@ class LocalWork:
         self.resets += reset
         if self.keep_rows and h.kind != "local":
             self.rows_received[h.round] = state
+        digest = state_hash(state)
+        if h.kind != "local":
+            self.sync.remember_held_hash(h.kind, state, digest)  # the checkpoint need not hash it again
         figures = self.evaluate(h.round) if evaluate else {}
-        return Installed(state_hash(state), manifest, frame_size(h, len(body)), figures, reset)
+        return Installed(digest, manifest, frame_size(h, len(body)), figures, reset)
 
     def save_results(self, reason: str) -> None:
         """BYE: write the round log and the adapters."""

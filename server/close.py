@@ -155,7 +155,7 @@ class RoundClose:
         rec = self.job.records[cid]
         self.persisting.add(cid)
         persist = self._work(
-            partial(_timed, commit_downlink, self.job, rec, self.round, target.kind, result.held),
+            partial(_timed, commit_downlink, self.job, rec, self.round, target.kind, result.held, result.held_hash),
             partial(self._persisted, cid),
             keys=(cid,),  # before any later work on this client (a rejoin's load, the next upload's commit)
             name=f"persist downlink of {cid}",
@@ -272,11 +272,15 @@ def downlink_payload(job: JobConfig, rec: ClientRecord, kind: str, target: Tenso
     return change.payload, change.held_after
 
 
-def commit_downlink(job: ServerJob, rec: ClientRecord, round_: int, kind: str, held: TensorDict) -> None:
-    """Persist what the client will hold after this round before it is sent (blocking: an fsynced commit)."""
+def commit_downlink(
+    job: ServerJob, rec: ClientRecord, round_: int, kind: str, held: TensorDict, held_hash: str | None = None
+) -> None:
+    """Persist what the client will hold after this round (blocking: an fsynced commit). ``held_hash``: its hash
+    if the caller has it (else it is computed as the file is written)."""
     assert rec.held is not None
     name = f"{kind}-r{round_}.safetensors"
-    digest = job.store.write_files(rec.client_id, {name: held})[name]  # hashed as it is written, once
+    known = {name: held_hash} if held_hash is not None else None
+    digest = job.store.write_files(rec.client_id, {name: held}, known)[name]
     update: dict[str, object] = {
         "closed_round": round_,
         "held_hash": {**rec.disk.held_hash, kind: digest},

@@ -103,12 +103,19 @@ class ServerStore:
     def read_tensors(self, client_id: str, name: str) -> TensorDict:
         return dict(st_load((self.clients_dir / client_id / name).read_bytes()))
 
-    def write_files(self, client_id: str, files: dict[str, TensorDict]) -> dict[str, str]:
+    def write_files(
+        self, client_id: str, files: dict[str, TensorDict], known: dict[str, str] | None = None
+    ) -> dict[str, str]:
         """Write tensor files of a client, durable (the directory fsynced) before a record names them; returns
-        each file's content hash (:func:`~fedquic.common.adapter.state_hash`), computed as it was written."""
+        each file's content hash (:func:`~fedquic.common.adapter.state_hash`), computed as it was written unless
+        ``known`` has it."""
         d = self.clients_dir / client_id
         d.mkdir(parents=True, exist_ok=True)
-        digests = {name: write_tensors(d / name, tensors, sync_dir=False) for name, tensors in files.items()}
+        known = known or {}
+        digests = {
+            name: write_tensors(d / name, tensors, sync_dir=False, known_hash=known.get(name))
+            for name, tensors in files.items()
+        }
         if files:
             fsync_dir(d)
         return digests

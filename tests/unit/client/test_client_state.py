@@ -238,7 +238,9 @@ def test_sections_of_unchanged_arrays_are_not_hashed_again(tmp_path: Path, monke
     store.save(state)
     written: list[str] = []
     real = state_mod.write_tensors_named
-    monkeypatch.setattr(state_mod, "write_tensors_named", lambda d, n, t, m=None: written.append(n) or real(d, n, t, m))
+    monkeypatch.setattr(
+        state_mod, "write_tensors_named", lambda d, n, t, m=None, **kw: written.append(n) or real(d, n, t, m, **kw)
+    )
     state.round = 2
     state.local = {k: v.copy() for k, v in state.local.items()}  # a learner's fresh copy: hashed (and deduped)
     store.save(state)

@@ -61,3 +61,16 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path: Path, monkeypatch: py
     with pytest.raises(OSError, match="Input/output"):
         write_tensors_named(tmp_path, "s-{hash}.safetensors", tensors())
     assert not list(tmp_path.iterdir())  # neither the target nor a .tmp
+
+
+def test_a_known_hash_is_taken_as_given_and_names_the_file(tmp_path: Path) -> None:
+    t = tensors(3)
+    digest = state_hash(t)
+    p1, d1, made1 = write_tensors_named(tmp_path, "s-{hash}.safetensors", t, known_hash=digest)
+    assert (p1.name, d1, made1) == (f"s-{digest}.safetensors", digest, True)
+    np.testing.assert_array_equal(load_file(str(p1))["b.weight"], t["b.weight"])
+    ino = p1.stat().st_ino
+    p2, d2, made2 = write_tensors_named(tmp_path, "s-{hash}.safetensors", t, known_hash=digest)
+    assert (p2, d2, made2) == (p1, digest, False) and p2.stat().st_ino == ino  # there already: not written again
+    assert write_tensors(tmp_path / "x.safetensors", t, known_hash=digest) == digest
+    assert not list(tmp_path.glob("*.tmp"))
