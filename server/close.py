@@ -11,6 +11,7 @@ close's peak memory is bounded by the slots, not the number of clients. A slot f
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -58,6 +59,9 @@ class RoundClose:
         self._in_flight = 0  # downlinks prepared or being sent
         self.awaiting: set[str] = set()  # sent, ACK not yet in
         self.persisting: set[str] = set()  # what the client will hold, being written beside the send
+        # A shared target's downlink by (share, hash of what the recipient holds): encoded once (rules.Target)
+        self._shared: dict[tuple[str, str], _Prepared] = {}
+        self._shared_lock = threading.Lock()  # _prepare runs in worker threads, several at once
         self._ack_deadline = 0.0
 
     # -- events --------------------------------------------------------------------------------------
@@ -140,9 +144,20 @@ class RoundClose:
         if rec.disk.closed_round >= self.round:
             return None
         self.job.load(rec)
+        key = None
+        if target.share is not None and self.job.cfg.job.downlink_error_feedback:  # else each has its reference
+            key = (target.share, self.job.held_hash(rec, target.kind))
+            with self._shared_lock:
+                hit = self._shared.get(key)
+            if hit is not None:  # the same change from the same state: the same payload, and the same result
+                return _Prepared(hit.payload, hit.held, hit.held_hash, 0.0)
         t0 = time.perf_counter()  # the target (e.g. this client's leave-one-out row) is computed here
         payload, held = downlink_payload(self.job.cfg.job, rec, target.kind, target.make())
-        return _Prepared(payload, held, state_hash(held), time.perf_counter() - t0)
+        prepared = _Prepared(payload, held, state_hash(held), time.perf_counter() - t0)
+        if key is not None:
+            with self._shared_lock:
+                self._shared.setdefault(key, prepared)
+        return prepared
 
     def _prepared(self, cid: str, target: Target, result: _Prepared | None, now: float) -> list[Action]:
         """Send the downlink and, beside it, persist what the client will hold. Neither waits for the other: the

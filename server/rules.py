@@ -13,7 +13,8 @@ The built-ins are registered below exactly as an outside rule would be::
         name, kind = "median", "global"
         def targets(self, inp: RoundInputs) -> dict[str, Target]:
             med = {k: np.median([s[k] for s in inp.states], axis=0) for k in inp.states[0]}
-            return {cid: Target(lambda: med, "global", len(inp.states)) for cid in inp.recipients}
+            # one adapter for everyone: ``share`` lets the server encode its downlink once per held state
+            return {cid: Target(lambda: med, "global", len(inp.states), share="median") for cid in inp.recipients}
 
     register_rule(Median())
 
@@ -63,6 +64,9 @@ class Target:
     make: Callable[[], TensorDict]
     kind: AdapterKind
     contributors: int  # how many clients' adapters it averages (AGGREGATE's ``contributors``)
+    # Targets of a round with the same ``share`` are one and the same adapter (FedAvg's mean for everyone): the
+    # server encodes the downlink once per distinct state their recipients hold, not once per recipient.
+    share: str | None = None
 
 
 @runtime_checkable
@@ -106,7 +110,7 @@ class FedAvg:
 
     def targets(self, inp: RoundInputs) -> dict[str, Target]:
         g = fedavg(inp.states, inp.weights)
-        return {cid: Target(lambda: g, "global", len(inp.states)) for cid in inp.recipients}
+        return {cid: Target(lambda: g, "global", len(inp.states), share="mean") for cid in inp.recipients}
 
 
 class FedProx(FedAvg):
@@ -135,7 +139,7 @@ class LeaveOneOutFactorMean:
         others = [c for c in inp.listeners if c not in out]
         if others:
             mean = fedavg(inp.states, inp.weights)
-            out.update({cid: Target(lambda: mean, "row", n) for cid in others})
+            out.update({cid: Target(lambda: mean, "row", n, share="mean") for cid in others})
         return out
 
 
@@ -152,7 +156,7 @@ class LeaveOneOutExact:
         others = [c for c in inp.listeners if c not in out]
         if others:
             mean = exact_mean(inp.states, inp.weights)
-            out.update({cid: Target(lambda: mean, "row", n) for cid in others})
+            out.update({cid: Target(lambda: mean, "row", n, share="mean") for cid in others})
         return out
 
 

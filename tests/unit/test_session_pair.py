@@ -572,3 +572,29 @@ def test_a_round_ends_only_once_what_each_client_holds_is_on_disk(tmp_path: Path
         assert rec.disk.closed_round == 1 and rec.disk.held_hash["row"] == state_hash(c.held["row"])
     run(srv, *clients)
     assert srv.result is not None and srv.result.ok and srv.result.rounds_completed == 2
+
+
+def test_a_fedavg_downlink_is_encoded_once_for_every_client_that_holds_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedquic.server.close as close_mod
+
+    encoded: list[tuple[int, str]] = []
+    real = close_mod.downlink_payload
+
+    def counting(job: Any, rec: Any, kind: str, target: TensorDict) -> Any:
+        encoded.append((rec.disk.closed_round + 1, kind))
+        return real(job, rec, kind, target)
+
+    monkeypatch.setattr(close_mod, "downlink_payload", counting)
+    policy = RoundPolicy(rounds=3, min_clients=3, round_timeout_s=60)
+    job = JobConfig(federation="fedavg", uplink=INT8, downlink=INT8, train=TrainSpec(local_steps=1))
+    cfg = ServerConfig(tls=TlsFiles(ca=tmp_path / "ca.pem"), run_dir=tmp_path / "server", policy=policy, job=job)
+    srv = MemoryServer(cfg)
+    clients = {cid: memory_client(tmp_path, srv, cid, seed=i) for i, cid in enumerate("abc")}
+    run(srv, *clients.values())
+    assert srv.result is not None and srv.result.ok and srv.result.rounds_completed == 3
+    assert encoded == [(1, "global"), (2, "global"), (3, "global")]  # once a round, not once per client
+    for cid, c in clients.items():  # and each holds exactly what the server records for it
+        rec = srv.job.records[cid]
+        assert state_hash(c.held["global"]) == rec.disk.held_hash["global"] == rec.view_hash == c.view_hash
