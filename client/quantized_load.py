@@ -75,7 +75,7 @@ class _TrimmedSlice:
         self._slice = pslice
 
     def __getitem__(self, index: Any) -> Any:
-        trim_heap()
+        trim()
         return self._slice[index]
 
     def get_dtype(self) -> str:
@@ -83,11 +83,6 @@ class _TrimmedSlice:
 
     def get_shape(self) -> list[int]:
         return self._slice.get_shape()
-
-
-def trim_heap() -> None:
-    """Return free heap pages to the OS (glibc ``malloc_trim``); a no-op where there is no glibc."""
-    trim()
 
 
 def _open_shards(files: list[Path], stack: contextlib.ExitStack) -> dict[str, _TrimmedSlice]:
@@ -148,6 +143,6 @@ def load_streaming(path: Path, auto_class: Any, kwargs: dict[str, Any], files: l
         except (OSError, ValueError) as exc:
             log.warning("%s: generation_config.json ignored: %s", path.name, exc)
     gc.collect()
-    trim_heap()
+    trim()
     log.debug("%s: streamed %d checkpoint file(s) into a quantized model", path.name, len(files))
     return model, info

@@ -95,14 +95,6 @@ class ClientState:
         return out
 
 
-def _flatten(state: ClientState) -> dict[str, np.ndarray]:
-    flat: dict[str, np.ndarray] = {}
-    for section, tensors in state.sections().items():
-        for name, arr in tensors.items():
-            flat[f"{section}/{name}"] = np.ascontiguousarray(arr, dtype=np.float32)
-    return flat
-
-
 # Sections whose arrays client/sync.py replaces and never changes in place: a section made of the same array
 # objects as at the last save has the same content. The learner's own (``local``, ``extra``) are always hashed:
 # a learner may hand out arrays it goes on changing.
