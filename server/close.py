@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from functools import partial
@@ -60,8 +61,7 @@ class RoundClose:
         self.awaiting: set[str] = set()  # sent, ACK not yet in
         self.persisting: set[str] = set()  # what the client will hold, being written beside the send
         # A shared target's downlink by (share, hash of what the recipient holds): encoded once (rules.Target)
-        self._shared: dict[tuple[str, str], _Prepared] = {}
-        self._shared_lock = threading.Lock()  # _prepare runs in worker threads, several at once
+        self._shared = _SingleFlight()
         self._ack_deadline = 0.0
 
     # -- events --------------------------------------------------------------------------------------
@@ -144,20 +144,10 @@ class RoundClose:
         if rec.disk.closed_round >= self.round:
             return None
         self.job.load(rec)
-        key = None
-        if target.share is not None and self.job.cfg.job.downlink_error_feedback:  # else each has its reference
-            key = (target.share, self.job.held_hash(rec, target.kind))
-            with self._shared_lock:
-                hit = self._shared.get(key)
-            if hit is not None:  # the same change from the same state: the same payload, and the same result
-                return _Prepared(hit.payload, hit.held, hit.held_hash, 0.0)
-        t0 = time.perf_counter()  # the target (e.g. this client's leave-one-out row) is computed here
-        payload, held = downlink_payload(self.job.cfg.job, rec, target.kind, target.make())
-        prepared = _Prepared(payload, held, state_hash(held), time.perf_counter() - t0)
-        if key is not None:
-            with self._shared_lock:
-                self._shared.setdefault(key, prepared)
-        return prepared
+        if target.share is None or not self.job.cfg.job.downlink_error_feedback:  # else each has its reference
+            return _prepare_one(self.job, rec, target)
+        key = (target.share, self.job.held_hash(rec, target.kind))
+        return self._shared.get(key, partial(_prepare_one, self.job, rec, target))
 
     def _prepared(self, cid: str, target: Target, result: _Prepared | None, now: float) -> list[Action]:
         """Send the downlink and, beside it, persist what the client will hold. Neither waits for the other: the
@@ -254,6 +244,44 @@ class _Prepared:
     held: TensorDict  # what the client holds once it installs the payload
     held_hash: str  # its hash: what the client's ACK must carry
     encode_s: float
+
+
+def _prepare_one(job: ServerJob, rec: ClientRecord, target: Target) -> _Prepared:
+    t0 = time.perf_counter()  # the target (e.g. this client's leave-one-out row) is computed here
+    payload, held = downlink_payload(job.cfg.job, rec, target.kind, target.make())
+    return _Prepared(payload, held, state_hash(held), time.perf_counter() - t0)
+
+
+class _SingleFlight:
+    """Prepared downlinks by key, each computed once. The close prepares several downlinks at once in worker
+    threads: a second recipient of the same change waits for the first one's result instead of computing it beside
+    it (two encodes of 45 MB side by side took 0.47-0.58 s each on 2 cores, against one for both)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._done: dict[tuple[str, str], _Prepared] = {}
+        self._running: dict[tuple[str, str], threading.Event] = {}
+
+    def get(self, key: tuple[str, str], compute: Callable[[], _Prepared]) -> _Prepared:
+        while True:
+            with self._lock:
+                hit = self._done.get(key)
+                if hit is not None:  # the same change from the same state: the same payload and result
+                    return _Prepared(hit.payload, hit.held, hit.held_hash, 0.0)
+                running = self._running.get(key)
+                if running is None:
+                    running = self._running[key] = threading.Event()
+                    break
+            running.wait()  # the owner finished (or failed: then the loop makes this thread the owner)
+        try:
+            prepared = compute()
+            with self._lock:
+                self._done[key] = prepared
+            return prepared
+        finally:
+            with self._lock:
+                del self._running[key]
+            running.set()
 
 
 def _timed(fn, *args) -> float:  # type: ignore[no-untyped-def]
