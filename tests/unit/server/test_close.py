@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import pytest
-
 from fedquic.common.codec import EncodingSpec, encode_payload
 from fedquic.server.close import _Prepared, _SingleFlight
 
