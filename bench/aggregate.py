@@ -49,7 +49,15 @@ from typing import Any
 
 import numpy as np
 from fedquic.common.codec import EncodingSpec, encode_payload
-from fedquic.server.aggregation import LeaveOneOut, fedavg, leave_one_out, leave_one_out_exact, product_rel_error
+from fedquic.server.aggregation import (
+    LeaveOneOut,
+    fedavg,
+    leave_one_out,
+    leave_one_out_exact,
+    lora_pairs,
+    product_rel_error,
+)
+from fedquic.server.alignment import align_states
 
 # testkit/ (the test doubles) lives in the checkout, not in the installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -126,11 +134,23 @@ def fedavg_close(states: list[dict[str, np.ndarray]], weights: list[float], enco
         encode_payload(g, EncodingSpec())
 
 
-def factor_mean_error(shared_init: bool, n: int = 8, layers: int = 4, dim: int = 256, rank: int = 8) -> float:
+def factor_mean_error(
+    shared_init: bool,
+    n: int = 8,
+    layers: int = 4,
+    dim: int = 256,
+    rank: int = 8,
+    *,
+    rotated: bool = False,
+    aligned: bool = False,
+) -> float:
     """Mean over clients of the relative error of the factor-mean RoW's product vs the exact mean product.
 
     ``shared_init``: as in a FedALT job, every client's A starts from the same init and drifts (A = A0 + 0.3·δ);
-    otherwise every client's factors are independent (the worst case for averaging factors).
+    otherwise every client's factors are independent (the worst case for averaging factors). ``rotated``: each
+    client's pairs are then put in a basis of its own (A → Q·A, B → B·Qᵀ, Q random orthogonal: the same products,
+    as clients whose training turned their rank space would have). ``aligned``: the rows are computed the way
+    ``loo-aligned`` does, over factors aligned to the shared init A0 (server/alignment.py).
     """
     rng = np.random.default_rng(1)
     schema = lora_schema(layers, dim, rank)
@@ -141,14 +161,25 @@ def factor_mean_error(shared_init: bool, n: int = 8, layers: int = 4, dim: int =
         for t in schema.tensors:
             noise = rng.standard_normal(t.shape, dtype=np.float32) / np.sqrt(t.shape[-1])
             s[t.name] = a0[t.name] + 0.3 * noise if shared_init and ".lora_A." in t.name else noise
+        if rotated:
+            for a_name, b_name in lora_pairs(s):
+                q, _ = np.linalg.qr(rng.standard_normal((rank, rank)))
+                s[a_name], s[b_name] = (q @ s[a_name]).astype(np.float32), (s[b_name] @ q.T).astype(np.float32)
         states.append(s)
     w = [1.0] * n
-    rows = leave_one_out(states, w)
+    rows = leave_one_out(align_states(states, a0) if aligned else states, w)
     errs = []
     for k, row in enumerate(rows):
         others = [s for m, s in enumerate(states) if m != k]
         errs.append(product_rel_error(row, others, [1.0 / (n - 1)] * (n - 1)))
     return float(np.mean(errs))
+
+
+def align_ms_per_client(n: int, p: int, reps: int) -> float:
+    """Time to align one client's P-parameter state to the anchor (what ``loo-aligned`` adds per contributor)."""
+    states = make_states(n, p, None)
+    anchor = states[0]
+    return 1000 * best(lambda: align_states(states, anchor), reps) / n
 
 
 def measure(n: int, p: int, disk: Path | None, reps: int) -> dict[str, Any]:
@@ -232,6 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     n8, n256 = case(n_small, main_case[1]), case(n_large, main_case[1])
     err = factor_mean_error(shared_init=True)
     err_indep = factor_mean_error(shared_init=False)
+    errs_aligned = {
+        "factor_mean_rel_err_aligned": factor_mean_error(shared_init=True, aligned=True),
+        "factor_mean_rel_err_independent_aligned": factor_mean_error(shared_init=False, aligned=True),
+        "factor_mean_rel_err_rotated": factor_mean_error(shared_init=True, rotated=True),
+        "factor_mean_rel_err_rotated_aligned": factor_mean_error(shared_init=True, rotated=True, aligned=True),
+    }
+    align_ms = align_ms_per_client(8, 200_000 if args.quick else 10_000_000, args.reps)
     result = {
         "bench": "aggregate",
         "quick": args.quick,
@@ -246,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "factor_mean_rel_err": err,
         "factor_mean_rel_err_independent": err_indep,
+        **errs_aligned,
+        "align_ms_per_client": align_ms,
         "rows": rows,
         "exact": exact_rows,
     }
@@ -255,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
         f"per client {result['loo_per_client_ms_n8']:.1f} ms (N small) vs {result['loo_per_client_ms_n256']:.1f} ms "
         f"(N large); factor-mean rel. error {err:.3f} (shared init), {err_indep:.3f} (independent); "
         f"peak RSS {result['peak_rss_mb']:.0f} MB"
+    )
+    print(
+        "aligned to the shared init (loo-aligned): "
+        + ", ".join(f"{k.removeprefix('factor_mean_rel_err_')} {v:.3f}" for k, v in errs_aligned.items())
+        + f"; {align_ms:.1f} ms per client"
     )
     if args.json:
         print(json.dumps(result, default=lambda x: None if x != x else x))

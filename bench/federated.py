@@ -8,7 +8,9 @@ TLS. Every variant runs the same rounds and local steps:
 
 ``local`` (no federation: clients share no tensors), ``fedavg``, ``fedalt`` (learned mixer starting at 0.9/0.1
 in favour of the client's own adapter, ``JobConfig.mixer_init``; factor-mean Rest-of-World), ``fedalt-exact``
-(RoW = SVD of the mean of products), ``fedalt-fixed-mix`` (mixer frozen at 0.5/0.5), ``fedalt+int8``,
+(RoW = SVD of the mean of products), ``fedalt-fixed-mix`` (mixer frozen at 0.5/0.5), ``fedalt-aligned``
+(factors rotated into the init's basis before they are averaged: ``loo-aligned``), ``fedalt-simgrad`` (each
+Rest-of-World weighted by relevance: ``loo-simgrad``), ``fedalt+int8``,
 ``fedalt+topk10+ef``, ``fedalt+topk1+ef`` (top-k with error feedback both ways) and ``fedalt+topk1-noef``
 (top-k 1%, error feedback off on the uplink and the downlink). ``local``, ``fedavg`` and ``fedalt`` run with 3
 seeds (mean ± std), the others with one. Uncompressed variants send fp32.
@@ -98,6 +100,22 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "downlink": "fp32",
     },
     "fedalt-fixed-mix": {"federation": "fedalt", "mixer": "fixed", "uplink": "fp32", "downlink": "fp32"},
+    # FedMosaic-Adaptive's data-free geometric alignment: factors rotated to the init's basis, then averaged
+    "fedalt-aligned": {
+        "federation": "fedalt",
+        "mixer": "learned",
+        "aggregation": "loo-aligned",
+        "uplink": "fp32",
+        "downlink": "fp32",
+    },
+    # FedMosaic-Adaptive's SimGrad relevance: each client's RoW weighted by how its drift relates to the others'
+    "fedalt-simgrad": {
+        "federation": "fedalt",
+        "mixer": "learned",
+        "aggregation": "loo-simgrad",
+        "uplink": "fp32",
+        "downlink": "fp32",
+    },
     "fedalt+int8": {"federation": "fedalt", "mixer": "learned", "uplink": "int8", "downlink": "int8"},
     "fedalt+topk10+ef": {"federation": "fedalt", "mixer": "learned", "uplink": "topk10", "downlink": "topk10"},
     "fedalt+topk1+ef": {"federation": "fedalt", "mixer": "learned", "uplink": "topk1", "downlink": "topk1"},
@@ -796,6 +814,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "acc_fedalt": acc("fedalt"),
         "acc_fedalt_exact": acc("fedalt-exact"),
         "acc_fedalt_fixed_mix": acc("fedalt-fixed-mix"),
+        "acc_fedalt_aligned": acc("fedalt-aligned"),
+        "acc_fedalt_simgrad": acc("fedalt-simgrad"),
         "acc_fedalt_int8": acc("fedalt+int8"),
         "acc_fedalt_topk10_ef": acc("fedalt+topk10+ef"),
         "acc_fedalt_topk1_ef": acc("fedalt+topk1+ef"),

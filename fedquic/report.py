@@ -35,7 +35,9 @@ Outputs (``prefix`` default ``report``; in ``out_dir``, default RUN_DIR): the pl
 with a legend), ``<prefix>.json`` (per row ``n``, ``runs``, ``acc_mean``, ``acc_std`` (null when n = 1), bytes,
 ``wall_s`` and ``wall_source``; per run; the tables; NaN as null), ``<prefix>_acc_rounds.png`` (mean accuracy per
 round per row) and ``<prefix>_acc_mb.png`` (accuracy against cumulative MB sent). The default prefix gives
-``report.json``, ``report_acc_rounds.png`` and ``report_acc_mb.png``.
+``report.json``, ``report_acc_rounds.png`` and ``report_acc_mb.png``; a run whose aggregation rule weighted the
+contributors (``loo-simgrad``) also gets ``<prefix>_relevance_<run>.png``, its last round's matrix (history.jsonl's
+``weights``), and ``relevance`` in its JSON entry.
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ class JobSummary:
     final_eval_n: dict[str, float] = field(default_factory=dict)  # client -> items scored at the final round
     loss_curve: list[tuple[int, float]] = field(default_factory=list)  # (evaluated round, mean held-out loss)
     final_loss: float = float("nan")
+    # The last round's weights of a rule that weights contributors (loo-simgrad): recipient -> contributor -> share
+    relevance: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def bytes_total(self) -> float:
@@ -293,7 +297,20 @@ def summarize_history(
         final_eval_n={cid: v for cid, (_, v) in sorted(t.n_items.get(fr, {}).items())} if fr is not None else {},
         loss_curve=[(r, statistics.fmean(v for _, v in t.loss[r].values())) for r in sorted(t.loss)],
         final_loss=statistics.fmean(v for _, v in t.loss[lr].values()) if lr is not None else float("nan"),
+        relevance=_relevance(records),
     )
+
+
+def _relevance(records: dict[int, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """The last round's ``weights`` (history.jsonl), numbers only."""
+    last = records[max(records)].get("weights") if records else None
+    if not isinstance(last, dict):
+        return {}
+    return {
+        str(r): {str(c): float(v) for c, v in row.items() if _num(v) is not None}
+        for r, row in sorted(last.items())
+        if isinstance(row, dict)
+    }
 
 
 def _history_file(job_dir: Path) -> Path:
@@ -588,6 +605,39 @@ def write_plots(rows: list[dict[str, Any]], out_dir: Path, prefix: str = "report
     return paths
 
 
+def write_relevance_plots(jobs: list[JobSummary], out_dir: Path, prefix: str = "report") -> list[str]:
+    """``<prefix>_relevance_<run>.png`` for every run whose rule weighted contributors: the last round's matrix,
+    one row per recipient, one column per contributor (the share it had in that recipient's aggregate)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for j in jobs:
+        if not j.relevance:
+            continue
+        rows = sorted(j.relevance)
+        cols = sorted({c for r in j.relevance.values() for c in r} | set(rows))
+        grid = [[j.relevance[r].get(c, float("nan")) for c in cols] for r in rows]
+        fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(cols), 1.0 + 0.5 * len(rows)))
+        im = ax.imshow(grid, vmin=0.0, cmap="viridis")
+        ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(len(rows)), rows, fontsize=7)
+        if len(cols) <= 12:
+            for y, line in enumerate(grid):
+                for x, v in enumerate(line):
+                    if v == v:  # not NaN (a client's own cell)
+                        ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w")
+        ax.set_xlabel("contributor")
+        ax.set_ylabel("recipient")
+        ax.set_title(f"{j.name}: share in each Rest-of-World (round {j.rounds})", fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in j.name)
+        paths.append(_save(fig, ax, Path(out_dir) / f"{prefix}_relevance_{safe}.png"))
+    return paths
+
+
 def _save(fig: Any, ax: Any, path: Path) -> str:
     """Legend, layout, PNG, and the figure closed (pyplot keeps every open figure alive)."""
     import matplotlib.pyplot as plt
@@ -614,6 +664,7 @@ def _run_json(j: JobSummary) -> dict[str, Any]:
         "wall_s": j.wall_s,
         "wall_source": j.wall_source or None,
         "rounds": j.rounds,
+        "relevance": j.relevance or None,
     }
 
 
@@ -638,7 +689,7 @@ def report(
     rows = group(jobs)
     out_dir = Path(out_dir) if out_dir is not None else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = write_plots(rows, out_dir, prefix) if plots else []
+    paths = [*write_plots(rows, out_dir, prefix), *write_relevance_plots(jobs, out_dir, prefix)] if plots else []
     result = {
         "run_dir": str(run_dir),
         "variants": rows,
@@ -670,4 +721,5 @@ __all__ = [
     "summarize_runs",
     "text_table",
     "write_plots",
+    "write_relevance_plots",
 ]

@@ -56,6 +56,7 @@ class RoundClose:
         self.phase = ClosePhase.LOAD
         self.started = now
         self.agg_s = 0.0
+        self.weights: dict[str, dict[str, float]] = {}
         self._queue: deque[tuple[str, Target]] = deque()
         self._in_flight = 0  # downlinks prepared or being sent
         self.awaiting: set[str] = set()  # sent, ACK not yet in
@@ -112,6 +113,8 @@ class RoundClose:
 
     def _aggregated(self, result: tuple[dict[str, Target], float], now: float) -> list[Action]:
         targets, self.agg_s = result
+        # a weighted rule's choice of who makes up each target (relevance), for history.jsonl
+        self.weights = {cid: dict(t.weights) for cid, t in targets.items() if t.weights}
         self.job.metrics.aggregate_seconds += self.agg_s
         self.phase = ClosePhase.DOWNLINK
         self._queue.extend(targets.items())
@@ -212,7 +215,7 @@ class RoundClose:
         if self.phase is not ClosePhase.AWAIT_ACKS or self.awaiting or self.persisting:
             return []
         self.phase = ClosePhase.HISTORY
-        row = round_history(self.job, self.round, self.contributors, self.agg_s, now - self.started)
+        row = round_history(self.job, self.round, self.contributors, self.agg_s, now - self.started, self.weights)
 
         def write() -> None:
             trim()  # this round's payloads and rows are gone: give their pages back
@@ -341,14 +344,23 @@ def commit_downlink(
         rec.view = {k: v.copy() for k, v in held.items()}
 
 
-def round_history(job: ServerJob, round_: int, contributors: list[str], agg_s: float, close_s: float):  # type: ignore[no-untyped-def]
-    """The round's history row, from every known client's figures (taken now, on the loop)."""
+def round_history(  # type: ignore[no-untyped-def]
+    job: ServerJob,
+    round_: int,
+    contributors: list[str],
+    agg_s: float,
+    close_s: float,
+    weights: dict[str, dict[str, float]] | None = None,
+):
+    """The round's history row, from every known client's figures (taken now, on the loop); ``weights``: per
+    recipient, the share of each contributor in what it was sent (rules that weight contributors)."""
     recs = sorted(job.records.items())
     return history_row(
         round_, job.cfg.job, contributors, agg_s, close_s,
         clients={cid: dict(rec.stats.get(round_, {})) for cid, rec in recs},
         reported={cid: dict(rec.reported[round_]) for cid, rec in recs if round_ in rec.reported},
         wall=job.wall(),
+        weights=weights or {},
     )  # fmt: skip
 
 

@@ -46,9 +46,11 @@ class JobConfig(JobTerms):
         default=None,
         min_length=1,
         max_length=64,
-        description="aggregation rule by name (fedquic.server.rules): fedavg, fedprox, loo-factor-mean, loo-exact, "
-        "or one a plugin registers",
+        description="aggregation rule by name (fedquic.server.rules): fedavg, fedprox, fedavg-aligned, "
+        "loo-factor-mean, loo-exact, loo-aligned, loo-simgrad, or one a plugin registers",
     )
+    # Settings of the aggregation rule, which it reads and checks (e.g. loo-simgrad's temperature and floor).
+    rule_options: dict[str, float] = Field(default_factory=dict, max_length=16)
     # Robust aggregation: scaled down to this global L2 norm before averaging. None: no clipping.
     clip_norm: float | None = Field(
         default=None,

@@ -7,6 +7,9 @@ Schema (``version`` 2), one JSON object per line::
      "clients":  {"c0": {"bytes_up": 77733.0, "fp32_up": 1843200.0, "granted_at": ..., ...}, ...},
      "reported": {"c0": {"loss_before": 1.46, "loss_after": 0.56, "acc_tf": 0.24, ...}, ...}}
 
+``weights`` (present when the rule weights contributors, e.g. ``loo-simgrad``) maps each recipient to the share
+of every contributor in what it was sent: ``{"c0": {"c1": 0.61, "c2": 0.39}, ...}``.
+
 ``clients`` holds what the server measured for each client in the round (bytes and fp32 sizes each way,
 grant/accept times, decode/persist/encode seconds); ``reported`` what the client said about itself in its
 METRICS (loss, accuracy, training time: any finite numbers under names the client chose). They are kept apart so
@@ -52,6 +55,9 @@ class HistoryRow(BaseModel):
     close_s: float = 0.0
     clients: dict[str, Figures] = Field(default_factory=dict)  # measured by the server
     reported: dict[str, Figures] = Field(default_factory=dict)  # the clients' own METRICS
+    # Per recipient, the share of each contributor in what it was sent, for rules that weight them (loo-simgrad's
+    # relevance matrix); empty for the plain means.
+    weights: dict[str, Figures] = Field(default_factory=dict)
 
     def client_ids(self) -> list[str]:
         return sorted({*self.clients, *self.reported})
@@ -78,6 +84,7 @@ def history_row(
     clients: dict[str, Figures],
     reported: dict[str, Figures],
     wall: float | None = None,
+    weights: dict[str, dict[str, float]] | None = None,
 ) -> HistoryRow:
     """The record of one closed round (``job``: the server's JobConfig, for its id and federation); ``wall``: the
     wall-clock time it closed (default now)."""
@@ -92,6 +99,7 @@ def history_row(
         close_s=round(close_s, 6),
         clients=clients,
         reported=reported,
+        weights=weights or {},
     )
 
 

@@ -26,15 +26,17 @@ Rest-of-World adapters (``min_row_contributors``), and encoding, persisting and 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 from ..common.adapter import TensorDict
 from ..common.errors import ConfigError, JobError
 from ..common.names import ADAPTER_KINDS, AdapterKind
 from ..common.registry import Registry
 from .aggregation import LeaveOneOut, clip_deviation, exact_mean, fedavg, leave_one_out_exact
+from .alignment import align_states
+from .relevance import drift_cosines, relevance_matrix, weighted_row
 
 if TYPE_CHECKING:
     from .config import JobConfig
@@ -50,6 +52,10 @@ class RoundInputs:
     states: Sequence[TensorDict]  # each contributor's adapter (clipped when the job clips)
     weights: Sequence[float]  # one per state (uniform, or by sample count: JobConfig.weighting)
     listeners: Sequence[str]  # active clients that contributed nothing this round but receive an aggregate
+    # The job's initial adapter (seeded, the same on every client and the server; no client data): a fixed
+    # reference, e.g. the anchor that geometric alignment rotates factors towards. None outside a job.
+    init_state: TensorDict | None = None
+    options: Mapping[str, float] = field(default_factory=dict)  # the job's ``rule_options``, for the rule to read
 
     @property
     def recipients(self) -> list[str]:
@@ -67,6 +73,8 @@ class Target:
     # Targets of a round with the same ``share`` are one and the same adapter (FedAvg's mean for everyone): the
     # server encodes the downlink once per distinct state their recipients hold, not once per recipient.
     share: str | None = None
+    # How much of it each contributor makes up (a weighted rule's choice, e.g. relevance): kept in history.jsonl
+    weights: Mapping[str, float] | None = None
 
 
 @runtime_checkable
@@ -160,7 +168,76 @@ class LeaveOneOutExact:
         return out
 
 
-for _rule in (FedAvg(), FedProx(), LeaveOneOutFactorMean(), LeaveOneOutExact()):
+def aligned(inp: RoundInputs) -> RoundInputs:
+    """The round with every contributor's LoRA factors rotated into one basis (server/alignment.py), anchored
+    at the job's initial adapter (or, outside a job, the first contributor's)."""
+    anchor = inp.init_state if inp.init_state is not None else inp.states[0]
+    return replace(inp, states=align_states(inp.states, anchor))
+
+
+class FedAvgAligned(FedAvg):
+    """FedAvg over factors aligned to one basis first (data-free geometric alignment, FedMosaic-Adaptive)."""
+
+    name = "fedavg-aligned"
+
+    def targets(self, inp: RoundInputs) -> dict[str, Target]:
+        return super().targets(aligned(inp))
+
+
+class LeaveOneOutAligned(LeaveOneOutFactorMean):
+    """FedALT's factor-mean Rest-of-World over factors aligned to one basis first (FedMosaic-Adaptive)."""
+
+    name = "loo-aligned"
+
+    def targets(self, inp: RoundInputs) -> dict[str, Target]:
+        return super().targets(aligned(inp))
+
+
+class LeaveOneOutRelevance:
+    """FedALT's Rest-of-World weighted by relevance: client k gets Σ_j r_kj·X_j over the others, r_kj from the
+    cosine of their drifts from the job's init (server/relevance.py; SimGrad, FedMosaic-Adaptive). Options
+    (``[job.rule_options]``): ``temperature`` (default 0.1) and ``floor`` (default 0.25, the share of the row
+    spread evenly over every other contributor; 1 is plain leave-one-out). A listener gets the mean of all."""
+
+    name = "loo-simgrad"
+    kind: AdapterKind = "row"
+    defaults: ClassVar[dict[str, float]] = {"temperature": 0.1, "floor": 0.25}
+
+    def check_job(self, job: JobConfig) -> None:
+        unknown = sorted(set(job.rule_options) - set(self.defaults))
+        if unknown:
+            raise ConfigError(
+                f"aggregation {self.name!r}: unknown rule_options {unknown} (known: {sorted(self.defaults)})"
+            )
+        opts = {**self.defaults, **job.rule_options}
+        if opts["temperature"] <= 0 or not 0 <= opts["floor"] <= 1:
+            raise ConfigError(f"aggregation {self.name!r}: temperature must be > 0 and floor in [0, 1], got {opts}")
+
+    def targets(self, inp: RoundInputs) -> dict[str, Target]:
+        opts = {**self.defaults, **inp.options}
+        anchor = inp.init_state if inp.init_state is not None else {}
+        rel = relevance_matrix(drift_cosines(inp.states, anchor), inp.weights, opts["temperature"], opts["floor"])
+        n, ids = len(inp.states), list(inp.contributors)
+        out: dict[str, Target] = {}
+        for k, cid in enumerate(ids):
+            share = {ids[j]: round(float(rel[k, j]), 6) for j in range(n) if j != k}
+            out[cid] = Target(lambda k=k: weighted_row(inp.states, rel[k]), "row", n - 1, weights=share)
+        others = [c for c in inp.listeners if c not in out]
+        if others:
+            mean = fedavg(inp.states, inp.weights)
+            out.update({cid: Target(lambda: mean, "row", n, share="mean") for cid in others})
+        return out
+
+
+for _rule in (
+    FedAvg(),
+    FedProx(),
+    LeaveOneOutFactorMean(),
+    LeaveOneOutExact(),
+    FedAvgAligned(),
+    LeaveOneOutAligned(),
+    LeaveOneOutRelevance(),
+):
     register_rule(_rule)
 
 
@@ -212,7 +289,9 @@ def round_targets(
             job.min_row_contributors,
         )
         return {}
-    out = rule.targets(RoundInputs(inputs.contributors, states, inputs.weights, inputs.listeners))
+    out = rule.targets(
+        RoundInputs(inputs.contributors, states, inputs.weights, inputs.listeners, init_state, job.rule_options)
+    )
     wrong = sorted({t.kind for t in out.values()} - {rule.kind})
     if wrong:
         raise JobError(f"aggregation rule {rule.name!r} returned {wrong} targets, not {rule.kind!r}")

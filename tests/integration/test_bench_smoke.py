@@ -63,6 +63,10 @@ def test_aggregate_bench_quick_prints_json() -> None:
     ):
         assert result[key] > 0, key
     assert result["factor_mean_rel_err"] < result["factor_mean_rel_err_independent"]
+    # alignment undoes what a change of basis costs the factor mean, and costs nothing where there is none
+    assert result["factor_mean_rel_err_rotated_aligned"] < result["factor_mean_rel_err_rotated"] / 2
+    assert result["factor_mean_rel_err_aligned"] < result["factor_mean_rel_err"] * 1.05
+    assert result["align_ms_per_client"] > 0
 
 
 def test_round_bench_quick_prints_json() -> None:

@@ -598,3 +598,52 @@ def test_a_fedavg_downlink_is_encoded_once_for_every_client_that_holds_the_same(
     for cid, c in clients.items():  # and each holds exactly what the server records for it
         rec = srv.job.records[cid]
         assert state_hash(c.held["global"]) == rec.disk.held_hash["global"] == rec.view_hash == c.view_hash
+
+
+def test_a_fedalt_job_with_aligned_factors_sends_each_client_the_aligned_rest_of_world(tmp_path: Path) -> None:
+    from fedquic.server.aggregation import LeaveOneOut
+    from fedquic.server.alignment import align_states
+
+    policy = RoundPolicy(rounds=2, min_clients=3, round_timeout_s=60)
+    job = JobConfig(
+        federation="fedalt", aggregation="loo-aligned", uplink=FP32, downlink=FP32, train=TrainSpec(local_steps=1)
+    )
+    cfg = ServerConfig(tls=TlsFiles(ca=tmp_path / "ca.pem"), run_dir=tmp_path / "server", policy=policy, job=job)
+    srv = MemoryServer(cfg)
+    clients = {cid: memory_client(tmp_path, srv, cid, seed=i) for i, cid in enumerate("abc")}
+    run(srv, *clients.values())
+    assert srv.result is not None and srv.result.ok and srv.result.rounds_completed == 2
+    # what each client holds is the leave-one-out mean of the others' last views, aligned to the job's init
+    cids = sorted(clients)
+    assert all(clients[c].view_hash == srv.job.records[c].view_hash for c in cids)  # the views the round used
+    assert srv.job.init_state is not None
+    loo = LeaveOneOut(align_states([clients[c].view for c in cids], srv.job.init_state), [1.0] * 3)
+    for k, cid in enumerate(cids):
+        row = loo.row(k)
+        for name, want in row.items():
+            np.testing.assert_allclose(clients[cid].held["row"][name], want, rtol=1e-6, atol=1e-7)
+
+
+def test_a_relevance_weighted_job_keeps_who_made_up_each_rest_of_world_in_its_history(tmp_path: Path) -> None:
+    policy = RoundPolicy(rounds=2, min_clients=3, round_timeout_s=60)
+    job = JobConfig(
+        federation="fedalt",
+        aggregation="loo-simgrad",
+        rule_options={"temperature": 0.2, "floor": 0.5},
+        uplink=FP32,
+        downlink=FP32,
+        train=TrainSpec(local_steps=1),
+    )
+    cfg = ServerConfig(tls=TlsFiles(ca=tmp_path / "ca.pem"), run_dir=tmp_path / "server", policy=policy, job=job)
+    srv = MemoryServer(cfg)
+    clients = [memory_client(tmp_path, srv, cid, seed=i) for i, cid in enumerate("abc")]
+    run(srv, *clients)
+    assert srv.result is not None and srv.result.ok and srv.result.rounds_completed == 2
+    rows = read_history_dicts(srv.job.history_path)
+    assert [r["round"] for r in rows] == [1, 2]
+    for row in rows:
+        assert set(row["weights"]) == {"a", "b", "c"}
+        for cid, share in row["weights"].items():
+            assert set(share) == {"a", "b", "c"} - {cid}
+            assert sum(share.values()) == pytest.approx(1.0, abs=1e-5)
+            assert min(share.values()) >= 0.5 / 2 - 1e-6  # the floor: half the row is spread evenly

@@ -99,3 +99,18 @@ def test_cli_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (tmp_path / "run" / "report_acc_rounds.png").is_file() and (tmp_path / "run" / "report_acc_mb.png").is_file()
     with pytest.raises(SystemExit, match=r"no history\.jsonl"):
         cli.main(["report", str(tmp_path / "empty")])
+
+
+def test_a_relevance_weighted_run_gets_its_matrix_plotted_and_in_the_json(tmp_path: Path) -> None:
+    hist = bench_history([(0.0, 0.0), (0.5, 0.5)])
+    hist[0]["weights"] = {"a": {"b": 1.0}, "b": {"a": 1.0}}
+    hist[-1]["weights"] = {"a": {"b": 0.7, "c": 0.3}, "b": {"a": 0.4, "c": 0.6}}  # the last round's is kept
+    _write(tmp_path / "run", hist)
+    _write(tmp_path / "plain", bench_history([(0.0, 0.0), (0.5, 0.5)]))
+    out = report(tmp_path, tmp_path / "img", prefix="t")
+    runs = {r["name"]: r for r in out["runs"]}
+    assert runs["run"]["relevance"] == {"a": {"b": 0.7, "c": 0.3}, "b": {"a": 0.4, "c": 0.6}}
+    assert runs["plain"]["relevance"] is None
+    heat = [p for p in out["plots"] if "_relevance_" in Path(p).name]
+    assert [Path(p).name for p in heat] == ["t_relevance_run.png"]  # only the weighted run has one
+    assert Path(heat[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
