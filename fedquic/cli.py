@@ -79,6 +79,7 @@ SERVER_FLAG_SPECS: tuple[Flag, ...] = (
         metavar="RULE",
         default="fedavg for --federation fedavg, loo-ROW_MODE for fedalt",
     ),
+    Flag("rule_options", "job.rule_options", metavar="NAME=VALUE,..."),
     Flag("plugins", "plugins", flag="--plugin", metavar="MODULE", action="append"),
     Flag("clip_norm", "job.clip_norm"),
     Flag("rank", "job.lora.rank"),

@@ -69,6 +69,17 @@ def _comma_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _key_values(text: str) -> dict[str, str]:
+    """``name=value,name=value`` (a dict field; pydantic converts the values)."""
+    out: dict[str, str] = {}
+    for item in _comma_list(text):
+        name, eq, value = item.partition("=")
+        if not eq or not name.strip() or not value.strip():
+            raise argparse.ArgumentTypeError(f"expected NAME=VALUE[,NAME=VALUE...], got {item!r}")
+        out[name.strip()] = value.strip()
+    return out
+
+
 def _argparse_kind(annotation: Any) -> dict[str, Any]:
     ann = _plain(annotation)
     origin = typing.get_origin(ann)
@@ -84,6 +95,8 @@ def _argparse_kind(annotation: Any) -> dict[str, Any]:
         return {"type": ann}
     if origin in (tuple, list):
         return {"type": _comma_list}
+    if origin is dict:
+        return {"type": _key_values}
     return {}  # str, and models with a short string form (EncodingSpec): pydantic parses them
 
 
@@ -98,6 +111,8 @@ def default_text(value: Any) -> str | None:
         return str(value.value)
     if isinstance(value, tuple | list):
         return ",".join(map(str, value)) or None
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items()) or None
     return str(value)
 
 

@@ -50,7 +50,11 @@ class JobConfig(JobTerms):
         "loo-factor-mean, loo-exact, loo-aligned, loo-simgrad, or one a plugin registers",
     )
     # Settings of the aggregation rule, which it reads and checks (e.g. loo-simgrad's temperature and floor).
-    rule_options: dict[str, float] = Field(default_factory=dict, max_length=16)
+    rule_options: dict[str, float] = Field(
+        default_factory=dict,
+        max_length=16,
+        description="settings the aggregation rule reads, e.g. temperature=0.2,floor=0.5 for loo-simgrad",
+    )
     # Robust aggregation: scaled down to this global L2 norm before averaging. None: no clipping.
     clip_norm: float | None = Field(
         default=None,

@@ -72,3 +72,15 @@ def test_server_on_finished_flag_maps_to_the_server_setting(tmp_path: Path, choi
     assert _server_settings(args).on_finished == choice
     with pytest.raises(SystemExit):
         build_parser().parse_args(["server", "--on-finished", "resume"])
+
+
+def test_rule_options_flag_sets_the_rules_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedquic.cli import _server_settings
+
+    argv = ["server", "--certs", str(tmp_path), "--federation", "fedalt", "--aggregation", "loo-simgrad"]
+    args = build_parser().parse_args([*argv, "--rule-options", "temperature=0.2, floor=0.5"])
+    job = _server_settings(args).job
+    assert job.aggregation == "loo-simgrad" and job.rule_options == {"temperature": 0.2, "floor": 0.5}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "--rule-options", "temperature"])
+    assert "NAME=VALUE" in capsys.readouterr().err
