@@ -10,7 +10,8 @@ TLS. Every variant runs the same rounds and local steps:
 in favour of the client's own adapter, ``JobConfig.mixer_init``; factor-mean Rest-of-World), ``fedalt-exact``
 (RoW = SVD of the mean of products), ``fedalt-fixed-mix`` (mixer frozen at 0.5/0.5), ``fedalt-aligned``
 (factors rotated into the init's basis before they are averaged: ``loo-aligned``), ``fedalt-simgrad`` (each
-Rest-of-World weighted by relevance: ``loo-simgrad``), ``fedalt+int8``,
+Rest-of-World weighted by relevance: ``loo-simgrad``), ``fedalt+route50`` (layerwise routing: each client sends
+the half of its blocks that changed most, the rest waiting in its residual), ``fedalt+int8``,
 ``fedalt+topk10+ef``, ``fedalt+topk1+ef`` (top-k with error feedback both ways) and ``fedalt+topk1-noef``
 (top-k 1%, error feedback off on the uplink and the downlink). ``local``, ``fedavg`` and ``fedalt`` run with 3
 seeds (mean ± std), the others with one. Uncompressed variants send fp32.
@@ -56,8 +57,10 @@ Run
     .venv/bin/python bench/federated.py --quick --json              # 2 clients, tiny model: smoke test (<1 min)
 
 Keys: ``model``, ``acc_local``, ``acc_fedavg``, ``acc_fedalt`` (mean over seeds of the clients' mean accuracy,
-points), ``acc_fedalt_topk10_ef``, ``acc_fedalt_topk1_ef``, ``acc_fedalt_topk1_noef``, ``wire_ratio_topk10_ef``
-(fp32 bytes / every UPDATE and AGGREGATE byte sent, frame headers included), and per variant in ``variants``.
+points), ``acc_fedalt_aligned``, ``acc_fedalt_simgrad``, ``acc_fedalt_routing`` and ``wire_ratio_routing`` (UPDATE
+bytes of ``fedalt`` / of ``fedalt+route50``, same rounds), ``acc_fedalt_topk10_ef``, ``acc_fedalt_topk1_ef``,
+``acc_fedalt_topk1_noef``, ``wire_ratio_topk10_ef`` (fp32 bytes / every UPDATE and AGGREGATE byte sent, frame
+headers included), and per variant in ``variants``.
 """
 
 from __future__ import annotations
@@ -105,6 +108,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "federation": "fedalt",
         "mixer": "learned",
         "aggregation": "loo-aligned",
+        "uplink": "fp32",
+        "downlink": "fp32",
+    },
+    # FedMosaic-Adaptive's layerwise routing: each client sends the half of its blocks that changed most
+    "fedalt+route50": {
+        "federation": "fedalt",
+        "mixer": "learned",
+        "uplink_routing": 0.5,
         "uplink": "fp32",
         "downlink": "fp32",
     },
@@ -816,6 +827,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "acc_fedalt_fixed_mix": acc("fedalt-fixed-mix"),
         "acc_fedalt_aligned": acc("fedalt-aligned"),
         "acc_fedalt_simgrad": acc("fedalt-simgrad"),
+        "acc_fedalt_routing": acc("fedalt+route50"),
+        "wire_ratio_routing": uplink_ratio(run_dir, st.seeds[0], "fedalt", "fedalt+route50"),
         "acc_fedalt_int8": acc("fedalt+int8"),
         "acc_fedalt_topk10_ef": acc("fedalt+topk10+ef"),
         "acc_fedalt_topk1_ef": acc("fedalt+topk1+ef"),
@@ -833,6 +846,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     out["targets"] = targets(out)
     (run_dir / "summary.json").write_text(json.dumps(out, indent=1))
     return out
+
+
+def uplink_ratio(run_dir: Path, seed: int, base: str, variant: str) -> float | None:
+    """UPDATE bytes of ``base`` / those of ``variant`` over the same rounds (the first seed's jobs); None when
+    either did not run."""
+    from fedquic import report
+
+    dirs = [run_dir / "jobs" / slug(v, seed) for v in (base, variant)]
+    if not all(d.is_dir() for d in dirs):
+        return None
+    up = [report.summarize_job(d).bytes_up for d in dirs]
+    return up[0] / up[1] if up[1] > 0 else None
 
 
 def all_frames_ratio(run_dir: Path, variant: str) -> float | None:

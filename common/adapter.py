@@ -82,13 +82,16 @@ class AdapterSchema(BaseModel):
         """Raise :class:`SchemaMismatchError` unless ``state`` has exactly this schema."""
         self._check_shapes({k: tuple(v.shape) for k, v in state.items()}, what)
 
-    def check_manifest(self, manifest: Manifest, *, what: str = "payload") -> None:
-        """The same check on a payload's manifest, before anything is decompressed or allocated."""
-        self._check_shapes({t.name: t.shape for t in manifest.tensors}, what)
+    def check_manifest(self, manifest: Manifest, *, what: str = "payload", subset: bool = False) -> None:
+        """The same check on a payload's manifest, before anything is decompressed or allocated. ``subset``: the
+        payload may carry some of the schema's tensors only (a routed UPDATE), at least one, none unknown."""
+        self._check_shapes({t.name: t.shape for t in manifest.tensors}, what, subset=subset)
 
-    def _check_shapes(self, shapes: Mapping[str, tuple[int, ...]], what: str) -> None:
+    def _check_shapes(self, shapes: Mapping[str, tuple[int, ...]], what: str, *, subset: bool = False) -> None:
         specs = self.by_name()
-        if set(shapes) != set(specs):
+        # a routed update carries some of the tensors, at least one; anything else carries them all
+        names_ok = bool(shapes) and set(shapes) <= set(specs) if subset else set(shapes) == set(specs)
+        if not names_ok:
             missing = sorted(set(specs) - set(shapes))[:3]
             extra = sorted(set(shapes) - set(specs))[:3]
             raise SchemaMismatchError(f"{what}: tensor names differ (missing {missing}, unexpected {extra})")

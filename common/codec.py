@@ -417,7 +417,10 @@ class CompactManifest(BaseModel):
     * int8: ``gran`` (a :class:`Granularity`) and, for ``block``, ``bs``, the block size: each tensor's scale
       axis is re-derived from its shape exactly as the sender's encoder chose it;
     * topk: ``vals`` (value encoding), ``k`` (kept values per tensor) and ``ix`` (one :data:`INDEX_CODES`
-      character per tensor).
+      character per tensor);
+    * ``sel``: absent when every schema tensor is present; else which are (a routed UPDATE, common/routing.py),
+      a bitmap over the schema's tensors in sorted order, most significant bit first, as hex with every bit
+      past the last tensor zero. ``k`` and ``ix`` then have one entry per present tensor.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -431,6 +434,9 @@ class CompactManifest(BaseModel):
     vals: ValueEncoding | None = None
     k: tuple[Annotated[int, Field(ge=0, le=1 << 40)], ...] | None = Field(default=None, max_length=_MAX_COMPACT_TENSORS)
     ix: str | None = Field(default=None, max_length=_MAX_COMPACT_TENSORS, pattern=r"^[b124e]*$")
+    sel: str | None = Field(
+        default=None, min_length=2, max_length=_MAX_COMPACT_TENSORS // 4, pattern=r"^([0-9a-f]{2})+$"
+    )
 
     @model_validator(mode="after")
     def _fields_fit_the_encoding(self) -> CompactManifest:
@@ -483,9 +489,12 @@ def to_compact(manifest: Manifest, schema: AdapterSchema) -> CompactManifest | N
     """The compact form of ``manifest`` for a peer that shares ``schema``; None when it cannot express it
     (tensors not exactly the schema's in sorted order and back to back, or not sharing one encoding)."""
     recs = manifest.tensors
-    specs = _sorted_specs(schema)
+    every = _sorted_specs(schema)
+    present = {r.name for r in recs}
+    specs = [s for s in every if s.name in present]  # the schema's order: a subset (routing) keeps it
     if not recs or len(recs) != len(specs):
         return None
+    sel = None if len(specs) == len(every) else _selection_hex([s.name in present for s in every])
     enc = recs[0].encoding
     offset = 0
     for rec, spec in zip(recs, specs, strict=True):
@@ -527,7 +536,27 @@ def to_compact(manifest: Manifest, schema: AdapterSchema) -> CompactManifest | N
         vals=vals,
         k=ks,
         ix=ix,
+        sel=sel,
     )
+
+
+def _selection_hex(present: list[bool]) -> str:
+    return np.packbits(np.asarray(present, dtype=bool)).tobytes().hex()
+
+
+def _selected(specs: list[TensorSpec], sel: str | None) -> list[TensorSpec]:
+    """The schema tensors a compact manifest's ``sel`` names (all of them without one)."""
+    if sel is None:
+        return specs
+    if len(sel) != 2 * ((len(specs) + 7) // 8):
+        raise CodecError(f"a selection of {len(sel) * 4} bits for {len(specs)} tensors")
+    bits = np.unpackbits(np.frombuffer(bytes.fromhex(sel), dtype=np.uint8))
+    if bits[len(specs) :].any():
+        raise CodecError("the selection names tensors past the schema's last")
+    chosen = [s for s, b in zip(specs, bits[: len(specs)], strict=True) if b]
+    if not chosen:
+        raise CodecError("an empty selection: a payload carries at least one tensor")
+    return chosen
 
 
 def expand(
@@ -547,6 +576,7 @@ def expand(
     specs = _sorted_specs(schema)
     if len(specs) > limits.max_tensors:
         raise CodecError(f"{len(specs)} tensors exceeds the limit {limits.max_tensors}", code=ErrorCode.LIMIT_EXCEEDED)
+    specs = _selected(specs, m.sel)
     if m.raw > limits.max_body_bytes:
         raise CodecError(
             f"declared size {m.raw} exceeds the limit {limits.max_body_bytes}", code=ErrorCode.LIMIT_EXCEEDED

@@ -7,7 +7,7 @@ pruned or rounded away is lost for good.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import numpy as np
 
@@ -19,15 +19,25 @@ class ErrorFeedback:
         self.enabled = enabled
         self.residual: dict[str, np.ndarray] = {}
 
-    def compress(self, delta: Mapping[str, np.ndarray], spec: EncodingSpec) -> Payload:
-        """Encode ``delta`` plus the carried residual; keep what the payload does not carry."""
+    def compress(
+        self,
+        delta: Mapping[str, np.ndarray],
+        spec: EncodingSpec,
+        select: Callable[[Mapping[str, np.ndarray]], Collection[str]] | None = None,
+    ) -> Payload:
+        """Encode ``delta`` plus the carried residual; keep what the payload does not carry. ``select`` (layerwise
+        routing, common/routing.py) picks the tensors sent this round from the pending values; the others are
+        carried whole to the next round (so routing needs error feedback on)."""
         if not self.enabled:
+            if select is not None:
+                raise ValueError("routing without error feedback would drop the blocks it does not send")
             return encode_payload(delta, spec)
         p = {
             k: (v + self.residual[k]) if k in self.residual else np.array(v, dtype=np.float32) for k, v in delta.items()
         }
-        payload = encode_payload(p, spec)
-        self.residual = {k: p[k] - payload.decoded[k] for k in p}
+        sent = set(p) if select is None else set(select(p))
+        payload = encode_payload({k: p[k] for k in sorted(sent)}, spec)
+        self.residual = {k: p[k] - payload.decoded[k] if k in sent else p[k] for k in p}
         return payload
 
     def residual_norm(self) -> float:

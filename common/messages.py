@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .adapter import AdapterSchema
 from .codec import AnyManifest, Encoding, EncodingSpec
@@ -122,6 +122,21 @@ class JobTerms(BaseModel):
     # Uplink error feedback (EF-SGD): what compression drops is carried into the client's next update. A job-level
     # choice like the encoding itself; off only to measure what it buys (dropped values are then lost for good).
     uplink_error_feedback: bool = True
+    # Layerwise routing (FedMosaic-Adaptive): each round a client sends only this fraction of its adapter's blocks
+    # (a module's A and B together), those whose pending change is largest; the rest wait in its uplink residual.
+    uplink_routing: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="fraction of adapter blocks (per module) a client sends each round, the most changed first; "
+        "None sends every block",
+    )
+
+    @model_validator(mode="after")
+    def _routing_keeps_what_it_skips(self) -> JobTerms:
+        if self.uplink_routing is not None and not self.uplink_error_feedback:
+            raise ValueError("uplink_routing needs uplink_error_feedback: the blocks not sent wait in the residual")
+        return self
 
     def job_terms(self) -> dict[str, Any]:
         """The fields of :class:`JobTerms` only (what a server puts in WELCOME from its job config)."""

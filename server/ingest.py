@@ -87,7 +87,9 @@ class UploadHandling:
         manifest = expand(h.manifest, job.schema, job.cfg.transport.limits)  # a compact one names no tensors
         if not (job.cfg.job.federation == "local" and not manifest.tensors):
             # In a `local` job an UPDATE without tensors is a client's "round done": it shares nothing.
-            job.schema.check_manifest(manifest, what=f"update from {rec.client_id}")
+            # a routed job's clients send their most changed blocks only (common/routing.py)
+            routed = job.cfg.job.uplink_routing is not None
+            job.schema.check_manifest(manifest, what=f"update from {rec.client_id}", subset=routed)
 
         def decode() -> tuple[TensorDict, float]:
             t0 = time.perf_counter()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -647,3 +648,30 @@ def test_a_relevance_weighted_job_keeps_who_made_up_each_rest_of_world_in_its_hi
             assert set(share) == {"a", "b", "c"} - {cid}
             assert sum(share.values()) == pytest.approx(1.0, abs=1e-5)
             assert min(share.values()) >= 0.5 / 2 - 1e-6  # the floor: half the row is spread evenly
+
+
+def _routed_job(tmp_path: Path, fraction: float | None) -> tuple[float, float, dict[str, MemoryClient]]:
+    policy = RoundPolicy(rounds=3, min_clients=2, round_timeout_s=60)
+    job = JobConfig(federation="fedalt", uplink=FP32, downlink=FP32, train=TrainSpec(local_steps=1))
+    job = job.model_copy(update={"uplink_routing": fraction})
+    cfg = ServerConfig(tls=TlsFiles(ca=tmp_path / "ca.pem"), run_dir=tmp_path / "server", policy=policy, job=job)
+    srv = MemoryServer(cfg)
+    clients = {cid: memory_client(tmp_path, srv, cid, seed=i) for i, cid in enumerate("ab")}
+    run(srv, *clients.values())
+    assert srv.result is not None and srv.result.ok and srv.result.rounds_completed == 3
+    for cid, c in clients.items():  # every UPDATE was acknowledged with the hash both sides computed: in sync
+        assert c.view_hash == srv.job.records[cid].view_hash
+    rows = read_history_dicts(srv.job.history_path)
+    up = sum(r["clients"][cid]["bytes_up"] for r in rows for cid in "ab")
+    fp32 = sum(r["clients"][cid]["fp32_up"] for r in rows for cid in "ab")
+    return up, fp32, clients
+
+
+def test_a_routed_job_sends_its_clients_most_changed_blocks_and_stays_in_sync(tmp_path: Path) -> None:
+    full = 6 * 4 * sum(math.prod(t.shape) for t in SCHEMA.tensors)  # 3 rounds x 2 clients, fp32
+    blocks = len({n.rsplit(".lora_", 1)[0] for n in SCHEMA.by_name()})
+    up_all, fp32_all, _ = _routed_job(tmp_path / "all", None)
+    up_half, fp32_half, clients = _routed_job(tmp_path / "half", 0.5)
+    assert fp32_all == full and fp32_half == full * math.ceil(0.5 * blocks) / blocks
+    assert up_half < 0.75 * up_all  # frame headers included (compact manifests with a selection)
+    assert all(c.ef.residual_norm() > 0 for c in clients.values())  # what was not sent waits there

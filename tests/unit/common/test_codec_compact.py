@@ -172,11 +172,44 @@ def test_a_header_mixing_the_two_forms_is_refused() -> None:
 # -- what to_compact leaves in the full form -------------------------------------------------------------
 
 
+def test_a_payload_for_part_of_the_adapter_names_its_tensors_in_a_selection() -> None:
+    names = sorted(STATE)
+    part, _ = encode_tensors({k: STATE[k] for k in (names[0], names[2], names[-1])}, EncodingSpec.parse("topk10"))
+    compact = to_compact(part, SCHEMA)
+    assert compact is not None and compact.sel is not None and len(compact.k or ()) == 3
+    assert expand(compact, SCHEMA) == part
+    whole, _ = encode_tensors(STATE, EncodingSpec.parse("int8"))
+    assert to_compact(whole, SCHEMA).sel is None  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("sel", "match"),
+    [("00", "bits for"), ("ff" * 8, "bits for"), (None, None)],
+)
+def test_a_hostile_selection_is_refused(sel: str | None, match: str | None) -> None:
+    names = sorted(STATE)
+    part, _ = encode_tensors({names[1]: STATE[names[1]]}, EncodingSpec.parse("int8"))
+    compact = to_compact(part, SCHEMA)
+    assert compact is not None and compact.sel is not None
+    if sel is None:  # the right length, nothing selected
+        sel = "00" * (len(compact.sel) // 2)
+        match = "empty selection"
+    with pytest.raises(CodecError, match=match):
+        expand(compact.model_copy(update={"sel": sel}), SCHEMA)
+
+
+def test_a_selection_past_the_last_tensor_is_refused() -> None:
+    small = {k: STATE[k] for k in sorted(STATE)[:3]}
+    schema = AdapterSchema.from_state(small)
+    part, _ = encode_tensors({sorted(small)[0]: small[sorted(small)[0]]}, EncodingSpec.parse("int8"))
+    compact = to_compact(part, schema)
+    assert compact is not None and compact.sel == "80"
+    with pytest.raises(CodecError, match="past the schema"):
+        expand(compact.model_copy(update={"sel": "81"}), schema)
+
+
 def test_to_compact_declines_what_it_cannot_express() -> None:
     manifest, _ = encode_tensors(STATE, EncodingSpec.parse("topk10"))
-    # a payload for part of the adapter
-    part, _ = encode_tensors({k: STATE[k] for k in sorted(STATE)[:3]}, EncodingSpec.parse("topk10"))
-    assert to_compact(part, SCHEMA) is None
     # another schema's shapes
     other = AdapterSchema(
         tensors=tuple(TensorSpec(name=t.name, shape=(t.shape[0] + 1, t.shape[1])) for t in SCHEMA.tensors)

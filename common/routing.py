@@ -1,0 +1,52 @@
+"""Layerwise routing (FedMosaic-Adaptive): which blocks of an adapter a client sends this round.
+
+A block is one adapted module: its ``lora_A`` and ``lora_B`` travel together (the product B·A is what the
+module learns; half a pair would be averaged against the other half of another round). A tensor that is not
+part of a LoRA pair (a learner's extra tensor) is a block of its own. Each round the client ranks its blocks by
+the energy of what it has to send for them, ‖Δ + e‖² (this round's change plus what earlier rounds left in the
+uplink residual), and sends the top ``fraction`` of them, at least one. What it does not send stays in the
+residual and grows there, so a block that keeps changing is sent in a later round: nothing is lost, only
+delayed (EF-SGD's argument, applied per block).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_A", ".lora_B")
+
+
+def block_of(name: str) -> str:
+    """The block a tensor belongs to: its module path for a LoRA factor, else the tensor itself."""
+    for suffix in _SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def blocks(names: Iterable[str]) -> dict[str, list[str]]:
+    """Block -> its tensor names, both sorted."""
+    out: dict[str, list[str]] = {}
+    for name in sorted(names):
+        out.setdefault(block_of(name), []).append(name)
+    return dict(sorted(out.items()))
+
+
+def route(pending: Mapping[str, np.ndarray], fraction: float) -> set[str]:
+    """The tensor names of the ``ceil(fraction · blocks)`` blocks with the most energy in ``pending`` (ties by
+    name, so the choice is deterministic)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"routing fraction must be in (0, 1], got {fraction}")
+    groups = blocks(pending)
+    energy = {
+        b: sum(float(np.square(pending[n], dtype=np.float64).sum()) for n in names) for b, names in groups.items()
+    }
+    keep = max(1, math.ceil(fraction * len(groups)))
+    chosen = sorted(groups, key=lambda b: (-energy[b], b))[:keep]
+    return {n for b in chosen for n in groups[b]}
+
+
+__all__ = ["block_of", "blocks", "route"]
