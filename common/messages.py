@@ -129,7 +129,7 @@ class JobTerms(BaseModel):
         gt=0,
         lt=1,
         description="fraction of adapter blocks (per module) a client sends each round, the most changed first; "
-        "None sends every block",
+        "unset: every block",
     )
 
     @model_validator(mode="after")

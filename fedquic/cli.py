@@ -95,6 +95,7 @@ SERVER_FLAG_SPECS: tuple[Flag, ...] = (
     Flag("init_seed", "job.init_seed"),
     Flag("uplink", "job.uplink"),
     Flag("downlink", "job.downlink"),
+    Flag("uplink_routing", "job.uplink_routing"),
     Flag("round_timeout", "policy.round_timeout_s"),
     Flag("registration_timeout", "policy.registration_timeout_s"),
     Flag("run_dir", "run_dir"),
