@@ -204,12 +204,7 @@ class LeaveOneOutRelevance:
     defaults: ClassVar[dict[str, float]] = {"temperature": 0.1, "floor": 0.25}
 
     def check_job(self, job: JobConfig) -> None:
-        unknown = sorted(set(job.rule_options) - set(self.defaults))
-        if unknown:
-            raise ConfigError(
-                f"aggregation {self.name!r}: unknown rule_options {unknown} (known: {sorted(self.defaults)})"
-            )
-        opts = {**self.defaults, **job.rule_options}
+        opts = {**self.defaults, **job.rule_options}  # job_rule refused names not in defaults
         if opts["temperature"] <= 0 or not 0 <= opts["floor"] <= 1:
             raise ConfigError(f"aggregation {self.name!r}: temperature must be > 0 and floor in [0, 1], got {opts}")
 
@@ -259,6 +254,12 @@ def job_rule(job: JobConfig) -> AggregationRule | None:
         raise ConfigError(
             f"aggregation rule {rule.name!r} sends {rule.kind!r} adapters; federation={job.federation!r} needs "
             f"{want!r} ones (rules of that kind: {[n for n in rule_names() if get_rule(n).kind == want]})"
+        )
+    known = getattr(rule, "defaults", {})  # the rule_options a rule reads, with their defaults (optional)
+    unknown = sorted(set(job.rule_options) - set(known))
+    if unknown:  # an option no rule reads is a typo, or meant for another rule
+        raise ConfigError(
+            f"aggregation rule {rule.name!r} does not read rule_options {unknown} (it reads {sorted(known)})"
         )
     check = getattr(rule, "check_job", None)  # optional: a rule may need settings of the job (FedProx's mu)
     if check is not None:

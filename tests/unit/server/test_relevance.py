@@ -80,7 +80,9 @@ def test_related_clients_weigh_more_than_unrelated_ones() -> None:
 def test_the_rule_checks_its_options() -> None:
     rule = job_rule(JobConfig(federation="fedalt", aggregation="loo-simgrad", rule_options={"temperature": 0.5}))
     assert rule is not None and rule.name == "loo-simgrad"
-    with pytest.raises(ConfigError, match="unknown rule_options"):
+    with pytest.raises(ConfigError, match="does not read rule_options"):
         job_rule(JobConfig(federation="fedalt", aggregation="loo-simgrad", rule_options={"temp": 0.5}))
+    with pytest.raises(ConfigError, match="does not read rule_options"):
+        job_rule(JobConfig(federation="fedalt", rule_options={"temperature": 0.5}))  # loo-factor-mean has none
     with pytest.raises(ConfigError, match="temperature must be > 0"):
         job_rule(JobConfig(federation="fedalt", aggregation="loo-simgrad", rule_options={"temperature": 0.0}))
