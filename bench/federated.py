@@ -11,7 +11,7 @@ in favour of the client's own adapter, ``JobConfig.mixer_init``; factor-mean Res
 (RoW = SVD of the mean of products), ``fedalt-fixed-mix`` (mixer frozen at 0.5/0.5), ``fedalt-aligned``
 (factors rotated into the init's basis before they are averaged: ``loo-aligned``), ``fedalt-simgrad`` (each
 Rest-of-World weighted by relevance: ``loo-simgrad``), ``fedalt+route50`` (layerwise routing: each client sends
-the half of its blocks that changed most, the rest waiting in its residual), ``fedalt+int8``,
+half its adapter, the blocks that changed most, the rest waiting in its residual), ``fedalt+int8``,
 ``fedalt+topk10+ef``, ``fedalt+topk1+ef`` (top-k with error feedback both ways) and ``fedalt+topk1-noef``
 (top-k 1%, error feedback off on the uplink and the downlink). ``local``, ``fedavg`` and ``fedalt`` run with 3
 seeds (mean ± std), the others with one. Uncompressed variants send fp32.
@@ -111,7 +111,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "uplink": "fp32",
         "downlink": "fp32",
     },
-    # FedMosaic-Adaptive's layerwise routing: each client sends the half of its blocks that changed most
+    # FedMosaic-Adaptive's layerwise routing: each client sends half its adapter, the blocks that changed most
     "fedalt+route50": {
         "federation": "fedalt",
         "mixer": "learned",

@@ -122,14 +122,15 @@ class JobTerms(BaseModel):
     # Uplink error feedback (EF-SGD): what compression drops is carried into the client's next update. A job-level
     # choice like the encoding itself; off only to measure what it buys (dropped values are then lost for good).
     uplink_error_feedback: bool = True
-    # Layerwise routing (FedMosaic-Adaptive): each round a client sends only this fraction of its adapter's blocks
-    # (a module's A and B together), those whose pending change is largest; the rest wait in its uplink residual.
+    # Layerwise routing (FedMosaic-Adaptive): each round a client sends whole blocks (a module's A and B together),
+    # those with the most pending change per value, up to this fraction of its adapter's values; the rest wait in
+    # its uplink residual (common/routing.py).
     uplink_routing: float | None = Field(
         default=None,
         gt=0,
         lt=1,
-        description="fraction of adapter blocks (per module) a client sends each round, the most changed first; "
-        "unset: every block",
+        description="share of its adapter's values a client sends each round, in whole blocks (per module), the "
+        "most changed first; unset: every block",
     )
 
     @model_validator(mode="after")
