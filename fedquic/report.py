@@ -622,8 +622,13 @@ def write_relevance_plots(jobs: list[JobSummary], out_dir: Path, prefix: str = "
         grid = [[j.relevance[r].get(c, float("nan")) for c in cols] for r in rows]
         fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(cols), 1.0 + 0.5 * len(rows)))
         im = ax.imshow(grid, vmin=0.0, cmap="viridis")
-        ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=7)
-        ax.set_yticks(range(len(rows)), rows, fontsize=7)
+
+        def label(cid: str, j: JobSummary = j) -> str:  # the client's task beside its id, when job.json names one
+            task = j.clients.get(cid, cid)
+            return cid if task == cid else f"{cid} {task}"
+
+        ax.set_xticks(range(len(cols)), [label(c) for c in cols], rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(len(rows)), [label(r) for r in rows], fontsize=7)
         if len(cols) <= 12:
             for y, line in enumerate(grid):
                 for x, v in enumerate(line):
