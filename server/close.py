@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from functools import partial
@@ -113,8 +113,9 @@ class RoundClose:
 
     def _aggregated(self, result: tuple[dict[str, Target], float], now: float) -> list[Action]:
         targets, self.agg_s = result
-        # a weighted rule's choice of who makes up each target (relevance), for history.jsonl
-        self.weights = {cid: dict(t.weights) for cid, t in targets.items() if t.weights}
+        # a weighted rule's choice of who makes up each target (relevance), for history.jsonl: the largest shares
+        # only, so that a round of many clients does not write N² numbers
+        self.weights = {cid: _largest(t.weights) for cid, t in targets.items() if t.weights}
         self.job.metrics.aggregate_seconds += self.agg_s
         self.phase = ClosePhase.DOWNLINK
         self._queue.extend(targets.items())
@@ -247,6 +248,15 @@ class _Prepared:
     held: TensorDict  # what the client holds once it installs the payload
     held_hash: str  # its hash: what the client's ACK must carry
     encode_s: float
+
+
+HISTORY_SHARES = 16  # per recipient, the contributors whose shares history.jsonl keeps (the largest)
+
+
+def _largest(shares: Mapping[str, float], keep: int = HISTORY_SHARES) -> dict[str, float]:
+    if len(shares) <= keep:
+        return dict(shares)
+    return dict(sorted(shares.items(), key=lambda kv: (-kv[1], kv[0]))[:keep])
 
 
 def _prepare_one(job: ServerJob, rec: ClientRecord, target: Target) -> _Prepared:

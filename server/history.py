@@ -8,7 +8,7 @@ Schema (``version`` 2), one JSON object per line::
      "reported": {"c0": {"loss_before": 1.46, "loss_after": 0.56, "acc_tf": 0.24, ...}, ...}}
 
 ``weights`` (present when the rule weights contributors, e.g. ``loo-simgrad``) maps each recipient to the share
-of every contributor in what it was sent: ``{"c0": {"c1": 0.61, "c2": 0.39}, ...}``.
+of each contributor in what it was sent, the 16 largest: ``{"c0": {"c1": 0.61, "c2": 0.39}, ...}``.
 
 ``clients`` holds what the server measured for each client in the round (bytes and fp32 sizes each way,
 grant/accept times, decode/persist/encode seconds); ``reported`` what the client said about itself in its

@@ -57,3 +57,12 @@ def test_a_failed_owner_leaves_the_work_to_the_next_caller() -> None:
         flight.get(("mean", "h0"), broken)
     got = flight.get(("mean", "h0"), lambda: _prepared(3.0))  # not stuck waiting for the failed one
     assert got.held_hash == "hash-3.0" and got.encode_s == 0.5
+
+
+def test_history_keeps_the_largest_shares_of_a_many_client_round() -> None:
+    from fedquic.server.close import _largest
+
+    shares = {f"c{i:03d}": (i + 1) / 5050 for i in range(100)}
+    kept = _largest(shares)
+    assert list(kept) == [f"c{i:03d}" for i in range(99, 83, -1)]  # the 16 largest, largest first
+    assert _largest({"a": 0.5, "b": 0.5}) == {"a": 0.5, "b": 0.5}
