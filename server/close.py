@@ -87,21 +87,25 @@ class RoundClose:
 
     # -- the steps -----------------------------------------------------------------------------------
 
-    def _load_inputs(self) -> tuple[list[TensorDict], list[float]]:
+    def _load_inputs(self) -> tuple[list[TensorDict], list[float], list[frozenset[str] | None]]:
         recs = [self.job.records[c] for c in self.contributors]
         for rec in recs:
             self.job.load(rec)
         # Snapshot the views: a late (folded) update may replace a client's view while we aggregate.
         states = [dict(r.view) for r in recs if r.view is not None]
-        return states, [weight(self.job.cfg.job, r) for r in recs]
+        carried = [r.carried.get(self.round) for r in recs]  # routed rounds: what each UPDATE carried
+        return states, [weight(self.job.cfg.job, r) for r in recs], carried
 
-    def _loaded(self, result: tuple[list[TensorDict], list[float]], now: float) -> list[Action]:
+    def _loaded(
+        self, result: tuple[list[TensorDict], list[float], list[frozenset[str] | None]], now: float
+    ) -> list[Action]:
         self.phase = ClosePhase.AGGREGATE
-        states, weights = result
+        states, weights, carried = result
         job, machine = self.job, self.job.machine
         # No free-riding: a client that missed its rounds (inactive) is sent nothing until it contributes again.
         listeners = [c for c in job.clients if c not in self.contributors and machine.receives_aggregate(c)]
-        inputs = RoundInputs(self.contributors, states, weights, listeners)
+        routed = any(c is not None for c in carried)
+        inputs = RoundInputs(self.contributors, states, weights, listeners, carried=carried if routed else None)
         known = frozenset(job.records)
 
         def aggregate() -> tuple[dict[str, Target], float]:

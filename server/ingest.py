@@ -109,6 +109,8 @@ class UploadHandling:
         st["fp32_up"] = float(fp32_nbytes(manifest))
         st["decode_s"] = decode_s
         st["accepted_at"] = job.wall()  # wall clock: with granted_at, a history reader measures ingest
+        if job.cfg.job.uplink_routing is not None:  # which blocks are fresh this round (server/freshness.py)
+            rec.carried = {r: c for r, c in rec.carried.items() if r >= h.round - 1} | {h.round: frozenset(delta)}
 
         def commit() -> tuple[str, float]:
             t0 = time.perf_counter()

@@ -50,6 +50,9 @@ class ClientRecord:
     reported: dict[int, dict[str, float]] = field(default_factory=dict)  # per round, the client's METRICS
     held_hash_pending: dict[int, tuple[str, str]] = field(default_factory=dict)  # round -> (kind, hash to ACK)
     upload_done: dict[int, Any] = field(default_factory=dict)  # round -> the daemon's "slot freed" event
+    # Routed jobs: round -> the tensors its UPDATE carried (in memory: after a restart a round's rule sees every
+    # tensor as carried, which is the all-clients aggregate, stale copies included)
+    carried: dict[int, frozenset[str]] = field(default_factory=dict)
 
     @property
     def view_hash(self) -> str:

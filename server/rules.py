@@ -36,6 +36,7 @@ from ..common.names import ADAPTER_KINDS, AdapterKind
 from ..common.registry import Registry
 from .aggregation import LeaveOneOut, clip_deviation, exact_mean, fedavg, leave_one_out_exact
 from .alignment import align_states
+from .freshness import FreshLeaveOneOut, fresh_mean
 from .relevance import drift_cosines, relevance_matrix, weighted_row
 
 if TYPE_CHECKING:
@@ -56,6 +57,10 @@ class RoundInputs:
     # reference, e.g. the anchor that geometric alignment rotates factors towards. None outside a job.
     init_state: TensorDict | None = None
     options: Mapping[str, float] = field(default_factory=dict)  # the job's ``rule_options``, for the rule to read
+    # Routed rounds (``uplink_routing``): per contributor, the tensors its UPDATE carried (None: all of them); the
+    # built-in rules average each tensor over its carriers (server/freshness.py). None when nothing was routed.
+    carried: Sequence[frozenset[str] | None] | None = None
+    min_contributors: int = 2  # the Rest-of-World privacy floor, per tensor too
 
     @property
     def recipients(self) -> list[str]:
@@ -110,6 +115,11 @@ def rule_names() -> list[str]:
 # -- the built-ins -------------------------------------------------------------------------------------------
 
 
+def _mean(inp: RoundInputs) -> TensorDict:
+    """The weighted mean of the round; in a routed round, each tensor over the clients that sent it."""
+    return fedavg(inp.states, inp.weights) if inp.carried is None else fresh_mean(inp.states, inp.weights, inp.carried)
+
+
 class FedAvg:
     """One weighted mean for everyone (FedAvg): the client replaces its adapter with it."""
 
@@ -117,7 +127,7 @@ class FedAvg:
     kind: AdapterKind = "global"
 
     def targets(self, inp: RoundInputs) -> dict[str, Target]:
-        g = fedavg(inp.states, inp.weights)
+        g = _mean(inp)
         return {cid: Target(lambda: g, "global", len(inp.states), share="mean") for cid in inp.recipients}
 
 
@@ -141,12 +151,14 @@ class LeaveOneOutFactorMean:
     kind: AdapterKind = "row"
 
     def targets(self, inp: RoundInputs) -> dict[str, Target]:
-        loo = LeaveOneOut(inp.states, inp.weights)
+        loo: LeaveOneOut | FreshLeaveOneOut = LeaveOneOut(inp.states, inp.weights)
+        if inp.carried is not None:  # a routed round: each tensor over the clients that sent it
+            loo = FreshLeaveOneOut(inp.states, inp.weights, inp.carried, inp.min_contributors)
         n = len(inp.states)
         out = {cid: Target(lambda k=k: loo.row(k), "row", n - 1) for k, cid in enumerate(inp.contributors)}
         others = [c for c in inp.listeners if c not in out]
         if others:
-            mean = fedavg(inp.states, inp.weights)
+            mean = _mean(inp)
             out.update({cid: Target(lambda: mean, "row", n, share="mean") for cid in others})
         return out
 
@@ -291,7 +303,16 @@ def round_targets(
         )
         return {}
     out = rule.targets(
-        RoundInputs(inputs.contributors, states, inputs.weights, inputs.listeners, init_state, job.rule_options)
+        RoundInputs(
+            inputs.contributors,
+            states,
+            inputs.weights,
+            inputs.listeners,
+            init_state,
+            job.rule_options,
+            inputs.carried,
+            job.min_row_contributors,
+        )
     )
     wrong = sorted({t.kind for t in out.values()} - {rule.kind})
     if wrong:

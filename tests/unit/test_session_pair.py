@@ -661,6 +661,9 @@ def _routed_job(tmp_path: Path, fraction: float | None) -> tuple[float, float, d
     assert srv.result is not None and srv.result.ok and srv.result.rounds_completed == 3
     for cid, c in clients.items():  # every UPDATE was acknowledged with the hash both sides computed: in sync
         assert c.view_hash == srv.job.records[cid].view_hash
+        # a routed round's close knows what each UPDATE carried (server/freshness.py averages over the carriers)
+        carried = srv.job.records[cid].carried
+        assert bool(carried) == (fraction is not None) and all(0 < len(v) < 8 for v in carried.values())
     rows = read_history_dicts(srv.job.history_path)
     up = sum(r["clients"][cid]["bytes_up"] for r in rows for cid in "ab")
     fp32 = sum(r["clients"][cid]["fp32_up"] for r in rows for cid in "ab")
