@@ -77,9 +77,7 @@ def fresh_mean(
     mean = fedavg(states, weights)
     for name, js in _partial(states, carried).items():
         if js:
-            w = np.asarray([weights[j] for j in js], dtype=np.float64)
-            acc = sum(wj * np.asarray(states[j][name], dtype=np.float64) for wj, j in zip(w, js, strict=True))
-            mean[name] = (acc / w.sum()).astype(np.float32)
+            mean[name] = fedavg([{name: states[j][name]} for j in js], [weights[j] for j in js])[name]
     return mean
 
 

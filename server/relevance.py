@@ -28,7 +28,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..common.adapter import TensorDict
 from ..common.errors import JobError
 
 
@@ -67,16 +66,4 @@ def relevance_matrix(cos: np.ndarray, weights: Sequence[float], temperature: flo
     return (1.0 - floor) * soft + floor * uniform / usums
 
 
-def weighted_row(states: Sequence[Mapping[str, np.ndarray]], coeffs: np.ndarray) -> TensorDict:
-    """Σ_j coeffs[j]·X_j (float64 accumulation, float32 out), skipping zero coefficients."""
-    out: TensorDict = {}
-    for name in states[0]:
-        acc = np.zeros(np.shape(states[0][name]), dtype=np.float64)
-        for c, s in zip(coeffs, states, strict=True):
-            if c != 0.0:
-                acc += c * np.asarray(s[name], dtype=np.float64)
-        out[name] = acc.astype(np.float32)
-    return out
-
-
-__all__ = ["drift_cosines", "relevance_matrix", "weighted_row"]
+__all__ = ["drift_cosines", "relevance_matrix"]

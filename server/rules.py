@@ -34,10 +34,10 @@ from ..common.adapter import TensorDict
 from ..common.errors import ConfigError, JobError
 from ..common.names import ADAPTER_KINDS, AdapterKind
 from ..common.registry import Registry
-from .aggregation import LeaveOneOut, clip_deviation, exact_mean, fedavg, leave_one_out_exact
+from .aggregation import LeaveOneOut, clip_deviation, exact_mean, fedavg, leave_one_out_exact, weighted_sum
 from .alignment import align_states
 from .freshness import FreshLeaveOneOut, fresh_mean
-from .relevance import drift_cosines, relevance_matrix, weighted_row
+from .relevance import drift_cosines, relevance_matrix
 
 if TYPE_CHECKING:
     from .config import JobConfig
@@ -228,7 +228,7 @@ class LeaveOneOutRelevance:
         out: dict[str, Target] = {}
         for k, cid in enumerate(ids):
             share = {ids[j]: round(float(rel[k, j]), 6) for j in range(n) if j != k}
-            out[cid] = Target(lambda k=k: weighted_row(inp.states, rel[k]), "row", n - 1, weights=share)
+            out[cid] = Target(lambda k=k: weighted_sum(inp.states, rel[k]), "row", n - 1, weights=share)
         others = [c for c in inp.listeners if c not in out]
         if others:
             mean = fedavg(inp.states, inp.weights)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from fedquic.common.errors import ConfigError
-from fedquic.server.aggregation import LeaveOneOut
+from fedquic.server.aggregation import LeaveOneOut, weighted_sum
 from fedquic.server.config import JobConfig
-from fedquic.server.relevance import drift_cosines, relevance_matrix, weighted_row
+from fedquic.server.relevance import drift_cosines, relevance_matrix
 from fedquic.server.rules import RoundInputs, get_rule, job_rule
 
 SHAPES = {"l.lora_A.weight": (2, 16), "l.lora_B.weight": (16, 2)}
@@ -57,7 +57,7 @@ def test_a_floor_of_one_is_plain_leave_one_out() -> None:
     r = relevance_matrix(drift_cosines(states, init), w, temperature=0.1, floor=1.0)
     loo = LeaveOneOut(states, w)
     for k in range(len(states)):
-        row, want = weighted_row(states, r[k]), loo.row(k)
+        row, want = weighted_sum(states, r[k]), loo.row(k)
         for name in want:
             np.testing.assert_allclose(row[name], want[name], rtol=1e-5, atol=1e-6)
 
