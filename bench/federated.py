@@ -11,10 +11,11 @@ in favour of the client's own adapter, ``JobConfig.mixer_init``; factor-mean Res
 (RoW = SVD of the mean of products), ``fedalt-fixed-mix`` (mixer frozen at 0.5/0.5), ``fedalt-aligned``
 (factors rotated into the init's basis before they are averaged: ``loo-aligned``), ``fedalt-simgrad`` (each
 Rest-of-World weighted by relevance: ``loo-simgrad``), ``fedalt+route50`` (layerwise routing: each client sends
-half its adapter, the blocks that changed most, the rest waiting in its residual), ``fedalt+int8``,
+half its adapter, the blocks that changed most, the rest waiting in its residual), ``fedmosaic`` (all three:
+routing, then ``loo-mosaic``, aligned and relevance-weighted), ``fedalt+int8``,
 ``fedalt+topk10+ef``, ``fedalt+topk1+ef`` (top-k with error feedback both ways) and ``fedalt+topk1-noef``
 (top-k 1%, error feedback off on the uplink and the downlink). ``local``, ``fedavg`` and ``fedalt`` run with 3
-seeds (mean ± std), the others with one. Uncompressed variants send fp32.
+seeds (mean ± std), the others with one (``--seeded`` names more, or ``all``). Uncompressed variants send fp32.
 
 Base model and tasks (``--model``)
 ---------------------------------
@@ -58,7 +59,9 @@ Run
 
 Keys: ``model``, ``acc_local``, ``acc_fedavg``, ``acc_fedalt`` (mean over seeds of the clients' mean accuracy,
 points), ``acc_fedalt_aligned``, ``acc_fedalt_simgrad``, ``acc_fedalt_routing`` and ``wire_ratio_routing`` (UPDATE
-bytes of ``fedalt`` / of ``fedalt+route50``, same rounds), ``acc_fedalt_topk10_ef``, ``acc_fedalt_topk1_ef``,
+bytes of ``fedalt`` / of ``fedalt+route50``, same rounds), ``acc_fedmosaic``, ``wire_ratio_fedmosaic``,
+``paired_vs_fedalt`` (per FedMosaic variant: its accuracy minus fedalt's seed by seed, mean and std),
+``acc_fedalt_topk10_ef``, ``acc_fedalt_topk1_ef``,
 ``acc_fedalt_topk1_noef``, ``wire_ratio_topk10_ef`` (fp32 bytes / every UPDATE and AGGREGATE byte sent, frame
 headers included), and per variant in ``variants``.
 """
@@ -74,9 +77,11 @@ import logging
 import os
 import re
 import shutil
+import statistics
 import sys
 import sysconfig
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -124,6 +129,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "federation": "fedalt",
         "mixer": "learned",
         "aggregation": "loo-simgrad",
+        "uplink": "fp32",
+        "downlink": "fp32",
+    },
+    # All three of FedMosaic-Adaptive: routed uplinks, aligned factors, relevance-weighted Rest-of-World
+    "fedmosaic": {
+        "federation": "fedalt",
+        "mixer": "learned",
+        "aggregation": "loo-mosaic",
+        "uplink_routing": 0.5,
         "uplink": "fp32",
         "downlink": "fp32",
     },
@@ -190,13 +204,14 @@ class Settings:
     max_len: int = 64
     seeds: tuple[int, ...] = (0, 1, 2)
     variants: tuple[str, ...] = tuple(VARIANTS)
+    seeded: tuple[str, ...] = SEEDED  # the variants that run every seed (the others: the first seed only)
     recipe: PretrainRecipe = field(default_factory=PretrainRecipe)
 
     def jobs(self) -> list[tuple[str, int]]:
         """Every variant at the first seed, then the other seeds of the seeded ones: a run cut short still has
         every variant."""
         out = [(v, self.seeds[0]) for v in self.variants]
-        out += [(v, s) for s in self.seeds[1:] for v in self.variants if v in SEEDED]
+        out += [(v, s) for s in self.seeds[1:] for v in self.variants if v in self.seeded]
         return out
 
 
@@ -748,6 +763,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         overrides["variants"] = tuple(args.variants.split(","))
     if args.seeds:
         overrides["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    if args.seeded:
+        overrides["seeded"] = tuple(VARIANTS) if args.seeded == "all" else tuple(args.seeded.split(","))
     if args.pretrain_steps:
         overrides["recipe"] = replace(st.recipe, steps=args.pretrain_steps)
     st = replace(st, **overrides)
@@ -829,6 +846,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "acc_fedalt_simgrad": acc("fedalt-simgrad"),
         "acc_fedalt_routing": acc("fedalt+route50"),
         "wire_ratio_routing": uplink_ratio(run_dir, st.seeds[0], "fedalt", "fedalt+route50"),
+        "acc_fedmosaic": acc("fedmosaic"),
+        "wire_ratio_fedmosaic": uplink_ratio(run_dir, st.seeds[0], "fedalt", "fedmosaic"),
+        # FedMosaic's parts against fedalt seed by seed (the seeds' spread is larger than the effects)
+        "paired_vs_fedalt": {
+            v: paired(run_dir, st.seeds, "fedalt", v)
+            for v in ("fedalt-aligned", "fedalt-simgrad", "fedalt+route50", "fedmosaic")
+            if v in rows
+        },
         "acc_fedalt_int8": acc("fedalt+int8"),
         "acc_fedalt_topk10_ef": acc("fedalt+topk10+ef"),
         "acc_fedalt_topk1_ef": acc("fedalt+topk1+ef"),
@@ -846,6 +871,24 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     out["targets"] = targets(out)
     (run_dir / "summary.json").write_text(json.dumps(out, indent=1))
     return out
+
+
+def paired(run_dir: Path, seeds: Sequence[int], base: str, variant: str) -> dict[str, Any] | None:
+    """``variant`` minus ``base`` in accuracy points, seed by seed over the seeds both ran: the mean and standard
+    deviation of the differences (None with no common seed). Each pair shares its training data and init."""
+    from fedquic import report
+
+    diffs, common = [], []
+    for s in seeds:
+        dirs = [run_dir / "jobs" / slug(v, s) for v in (base, variant)]
+        if all(d.is_dir() for d in dirs):
+            a, b = (report.summarize_job(d).final_acc * 100 for d in dirs)
+            diffs.append(b - a)
+            common.append(s)
+    if not diffs:
+        return None
+    std = statistics.stdev(diffs) if len(diffs) > 1 else None
+    return {"seeds": common, "diffs": diffs, "mean": statistics.fmean(diffs), "std": std}
 
 
 def uplink_ratio(run_dir: Path, seed: int, base: str, variant: str) -> float | None:
@@ -883,7 +926,15 @@ def targets(k: dict[str, Any]) -> dict[str, Any]:
     m2 = margin(k["acc_fedalt_topk10_ef"], k["acc_fedalt"])
     m4 = margin(k["acc_fedalt_topk1_ef"], k["acc_fedalt_topk1_noef"])
     w = k["wire_ratio_topk10_ef"]
+    m5 = margin(k["acc_fedalt_simgrad"], k["acc_fedalt"])
+    m6 = margin(k["acc_fedalt_routing"], k["acc_fedalt"])
+    wr = k["wire_ratio_routing"]
     return {
+        "simgrad_minus_fedalt": m5,
+        "simgrad_beats_fedalt_by_1": None if m5 is None else m5 >= 1.0,
+        "routing_minus_fedalt": m6,
+        "routing_within_1_at_2x": None if m6 is None or wr is None else (m6 >= -1.0 and wr >= 2.0),
+        "mosaic_minus_fedalt": margin(k["acc_fedmosaic"], k["acc_fedalt"]),
         "fedalt_minus_best_baseline": m1,
         "fedalt_beats_baselines_by_2": None if m1 is None else m1 >= 2.0,
         "topk10_minus_fedalt": m2,
@@ -919,6 +970,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=8, help="clients with --data dirichlet")
     ap.add_argument("--variants", help="comma-separated subset of: " + ", ".join(VARIANTS))
     ap.add_argument("--seeds", help="comma-separated seeds (default 0,1,2; quick: 0)")
+    ap.add_argument(
+        "--seeded", help="variants that run every seed, comma-separated, or 'all' (default local,fedavg,fedalt)"
+    )
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--local-steps", type=int)
     ap.add_argument("--n-train", type=int)

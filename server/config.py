@@ -47,7 +47,7 @@ class JobConfig(JobTerms):
         min_length=1,
         max_length=64,
         description="aggregation rule by name (fedquic.server.rules): fedavg, fedprox, fedavg-aligned, "
-        "loo-factor-mean, loo-exact, loo-aligned, loo-simgrad, or one a plugin registers",
+        "loo-factor-mean, loo-exact, loo-aligned, loo-simgrad, loo-mosaic, or one a plugin registers",
     )
     # Settings of the aggregation rule, which it reads and checks (e.g. loo-simgrad's temperature and floor).
     rule_options: dict[str, float] = Field(

@@ -16,7 +16,7 @@ from collections.abc import Collection, Mapping, Sequence
 import numpy as np
 
 from ..common.adapter import TensorDict
-from .aggregation import LeaveOneOut, fedavg
+from .aggregation import LeaveOneOut, fedavg, weighted_sum
 
 
 def _carriers(carried: Sequence[Collection[str] | None], name: str) -> list[int]:
@@ -70,6 +70,25 @@ class FreshLeaveOneOut:
         return row
 
 
+def fresh_weighted_row(
+    states: Sequence[Mapping[str, np.ndarray]],
+    shares: np.ndarray,
+    k: int,
+    carried: Sequence[Collection[str] | None],
+    min_contributors: int = 2,
+) -> TensorDict:
+    """Client k's row Σ_j shares[j]·X_j of a weighted rule (relevance), each tensor over the others that carried
+    it with their shares renormalised; where fewer than ``min_contributors`` others did, the all-clients row."""
+    row = weighted_sum(states, shares)
+    for name, js in _partial(states, carried).items():
+        others = [j for j in js if j != k and shares[j] > 0]
+        if len(others) < min_contributors:
+            continue
+        mass = float(sum(shares[j] for j in others))
+        row[name] = weighted_sum([{name: states[j][name]} for j in others], [shares[j] / mass for j in others])[name]
+    return row
+
+
 def fresh_mean(
     states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float], carried: Sequence[Collection[str] | None]
 ) -> TensorDict:
@@ -81,4 +100,4 @@ def fresh_mean(
     return mean
 
 
-__all__ = ["FreshLeaveOneOut", "fresh_mean"]
+__all__ = ["FreshLeaveOneOut", "fresh_mean", "fresh_weighted_row"]

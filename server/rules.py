@@ -30,13 +30,15 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
+import numpy as np
+
 from ..common.adapter import TensorDict
 from ..common.errors import ConfigError, JobError
 from ..common.names import ADAPTER_KINDS, AdapterKind
 from ..common.registry import Registry
 from .aggregation import LeaveOneOut, clip_deviation, exact_mean, fedavg, leave_one_out_exact, weighted_sum
 from .alignment import align_states
-from .freshness import FreshLeaveOneOut, fresh_mean
+from .freshness import FreshLeaveOneOut, fresh_mean, fresh_weighted_row
 from .relevance import drift_cosines, relevance_matrix
 
 if TYPE_CHECKING:
@@ -228,12 +230,28 @@ class LeaveOneOutRelevance:
         out: dict[str, Target] = {}
         for k, cid in enumerate(ids):
             share = {ids[j]: round(float(rel[k, j]), 6) for j in range(n) if j != k}
-            out[cid] = Target(lambda k=k: weighted_sum(inp.states, rel[k]), "row", n - 1, weights=share)
+            out[cid] = Target(lambda k=k: self._row(inp, rel[k], k), "row", n - 1, weights=share)
         others = [c for c in inp.listeners if c not in out]
         if others:
-            mean = fedavg(inp.states, inp.weights)
+            mean = _mean(inp)
             out.update({cid: Target(lambda: mean, "row", n, share="mean") for cid in others})
         return out
+
+    @staticmethod
+    def _row(inp: RoundInputs, shares: np.ndarray, k: int) -> TensorDict:
+        if inp.carried is None:
+            return weighted_sum(inp.states, shares)
+        return fresh_weighted_row(inp.states, shares, k, inp.carried, inp.min_contributors)
+
+
+class LeaveOneOutMosaic(LeaveOneOutRelevance):
+    """FedMosaic-Adaptive's aggregation: factors aligned to one basis (``loo-aligned``), then each Rest-of-World
+    weighted by relevance (``loo-simgrad``, same options); with ``uplink_routing`` each tensor over its carriers."""
+
+    name = "loo-mosaic"
+
+    def targets(self, inp: RoundInputs) -> dict[str, Target]:
+        return super().targets(aligned(inp))
 
 
 for _rule in (
@@ -244,6 +262,7 @@ for _rule in (
     FedAvgAligned(),
     LeaveOneOutAligned(),
     LeaveOneOutRelevance(),
+    LeaveOneOutMosaic(),
 ):
     register_rule(_rule)
 

@@ -49,3 +49,34 @@ def test_the_shared_mean_and_the_rules_use_the_carriers() -> None:
     row = get_rule("loo-factor-mean").targets(inp)
     np.testing.assert_allclose(row["b"].make()["x"], (states[0]["x"] + 2 * states[2]["x"]) / 3, rtol=1e-6)
     np.testing.assert_allclose(row["idle"].make()["x"], mean["x"], rtol=1e-6)
+
+
+def test_a_weighted_row_renormalises_its_shares_over_the_carriers() -> None:
+    from fedquic.server.freshness import fresh_weighted_row
+
+    states = _states(4)
+    shares = np.array([0.0, 0.5, 0.3, 0.2])  # client 0's row over the others (relevance weights)
+    carried = [frozenset({"x", "y"}), frozenset({"y"}), frozenset({"x", "y"}), frozenset({"x", "y"})]
+    row = fresh_weighted_row(states, shares, 0, carried, min_contributors=2)
+    np.testing.assert_allclose(row["y"], sum(shares[j] * states[j]["y"] for j in range(4)), rtol=1e-6)
+    want_x = (0.3 * states[2]["x"] + 0.2 * states[3]["x"]) / 0.5  # client 1's stale x out, the rest rescaled
+    np.testing.assert_allclose(row["x"], want_x, rtol=1e-6)
+    # with a floor of 3 others, two fresh copies are too few: x keeps the all-clients weighted row
+    floor3 = fresh_weighted_row(states, shares, 0, carried, min_contributors=3)
+    np.testing.assert_allclose(floor3["x"], sum(shares[j] * states[j]["x"] for j in range(4)), rtol=1e-6)
+
+
+def test_the_relevance_rules_use_the_carriers_in_a_routed_round() -> None:
+    states = _states(4)
+    carried = [frozenset({"x", "y"}), frozenset({"y"}), frozenset({"x", "y"}), frozenset({"x", "y"})]
+    init = {k: np.zeros_like(v) for k, v in states[0].items()}
+    for name in ("loo-simgrad", "loo-mosaic"):
+        rule = get_rule(name)
+        plain = rule.targets(RoundInputs(list("abcd"), states, [1.0] * 4, [], init_state=init))
+        routed = rule.targets(RoundInputs(list("abcd"), states, [1.0] * 4, [], init_state=init, carried=carried))
+        row, shares = routed["a"].make(), plain["a"].weights
+        assert shares is not None and routed["a"].weights == shares
+        np.testing.assert_allclose(row["y"], plain["a"].make()["y"], rtol=1e-5)  # carried by all: unchanged
+        mass = shares["c"] + shares["d"]
+        want = (shares["c"] * states[2]["x"] + shares["d"] * states[3]["x"]) / mass
+        np.testing.assert_allclose(row["x"], want, rtol=1e-4, atol=1e-6)  # b's stale x left out

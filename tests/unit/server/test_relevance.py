@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from fedquic.common.errors import ConfigError
 from fedquic.server.aggregation import LeaveOneOut, weighted_sum
+from fedquic.server.alignment import align_states
 from fedquic.server.config import JobConfig
 from fedquic.server.relevance import drift_cosines, relevance_matrix
 from fedquic.server.rules import RoundInputs, get_rule, job_rule
@@ -86,3 +87,47 @@ def test_the_rule_checks_its_options() -> None:
         job_rule(JobConfig(federation="fedalt", rule_options={"temperature": 0.5}))  # loo-factor-mean has none
     with pytest.raises(ConfigError, match="temperature must be > 0"):
         job_rule(JobConfig(federation="fedalt", aggregation="loo-simgrad", rule_options={"temperature": 0.0}))
+
+
+def test_mosaic_finds_related_clients_that_factorise_in_bases_of_their_own() -> None:
+    """Two groups near the init's basis; each client then rotates its (A, B) pairs by its own orthogonal R, which
+    leaves every product B·A as it was. Drift cosines of the raw factors lose the groups; aligned first, the
+    relevance matrix finds them again (loo-mosaic = loo-aligned's rotation, then loo-simgrad's weights)."""
+    rng = np.random.default_rng(5)
+    rank, dim = 4, 48
+    init = {"l.lora_A.weight": rng.standard_normal((rank, dim)), "l.lora_B.weight": np.zeros((dim, rank))}
+    states = []
+    for _group in range(2):
+        da = 0.2 * rng.standard_normal((rank, dim))
+        db = rng.standard_normal((dim, rank))
+        for _ in range(3):
+            a = init["l.lora_A.weight"] + da + 0.02 * rng.standard_normal((rank, dim))
+            b = db + 0.05 * rng.standard_normal((dim, rank))
+            q, _ = np.linalg.qr(rng.standard_normal((rank, rank)))
+            states.append(
+                {"l.lora_A.weight": (q @ a).astype(np.float32), "l.lora_B.weight": (b @ q.T).astype(np.float32)}
+            )
+    init32 = {k: v.astype(np.float32) for k, v in init.items()}
+    inp = RoundInputs(list("abcdef"), states, [1.0] * 6, [], init_state=init32)
+
+    def separation(rule: str) -> float:
+        out = get_rule(rule).targets(inp)
+        ratios = []
+        for cid, group in zip("abcdef", ("abc",) * 3 + ("def",) * 3, strict=True):
+            share = out[cid].weights
+            assert share is not None
+            ratios.append(
+                min(v for k, v in share.items() if k in group) / max(v for k, v in share.items() if k not in group)
+            )
+        return min(ratios)
+
+    assert separation("loo-mosaic") > 3.0  # its own group weighs more than 3x the other one, for every client
+    assert separation("loo-simgrad") < separation("loo-mosaic") / 2  # the rotations hide the groups from simgrad
+    # its rows are loo-simgrad's over the aligned factors
+    aligned = RoundInputs(list("abcdef"), align_states(states, init32), [1.0] * 6, [], init_state=init32)
+    mosaic, simgrad = get_rule("loo-mosaic").targets(inp), get_rule("loo-simgrad").targets(aligned)
+    for cid in "abcdef":
+        assert mosaic[cid].weights == simgrad[cid].weights
+        got, want = mosaic[cid].make(), simgrad[cid].make()
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6)
