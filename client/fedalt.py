@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from fedquic.common.adapter import AdapterSchema, TensorDict, init_lora_state, zeros_state
+from fedquic.common.adapter import AdapterSchema, TensorDict, init_lora_state, is_lora_a, zeros_state
 from fedquic.common.errors import CodecError, ConfigError, ErrorCode
 from fedquic.common.messages import LoraJobSpec
 from fedquic.common.names import FEDERATIONS, MIXER_INIT, MIXERS, Federation, Mixer
@@ -64,6 +64,7 @@ class LoraSpec:
     dropout: float = _JOB_LORA.dropout
     target_modules: list[str] | None = None
     method: str = "lora"  # the adapter method (fedquic.client.methods) that builds the peft config
+    freeze_a: bool = False  # FFA-LoRA: A stays at the shared init (LoraJobSpec.freeze_a)
 
     def __post_init__(self) -> None:
         get_method(self.method)  # an unknown one is a ConfigError naming the registered ones
@@ -77,13 +78,19 @@ class LoraSpec:
 
     def job_fields(self) -> dict[str, object]:
         tm = tuple(self.target_modules) if self.target_modules else None
-        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, "target_modules": tm}
+        return {
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "dropout": self.dropout,
+            "target_modules": tm,
+            "freeze_a": self.freeze_a,
+        }
 
     @classmethod
     def from_job(cls, spec: LoraJobSpec) -> LoraSpec:
         """The job's adapter settings (WELCOME's ``lora``) as the model builds them."""
         tm = list(spec.target_modules) if spec.target_modules else None
-        return cls(rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout, target_modules=tm)
+        return cls(rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout, target_modules=tm, freeze_a=spec.freeze_a)
 
     @property
     def scaling(self) -> float:
@@ -319,7 +326,9 @@ class FedALTModel:
         self._copy_into(self._routers, state, what="mixer")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [*self._params[LOCAL].values(), *self._routers.values()]
+        local = self._params[LOCAL].items()
+        own = [p for k, p in local if not (self.lora.freeze_a and is_lora_a(k))]  # FFA-LoRA: A stays at the init
+        return [*own, *self._routers.values()]
 
     # -- internals -------------------------------------------------------------------------------------
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import partial
 
 from ..common.adapter import AdapterSchema, TensorDict, init_lora_state, initial_held, state_hash
 from ..common.codec import EncodingSpec, Manifest, decode_tensors, expand, to_compact
@@ -26,7 +25,7 @@ from ..common.feedback import ErrorFeedback
 from ..common.limits import WireLimits
 from ..common.messages import Aggregate, SyncState, Update, Welcome
 from ..common.names import ADAPTER_KINDS
-from ..common.routing import route
+from ..common.routing import uplink_selection
 from .kinds import get_kind
 from .learner import Learner
 from .state import ClientState
@@ -213,8 +212,7 @@ class SyncedAdapter:
             manifest, body, new_view = Manifest(tensors=(), raw_size=0), b"", self.view
         else:
             delta = {k: local[k] - self.synced[k] for k in self.synced}
-            fraction = self.job.uplink_routing  # layerwise routing: the most changed blocks only
-            payload = self.ef.compress(delta, uplink, partial(route, fraction=fraction) if fraction else None)
+            payload = self.ef.compress(delta, uplink, uplink_selection(self.job))
             manifest, body, sent = payload.manifest, payload.body, payload.decoded
             new_view = {k: self.view[k] + sent[k] if k in sent else self.view[k] for k in self.view}
         header = Update(

@@ -57,6 +57,13 @@ class LoraJobSpec(BaseModel):
     target_modules: tuple[str, ...] | None = Field(
         default=None, max_length=64, description="comma-separated module names the adapters wrap"
     )
+    # FFA-LoRA (Sun et al., ICLR 2024): A stays at the job's seeded init on every client, so averaging B alone is
+    # the exact mean of the products B·A, and only B crosses the uplink.
+    freeze_a: bool = Field(
+        default=False,
+        description="FFA-LoRA: keep every LoRA A at the job's shared init, train and send only B (exact averaging, "
+        "about half the uplink)",
+    )
 
 
 class TrainSpec(BaseModel):

@@ -14,9 +14,15 @@ later round: nothing is lost, only delayed (EF-SGD's argument, applied per block
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from .adapter import is_lora_a
+
+if TYPE_CHECKING:
+    from .messages import JobTerms
 
 _SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_A", ".lora_B")
 
@@ -35,6 +41,21 @@ def blocks(names: Iterable[str]) -> dict[str, list[str]]:
     for name in sorted(names):
         out.setdefault(block_of(name), []).append(name)
     return dict(sorted(out.items()))
+
+
+def uplink_selection(job: JobTerms) -> Callable[[Mapping[str, np.ndarray]], set[str]] | None:
+    """What a client of ``job`` sends of its pending change each round (None: all of it): with FFA-LoRA
+    (``lora.freeze_a``) the B factors only, A never moving from the init; with ``uplink_routing`` the most changed
+    blocks within that share of the values (of the B factors, under FFA-LoRA)."""
+    fraction, b_only = job.uplink_routing, job.lora.freeze_a
+    if fraction is None and not b_only:
+        return None
+
+    def select(pending: Mapping[str, np.ndarray]) -> set[str]:
+        shared = {k: v for k, v in pending.items() if not (b_only and is_lora_a(k))}
+        return route(shared, fraction) if fraction is not None else set(shared)
+
+    return select
 
 
 def route(pending: Mapping[str, np.ndarray], fraction: float) -> set[str]:

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from ..common.adapter import TensorDict
+from ..common.adapter import TensorDict, is_lora_a
 from ..common.codec import Manifest, decode_tensors, expand, fp32_nbytes
-from ..common.errors import ErrorCode, FedQuicError, ProtocolError
+from ..common.errors import ErrorCode, FedQuicError, ProtocolError, SchemaMismatchError
 from ..common.logs import round_var
 from ..common.messages import Ack, Message, MsgType, Update, UploadGrant, UploadRequest
 from ..transport.connection import BulkPermit
@@ -87,9 +87,16 @@ class UploadHandling:
         manifest = expand(h.manifest, job.schema, job.cfg.transport.limits)  # a compact one names no tensors
         if not (job.cfg.job.federation == "local" and not manifest.tensors):
             # In a `local` job an UPDATE without tensors is a client's "round done": it shares nothing.
-            # a routed job's clients send their most changed blocks only (common/routing.py)
-            routed = job.cfg.job.uplink_routing is not None
-            job.schema.check_manifest(manifest, what=f"update from {rec.client_id}", subset=routed)
+            # a routed job's clients send their most changed blocks only, an FFA-LoRA job's their B factors only
+            # (common/routing.py uplink_selection)
+            terms = job.cfg.job
+            partial_ok = terms.uplink_routing is not None or terms.lora.freeze_a
+            job.schema.check_manifest(manifest, what=f"update from {rec.client_id}", subset=partial_ok)
+            if terms.lora.freeze_a and any(is_lora_a(t.name) for t in manifest.tensors):
+                # A stays the same on every client, which is what makes averaging B exact: never let one move it
+                raise SchemaMismatchError(
+                    f"update from {rec.client_id} changes a LoRA A, which this job (FFA-LoRA) keeps at its init"
+                )
 
         def decode() -> tuple[TensorDict, float]:
             t0 = time.perf_counter()

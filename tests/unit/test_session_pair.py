@@ -38,6 +38,7 @@ from fedquic.common.messages import (
     Heartbeat,
     Hello,
     Join,
+    LoraJobSpec,
     Message,
     MsgType,
     TrainSpec,
@@ -677,3 +678,48 @@ def test_a_routed_job_sends_its_clients_most_changed_blocks_and_stays_in_sync(tm
     assert fp32_all == full and fp32_half == full / 2  # equal blocks: exactly half of them each round
     assert up_half < 0.75 * up_all  # frame headers included (compact manifests with a selection)
     assert all(c.ef.residual_norm() > 0 for c in clients.values())  # what was not sent waits there
+
+
+def _ffa_server(tmp_path: Path) -> MemoryServer:
+    policy = RoundPolicy(rounds=2, min_clients=2, round_timeout_s=60)
+    job = JobConfig(
+        federation="fedavg", lora=LoraJobSpec(freeze_a=True), uplink=FP32, downlink=FP32, train=TrainSpec(local_steps=1)
+    )
+    return MemoryServer(
+        ServerConfig(tls=TlsFiles(ca=tmp_path / "ca.pem"), run_dir=tmp_path / "server", policy=policy, job=job)
+    )
+
+
+def test_an_ffa_job_sends_only_b_and_averages_it_exactly(tmp_path: Path) -> None:
+    """FFA-LoRA (``lora.freeze_a``): every UPDATE carries the B factors alone, A stays at the job's init on both
+    sides, and the global adapter's B is the plain mean of the clients' B: the mean of the products B·A exactly."""
+    from fedquic.common.adapter import is_lora_a
+
+    srv = _ffa_server(tmp_path)
+    clients = {cid: memory_client(tmp_path, srv, cid, seed=i) for i, cid in enumerate("ab")}
+    run(srv, *clients.values())
+    assert srv.result is not None and srv.result.ok and srv.result.rounds_completed == 2
+    b_values = sum(math.prod(t.shape) for t in SCHEMA.tensors if not is_lora_a(t.name))
+    rows = read_history_dicts(srv.job.history_path)
+    assert all(r["clients"][cid]["fp32_up"] == 4 * b_values for r in rows for cid in "ab")  # B only, fp32
+    init = srv.job.init_state
+    assert init is not None
+    views = [clients[c].view for c in "ab"]
+    for cid, c in clients.items():
+        assert c.view_hash == srv.job.records[cid].view_hash  # in sync
+        for name, value in c.held["global"].items():
+            want = init[name] if is_lora_a(name) else (views[0][name] + views[1][name]) / 2
+            np.testing.assert_allclose(value, want, rtol=1e-6, atol=1e-7)
+
+
+def test_an_ffa_job_refuses_an_update_that_moves_a(tmp_path: Path) -> None:
+    srv = _ffa_server(tmp_path)
+    good = memory_client(tmp_path, srv, "good", seed=0)
+    bad = memory_client(tmp_path, srv, "bad", seed=1)
+    compress = bad.sync.ef.compress
+    bad.sync.ef.compress = lambda delta, spec, select=None: compress(delta, spec)  # it sends its A too
+    run(srv, good, bad, until=lambda: bad.done)
+    end = bad.outcome
+    assert end is not None and isinstance(end.error, RemoteError) and end.error.code is ErrorCode.SCHEMA_MISMATCH
+    assert "keeps at its init" in str(end.error)
+    assert srv.job.metrics.rejected.get("SCHEMA_MISMATCH") == 1 and not good.outcome  # the job goes on for good

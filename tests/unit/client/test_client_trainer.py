@@ -10,6 +10,7 @@ from fedquic.client.data import make_examples, tokenize_examples
 from fedquic.client.fedalt import FedALTModel, LoraSpec
 from fedquic.client.trainer import TrainConfig, TrainResult, evaluate_loss, train_local
 from fedquic.common.errors import ConfigError
+from fedquic.common.messages import LoraJobSpec
 
 # peft still calls transformers' deprecated `is_gradient_checkpointing`; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -116,3 +117,22 @@ def test_local_epochs_set_the_step_count_from_the_data_size() -> None:
     assert round_steps(TrainSpec(local_epochs=1, batch_size=8), 100) == 13  # ceil(100 / 8)
     assert round_steps(TrainSpec(local_epochs=0.5, batch_size=8), 100) == 7
     assert round_steps(TrainSpec(local_epochs=0.01, batch_size=8), 10) == 1
+
+
+def test_ffa_lora_trains_b_and_leaves_a_at_the_shared_init(load_tiny) -> None:
+    """FFA-LoRA (``LoraSpec.freeze_a``, the job's ``lora.freeze_a``): training on the 4-bit model moves every B
+    and no A, which stays at the job's seeded init, the same on every client."""
+    model, tok = load_tiny(gradient_checkpointing=False)
+    fam = FedALTModel(model, LoraSpec(rank=4, freeze_a=True), init_seed=3, federation="fedavg")
+    before = fam.local_state()
+    assert len(fam.trainable_parameters()) == len(before) // 2  # the B factors only
+    res = train_local(fam, make_examples("sort", 16, 0), tok, TrainConfig(steps=3, batch_size=4, lr=1e-2))
+    after = fam.local_state()
+    assert math.isfinite(res.loss_after)
+    for name, value in after.items():
+        if ".lora_A." in name:
+            np.testing.assert_array_equal(value, before[name])
+        else:
+            assert not np.array_equal(value, before[name]), name
+    # the job's setting reaches the model: WELCOME's lora -> LoraSpec
+    assert LoraSpec.from_job(LoraJobSpec(**LoraSpec(freeze_a=True).job_fields())).freeze_a

@@ -93,3 +93,19 @@ def test_a_routed_manifest_may_name_some_tensors_but_no_unknown_ones() -> None:
     empty, _ = encode_tensors({})
     with pytest.raises(SchemaMismatchError):
         schema.check_manifest(empty, subset=True)
+
+
+def test_what_a_job_sends_ffa_b_only_and_routing_within_b() -> None:
+    from fedquic.common.messages import LoraJobSpec
+    from fedquic.common.routing import uplink_selection
+
+    pending = _state({0: 5.0, 1: 3.0, 2: 0.1, 3: 0.1})
+    assert uplink_selection(JobTerms(init_seed=0)) is None  # everything
+    ffa = uplink_selection(JobTerms(init_seed=0, lora=LoraJobSpec(freeze_a=True)))
+    assert ffa is not None and ffa(pending) == {n for n in pending if ".lora_A." not in n}  # B and the mixer
+    both = uplink_selection(JobTerms(init_seed=0, lora=LoraJobSpec(freeze_a=True), uplink_routing=0.5))
+    assert both is not None
+    chosen = both(pending)
+    assert chosen and not any(".lora_A." in n for n in chosen)
+    assert {"m.layers.0.q_proj.lora_B.weight", "m.layers.1.q_proj.lora_B.weight"} <= chosen  # the most changed
+    assert "m.layers.3.q_proj.lora_B.weight" not in chosen
