@@ -21,7 +21,10 @@ factor-mean RoW is from the exact mean product.
 
 Keys: ``loo_vs_copy_floor`` (N=64, P=10M, fp32 LOO without encoding / copy floor; target ≤ 3),
 ``loo_encoded_vs_copy_floor``, ``loo_vs_fedavg_time`` (round close with encoding, N=64, P=10M),
-``loo_per_client_ms_n8``/``_n256`` (P=10M; O(N·P) means flat per client), ``peak_rss_mb``, ``factor_mean_rel_err``.
+``loo_per_client_ms_n8``/``_n256`` (P=10M; O(N·P) means flat per client), ``peak_rss_mb``, ``factor_mean_rel_err``,
+``hetero_rank_rel_err_padded``/``_svd`` (clients of ranks 4/8/16, each handed an aggregate of its own rank by
+zero-padding or by SVD re-projection: server/ranks.py; ``_independent`` for unrelated factors) and
+``hetero_rank_svd_ms``.
 
 Run
 ---
@@ -58,6 +61,7 @@ from fedquic.server.aggregation import (
     product_rel_error,
 )
 from fedquic.server.alignment import align_states
+from fedquic.server.ranks import padded_mean, reprojected_mean, truncate_to_rank
 
 # testkit/ (the test doubles) lives in the checkout, not in the installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -175,6 +179,38 @@ def factor_mean_error(
     return float(np.mean(errs))
 
 
+def hetero_rank_errors(
+    shared_init: bool, ranks: tuple[int, ...] = (4, 8, 16, 4, 8, 16), layers: int = 4, dim: int = 256
+) -> dict[str, float]:
+    """Clients of ranks 4/8/16 (NVIDIA FLARE's heterogeneous-rank setting): the mean over clients of the relative
+    product error of what each gets back at its own rank, against the exact weighted mean of every client's
+    product (FedAvg's target), for zero-padding (HetLoRA: factor mean at the largest rank, then the first r
+    components) and SVD re-projection (FlexLoRA), with the time of one re-projection of all modules.
+    ``shared_init``: every client's A starts from the first r rows of one rank-16 init and drifts (A = A0[:r] +
+    0.3·δ), as a job's seeded init gives them; otherwise every client's factors are independent."""
+    rng = np.random.default_rng(2)
+    top = max(ranks)
+    schema = lora_schema(layers, dim, top)
+    a0 = {t.name: rng.standard_normal(t.shape, dtype=np.float32) / np.sqrt(t.shape[-1]) for t in schema.tensors}
+    states = []
+    for r in ranks:
+        s = {}
+        for t in schema.tensors:
+            shape = (r, t.shape[1]) if ".lora_A." in t.name else (t.shape[0], r)
+            noise = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[-1])
+            s[t.name] = a0[t.name][:r] + 0.3 * noise if shared_init and ".lora_A." in t.name else noise
+        states.append(s)
+    w = [1.0] * len(states)
+    coeffs = [1.0 / len(states)] * len(states)
+    padded = padded_mean(states, w)
+    t0 = time.perf_counter()
+    by_rank = {r: reprojected_mean(states, w, r) for r in sorted(set(ranks))}
+    svd_ms = (time.perf_counter() - t0) * 1000 / len(by_rank)
+    pad_err = [product_rel_error(truncate_to_rank(padded, r), states, coeffs) for r in ranks]
+    svd_err = [product_rel_error(by_rank[r], states, coeffs) for r in ranks]
+    return {"padded": float(np.mean(pad_err)), "svd": float(np.mean(svd_err)), "svd_ms": svd_ms}
+
+
 def align_ms_per_client(n: int, p: int, reps: int) -> float:
     """Time to align one client's P-parameter state to the anchor (what ``loo-aligned`` adds per contributor)."""
     states = make_states(n, p, None)
@@ -270,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         "factor_mean_rel_err_rotated_aligned": factor_mean_error(shared_init=True, rotated=True, aligned=True),
     }
     align_ms = align_ms_per_client(8, 200_000 if args.quick else 10_000_000, args.reps)
+    hetero = hetero_rank_errors(shared_init=True)
+    hetero_indep = hetero_rank_errors(shared_init=False)
     result = {
         "bench": "aggregate",
         "quick": args.quick,
@@ -286,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         "factor_mean_rel_err_independent": err_indep,
         **errs_aligned,
         "align_ms_per_client": align_ms,
+        "hetero_rank_rel_err_padded": hetero["padded"],
+        "hetero_rank_rel_err_svd": hetero["svd"],
+        "hetero_rank_rel_err_padded_independent": hetero_indep["padded"],
+        "hetero_rank_rel_err_svd_independent": hetero_indep["svd"],
+        "hetero_rank_svd_ms": hetero["svd_ms"],
         "rows": rows,
         "exact": exact_rows,
     }
@@ -300,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
         "aligned to the shared init (loo-aligned): "
         + ", ".join(f"{k.removeprefix('factor_mean_rel_err_')} {v:.3f}" for k, v in errs_aligned.items())
         + f"; {align_ms:.1f} ms per client"
+    )
+    print(
+        f"ranks 4/8/16, each client at its own rank vs the exact mean product: zero-padding "
+        f"{hetero['padded']:.3f}, SVD re-projection {hetero['svd']:.3f} (shared init; independent "
+        f"{hetero_indep['padded']:.3f} / {hetero_indep['svd']:.3f}); {hetero['svd_ms']:.1f} ms per recipient rank"
     )
     if args.json:
         print(json.dumps(result, default=lambda x: None if x != x else x))

@@ -67,6 +67,9 @@ def test_aggregate_bench_quick_prints_json() -> None:
     assert result["factor_mean_rel_err_rotated_aligned"] < result["factor_mean_rel_err_rotated"] / 2
     assert result["factor_mean_rel_err_aligned"] < result["factor_mean_rel_err"] * 1.05
     assert result["align_ms_per_client"] > 0
+    # across ranks 4/8/16, SVD re-projection is the best each rank can hold (Eckart-Young): below zero-padding
+    assert 0 < result["hetero_rank_rel_err_svd"] < result["hetero_rank_rel_err_padded"] < 1
+    assert result["hetero_rank_rel_err_svd_independent"] < result["hetero_rank_rel_err_padded_independent"]
 
 
 def test_round_bench_quick_prints_json() -> None:
