@@ -13,7 +13,8 @@ in favour of the client's own adapter, ``JobConfig.mixer_init``; factor-mean Res
 Rest-of-World weighted by relevance: ``loo-simgrad``), ``fedalt+route50`` (layerwise routing: each client sends
 half its adapter, the blocks that changed most, the rest waiting in its residual), ``fedmosaic`` (all three:
 routing, then ``loo-mosaic``, aligned and relevance-weighted), ``ffa`` (FFA-LoRA: FedAvg with every A frozen at the
-shared init, only B trained and sent), ``fedalt+int8``,
+shared init, only B trained and sent), ``fedsa`` (FedSA-LoRA: FedAvg of the A factors, each client's B kept
+local), ``fedalt+int8``,
 ``fedalt+topk10+ef``, ``fedalt+topk1+ef`` (top-k with error feedback both ways) and ``fedalt+topk1-noef``
 (top-k 1%, error feedback off on the uplink and the downlink). ``local``, ``fedavg`` and ``fedalt`` run with 3
 seeds (mean ± std), the others with one (``--seeded`` names more, or ``all``). Uncompressed variants send fp32.
@@ -61,8 +62,8 @@ Run
 Keys: ``model``, ``acc_local``, ``acc_fedavg``, ``acc_fedalt`` (mean over seeds of the clients' mean accuracy,
 points), ``acc_fedalt_aligned``, ``acc_fedalt_simgrad``, ``acc_fedalt_routing`` and ``wire_ratio_routing`` (UPDATE
 bytes of ``fedalt`` / of ``fedalt+route50``, same rounds), ``acc_fedmosaic``, ``wire_ratio_fedmosaic``,
-``acc_ffa``, ``wire_ratio_ffa`` (UPDATE bytes of ``fedavg`` / of ``ffa``), ``paired_vs_fedalt`` (per FedMosaic
-variant: its accuracy minus fedalt's seed by seed, mean and std),
+``acc_ffa``, ``wire_ratio_ffa`` (UPDATE bytes of ``fedavg`` / of ``ffa``), ``acc_fedsa``, ``wire_ratio_fedsa``,
+``paired_vs_fedalt`` (per FedMosaic variant: its accuracy minus fedalt's seed by seed, mean and std),
 ``acc_fedalt_topk10_ef``, ``acc_fedalt_topk1_ef``,
 ``acc_fedalt_topk1_noef``, ``wire_ratio_topk10_ef`` (fp32 bytes / every UPDATE and AGGREGATE byte sent, frame
 headers included), and per variant in ``variants``.
@@ -145,6 +146,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
     # FFA-LoRA (CA-PFL issue's baseline): A frozen at the shared init, only B trained and sent; FedAvg of B is exact
     "ffa": {"federation": "fedavg", "freeze_a": True, "uplink": "fp32", "downlink": "fp32"},
+    # FedSA-LoRA: A sent and averaged, each client's B kept local (personal)
+    "fedsa": {"federation": "fedavg", "local_b": True, "uplink": "fp32", "downlink": "fp32"},
     "fedalt+int8": {"federation": "fedalt", "mixer": "learned", "uplink": "int8", "downlink": "int8"},
     "fedalt+topk10+ef": {"federation": "fedalt", "mixer": "learned", "uplink": "topk10", "downlink": "topk10"},
     "fedalt+topk1+ef": {"federation": "fedalt", "mixer": "learned", "uplink": "topk1", "downlink": "topk1"},
@@ -668,7 +671,8 @@ async def run_job(
     from fedquic.transport.settings import TlsFiles
 
     v = dict(VARIANTS[variant])
-    freeze_a = v.pop("freeze_a", False)  # a LoraJobSpec field (FFA-LoRA)
+    freeze_a = v.pop("freeze_a", False)  # LoraJobSpec fields: FFA-LoRA, FedSA-LoRA
+    local_b = v.pop("local_b", False)
     uplink_ef = v.get("uplink_error_feedback", True)
     name = slug(variant, seed)
     job_dir = run_dir / "jobs" / name
@@ -678,7 +682,13 @@ async def run_job(
     job = JobConfig(
         job_id=name,
         init_seed=seed,
-        lora=LoraJobSpec(rank=st.rank, alpha=st.lora_alpha, target_modules=st.target_modules, freeze_a=freeze_a),
+        lora=LoraJobSpec(
+            rank=st.rank,
+            alpha=st.lora_alpha,
+            target_modules=st.target_modules,
+            freeze_a=freeze_a,
+            local_b=local_b,
+        ),
         train=TrainSpec(local_steps=st.local_steps, lr=st.lr, batch_size=st.batch_size),
         **{k: (EncodingSpec.parse(x) if k in ("uplink", "downlink") else x) for k, x in v.items()},
     )
@@ -861,6 +871,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "acc_ffa": acc("ffa"),
         "wire_ratio_ffa": uplink_ratio(run_dir, st.seeds[0], "fedavg", "ffa"),
+        "acc_fedsa": acc("fedsa"),
+        "wire_ratio_fedsa": uplink_ratio(run_dir, st.seeds[0], "fedavg", "fedsa"),
         "acc_fedalt_int8": acc("fedalt+int8"),
         "acc_fedalt_topk10_ef": acc("fedalt+topk10+ef"),
         "acc_fedalt_topk1_ef": acc("fedalt+topk1+ef"),

@@ -68,10 +68,11 @@ class Global:
     name = "global"
 
     def install(self, sync: SyncedAdapter, state: TensorDict) -> None:
-        sync.learner.set_local_state(state)
+        local = sync.keep_unshared(state)  # FedSA-LoRA: the client's own B stays
+        sync.learner.set_local_state(local)
         sync.unacked = None
-        sync.view, sync.view_hash = state, state_hash(state)
-        sync.synced = state
+        sync.view, sync.view_hash = state, state_hash(state)  # the server's copy: the aggregate, B at the init
+        sync.synced = local
         sync.local_is_synced = True  # the learner's adapter is ``state`` now
 
 

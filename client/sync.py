@@ -211,7 +211,8 @@ class SyncedAdapter:
             # Nothing is shared: the UPDATE carries no tensors and only tells the server the round is done here.
             manifest, body, new_view = Manifest(tensors=(), raw_size=0), b"", self.view
         else:
-            delta = {k: local[k] - self.synced[k] for k in self.synced}
+            # only what the job shares: not FFA-LoRA's frozen A, not FedSA-LoRA's local B (LoraJobSpec.shares)
+            delta = {k: local[k] - self.synced[k] for k in self.synced if self.job.lora.shares(k)}
             payload = self.ef.compress(delta, uplink, uplink_selection(self.job))
             manifest, body, sent = payload.manifest, payload.body, payload.decoded
             new_view = {k: self.view[k] + sent[k] if k in sent else self.view[k] for k in self.view}
@@ -256,6 +257,15 @@ class SyncedAdapter:
         self.schema.check_manifest(manifest, what=f"{h.kind} adapter for round {h.round}")
         return manifest, decode_tensors(manifest, body, limits)
 
+    def keep_unshared(self, state: TensorDict) -> TensorDict:
+        """``state`` with the tensors the job does not share (FedSA-LoRA's B) taken from the learner's own adapter:
+        the server's copy of those is the init, never what the client learned."""
+        assert self.job is not None
+        if not self.job.lora.local_b:
+            return state
+        own = self.learner.local_state()
+        return {k: v if self.job.lora.shares(k) else own[k] for k, v in state.items()}
+
     def install(self, h: Aggregate, decoded: TensorDict) -> tuple[TensorDict, bool]:
         """Install a decoded AGGREGATE; returns the state it made (its hash goes in the ACK) and whether it was a
         ``local`` reset that replaced our adapter."""
@@ -268,7 +278,7 @@ class SyncedAdapter:
             if state_hash(state) != self.view_hash:
                 # The server's copy of our adapter is the truth: adopt it, drop what it never received.
                 self.local_is_synced = False
-                self.learner.set_local_state(state)
+                self.learner.set_local_state(self.keep_unshared(state))
                 self.view, self.view_hash = state, state_hash(state)
                 self.synced = {k: v.copy() for k, v in state.items()}
                 self.ef.residual = {}

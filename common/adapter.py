@@ -109,6 +109,10 @@ def is_lora_a(name: str) -> bool:
     return ".lora_A." in name or name.endswith("lora_A.weight")
 
 
+def is_lora_b(name: str) -> bool:
+    return ".lora_B." in name or name.endswith("lora_B.weight")
+
+
 def init_lora_state(schema: AdapterSchema, seed: int) -> TensorDict:
     """The job's starting adapter: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0.
 

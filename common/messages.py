@@ -13,7 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .adapter import AdapterSchema
+from .adapter import AdapterSchema, is_lora_a, is_lora_b
 from .codec import AnyManifest, Encoding, EncodingSpec
 from .names import MIXER_INIT, AdapterKind, Federation, Mixer
 
@@ -64,6 +64,21 @@ class LoraJobSpec(BaseModel):
         description="FFA-LoRA: keep every LoRA A at the job's shared init, train and send only B (exact averaging, "
         "about half the uplink)",
     )
+    # FedSA-LoRA (Guo et al., ICLR 2025): A learns what clients share and is averaged; B stays on each client.
+    local_b: bool = Field(
+        default=False,
+        description="FedSA-LoRA: send and average only the LoRA A factors; each client keeps its own B",
+    )
+
+    @model_validator(mode="after")
+    def _something_is_shared(self) -> LoraJobSpec:
+        if self.freeze_a and self.local_b:
+            raise ValueError("freeze_a and local_b together would share nothing: pick one")
+        return self
+
+    def shares(self, name: str) -> bool:
+        """Whether tensor ``name`` of the adapter crosses the wire: not a frozen A, not a local B."""
+        return not ((self.freeze_a and is_lora_a(name)) or (self.local_b and is_lora_b(name)))
 
 
 class TrainSpec(BaseModel):
@@ -144,6 +159,8 @@ class JobTerms(BaseModel):
     def _routing_keeps_what_it_skips(self) -> JobTerms:
         if self.uplink_routing is not None and not self.uplink_error_feedback:
             raise ValueError("uplink_routing needs uplink_error_feedback: the blocks not sent wait in the residual")
+        if self.lora.local_b and self.federation != "fedavg":
+            raise ValueError("lora.local_b (FedSA-LoRA) personalises through each client's B: use federation fedavg")
         return self
 
     def job_terms(self) -> dict[str, Any]:

@@ -15,11 +15,10 @@ later round: nothing is lost, only delayed (EF-SGD's argument, applied per block
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
-
-from .adapter import is_lora_a
 
 if TYPE_CHECKING:
     from .messages import JobTerms
@@ -44,18 +43,11 @@ def blocks(names: Iterable[str]) -> dict[str, list[str]]:
 
 
 def uplink_selection(job: JobTerms) -> Callable[[Mapping[str, np.ndarray]], set[str]] | None:
-    """What a client of ``job`` sends of its pending change each round (None: all of it): with FFA-LoRA
-    (``lora.freeze_a``) the B factors only, A never moving from the init; with ``uplink_routing`` the most changed
-    blocks within that share of the values (of the B factors, under FFA-LoRA)."""
-    fraction, b_only = job.uplink_routing, job.lora.freeze_a
-    if fraction is None and not b_only:
-        return None
-
-    def select(pending: Mapping[str, np.ndarray]) -> set[str]:
-        shared = {k: v for k, v in pending.items() if not (b_only and is_lora_a(k))}
-        return route(shared, fraction) if fraction is not None else set(shared)
-
-    return select
+    """Which of its pending shared tensors a client of ``job`` sends each round (None: all of them): with
+    ``uplink_routing`` the most changed blocks within that share of the values. (Tensors the job does not share
+    at all, ``LoraJobSpec.shares``, never reach the uplink: FFA-LoRA's frozen A, FedSA-LoRA's local B.)"""
+    fraction = job.uplink_routing
+    return None if fraction is None else partial(route, fraction=fraction)
 
 
 def route(pending: Mapping[str, np.ndarray], fraction: float) -> set[str]:

@@ -85,6 +85,7 @@ SERVER_FLAG_SPECS: tuple[Flag, ...] = (
     Flag("rank", "job.lora.rank"),
     Flag("alpha", "job.lora.alpha"),
     Flag("freeze_a", "job.lora.freeze_a"),
+    Flag("local_b", "job.lora.local_b"),
     Flag("target_modules", "job.lora.target_modules", default="per architecture, q_proj,v_proj for Llama"),
     Flag("local_steps", "job.train.local_steps"),
     Flag("lr", "job.train.lr"),

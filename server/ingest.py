@@ -14,7 +14,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from ..common.adapter import TensorDict, is_lora_a
+from ..common.adapter import TensorDict
 from ..common.codec import Manifest, decode_tensors, expand, fp32_nbytes
 from ..common.errors import ErrorCode, FedQuicError, ProtocolError, SchemaMismatchError
 from ..common.logs import round_var
@@ -90,12 +90,15 @@ class UploadHandling:
             # a routed job's clients send their most changed blocks only, an FFA-LoRA job's their B factors only
             # (common/routing.py uplink_selection)
             terms = job.cfg.job
-            partial_ok = terms.uplink_routing is not None or terms.lora.freeze_a
+            partial_ok = terms.uplink_routing is not None or terms.lora.freeze_a or terms.lora.local_b
             job.schema.check_manifest(manifest, what=f"update from {rec.client_id}", subset=partial_ok)
-            if terms.lora.freeze_a and any(is_lora_a(t.name) for t in manifest.tensors):
-                # A stays the same on every client, which is what makes averaging B exact: never let one move it
+            unshared = [t.name for t in manifest.tensors if not terms.lora.shares(t.name)]
+            if unshared:
+                # FFA-LoRA: A stays the same on every client, which is what makes averaging B exact; FedSA-LoRA:
+                # B is each client's own. Never let an update move either.
                 raise SchemaMismatchError(
-                    f"update from {rec.client_id} changes a LoRA A, which this job (FFA-LoRA) keeps at its init"
+                    f"update from {rec.client_id} carries {unshared[0]}, which this job does not share "
+                    f"({'FFA-LoRA keeps every A at its init' if terms.lora.freeze_a else 'FedSA-LoRA keeps B local'})"
                 )
 
         def decode() -> tuple[TensorDict, float]:

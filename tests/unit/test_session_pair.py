@@ -680,11 +680,10 @@ def test_a_routed_job_sends_its_clients_most_changed_blocks_and_stays_in_sync(tm
     assert all(c.ef.residual_norm() > 0 for c in clients.values())  # what was not sent waits there
 
 
-def _ffa_server(tmp_path: Path) -> MemoryServer:
+def _ffa_server(tmp_path: Path, lora: LoraJobSpec | None = None) -> MemoryServer:
     policy = RoundPolicy(rounds=2, min_clients=2, round_timeout_s=60)
-    job = JobConfig(
-        federation="fedavg", lora=LoraJobSpec(freeze_a=True), uplink=FP32, downlink=FP32, train=TrainSpec(local_steps=1)
-    )
+    lora = lora or LoraJobSpec(freeze_a=True)
+    job = JobConfig(federation="fedavg", lora=lora, uplink=FP32, downlink=FP32, train=TrainSpec(local_steps=1))
     return MemoryServer(
         ServerConfig(tls=TlsFiles(ca=tmp_path / "ca.pem"), run_dir=tmp_path / "server", policy=policy, job=job)
     )
@@ -717,9 +716,61 @@ def test_an_ffa_job_refuses_an_update_that_moves_a(tmp_path: Path) -> None:
     good = memory_client(tmp_path, srv, "good", seed=0)
     bad = memory_client(tmp_path, srv, "bad", seed=1)
     compress = bad.sync.ef.compress
-    bad.sync.ef.compress = lambda delta, spec, select=None: compress(delta, spec)  # it sends its A too
+
+    def with_a(delta: TensorDict, spec: EncodingSpec, select: Any = None) -> Any:  # a client that moves its A
+        a_names = [n for n in bad.sync.synced if ".lora_A." in n]
+        return compress({**delta, a_names[0]: np.ones_like(bad.sync.synced[a_names[0]])}, spec, select)
+
+    bad.sync.ef.compress = with_a
     run(srv, good, bad, until=lambda: bad.done)
     end = bad.outcome
     assert end is not None and isinstance(end.error, RemoteError) and end.error.code is ErrorCode.SCHEMA_MISMATCH
-    assert "keeps at its init" in str(end.error)
+    assert "FFA-LoRA keeps every A at its init" in str(end.error)
     assert srv.job.metrics.rejected.get("SCHEMA_MISMATCH") == 1 and not good.outcome  # the job goes on for good
+
+
+def test_a_fedsa_job_averages_a_and_each_client_keeps_its_own_b(tmp_path: Path) -> None:
+    """FedSA-LoRA (``lora.local_b``): UPDATEs carry the A factors alone, the global adapter is their mean with B
+    at the init (the server's copy), and each client's learner keeps the B it trained, its personal part."""
+    from fedquic.common.adapter import is_lora_a
+
+    srv = _ffa_server(tmp_path, LoraJobSpec(local_b=True))
+    clients = {cid: memory_client(tmp_path, srv, cid, seed=i) for i, cid in enumerate("ab")}
+    run(srv, *clients.values())
+    assert srv.result is not None and srv.result.ok and srv.result.rounds_completed == 2
+    a_values = sum(math.prod(t.shape) for t in SCHEMA.tensors if is_lora_a(t.name))
+    rows = read_history_dicts(srv.job.history_path)
+    assert all(r["clients"][cid]["fp32_up"] == 4 * a_values for r in rows for cid in "ab")  # A only, fp32
+    init = srv.job.init_state
+    assert init is not None
+    views = [clients[c].view for c in "ab"]
+    own_b = {}
+    for cid, c in clients.items():
+        assert c.view_hash == srv.job.records[cid].view_hash  # in sync
+        mine = c.learner.local_state()
+        for name, value in c.held["global"].items():
+            if is_lora_a(name):
+                np.testing.assert_allclose(value, (views[0][name] + views[1][name]) / 2, rtol=1e-6, atol=1e-7)
+                np.testing.assert_allclose(mine[name], value, rtol=1e-6)  # the learner trains from the shared A
+            else:
+                np.testing.assert_array_equal(value, init[name])  # the server never saw a B
+        own_b[cid] = {k: v for k, v in mine.items() if not is_lora_a(k)}
+        assert any(np.abs(v).max() > 0 for v in own_b[cid].values())  # what it trained stays
+    assert any(not np.array_equal(own_b["a"][k], own_b["b"][k]) for k in own_b["a"])  # personal: they differ
+
+
+def test_a_fedsa_job_refuses_an_update_that_carries_b(tmp_path: Path) -> None:
+    srv = _ffa_server(tmp_path, LoraJobSpec(local_b=True))
+    good = memory_client(tmp_path, srv, "good", seed=0)
+    bad = memory_client(tmp_path, srv, "bad", seed=1)
+    compress = bad.sync.ef.compress
+
+    def with_b(delta: TensorDict, spec: EncodingSpec, select: Any = None) -> Any:
+        b_name = next(n for n in bad.sync.synced if ".lora_B." in n)
+        return compress({**delta, b_name: np.ones_like(bad.sync.synced[b_name])}, spec, select)
+
+    bad.sync.ef.compress = with_b
+    run(srv, good, bad, until=lambda: bad.done)
+    end = bad.outcome
+    assert end is not None and isinstance(end.error, RemoteError) and end.error.code is ErrorCode.SCHEMA_MISMATCH
+    assert "FedSA-LoRA keeps B local" in str(end.error) and not good.outcome

@@ -95,17 +95,24 @@ def test_a_routed_manifest_may_name_some_tensors_but_no_unknown_ones() -> None:
         schema.check_manifest(empty, subset=True)
 
 
-def test_what_a_job_sends_ffa_b_only_and_routing_within_b() -> None:
+def test_what_a_job_shares_ffa_b_fedsa_a_and_routing_among_them() -> None:
     from fedquic.common.messages import LoraJobSpec
     from fedquic.common.routing import uplink_selection
 
+    a, b = "m.layers.0.q_proj.lora_A.weight", "m.layers.0.q_proj.lora_B.weight"
+    assert LoraJobSpec().shares(a) and LoraJobSpec().shares(b) and LoraJobSpec().shares("mixer.weight")
+    ffa, fedsa = LoraJobSpec(freeze_a=True), LoraJobSpec(local_b=True)
+    assert not ffa.shares(a) and ffa.shares(b) and ffa.shares("mixer.weight")  # FFA-LoRA: A stays at the init
+    assert fedsa.shares(a) and not fedsa.shares(b)  # FedSA-LoRA: B stays on the client
+    with pytest.raises(ValueError, match="share nothing"):
+        LoraJobSpec(freeze_a=True, local_b=True)
+    with pytest.raises(ValueError, match="use federation fedavg"):
+        JobTerms(init_seed=0, federation="fedalt", lora=fedsa)
+    assert uplink_selection(JobTerms(init_seed=0, lora=ffa)) is None  # no routing: every shared tensor
     pending = _state({0: 5.0, 1: 3.0, 2: 0.1, 3: 0.1})
-    assert uplink_selection(JobTerms(init_seed=0)) is None  # everything
-    ffa = uplink_selection(JobTerms(init_seed=0, lora=LoraJobSpec(freeze_a=True)))
-    assert ffa is not None and ffa(pending) == {n for n in pending if ".lora_A." not in n}  # B and the mixer
-    both = uplink_selection(JobTerms(init_seed=0, lora=LoraJobSpec(freeze_a=True), uplink_routing=0.5))
-    assert both is not None
-    chosen = both(pending)
-    assert chosen and not any(".lora_A." in n for n in chosen)
-    assert {"m.layers.0.q_proj.lora_B.weight", "m.layers.1.q_proj.lora_B.weight"} <= chosen  # the most changed
+    shared = {k: v for k, v in pending.items() if ffa.shares(k)}
+    select = uplink_selection(JobTerms(init_seed=0, lora=ffa, uplink_routing=0.5))
+    assert select is not None
+    chosen = select(shared)  # routing among the B factors (and other tensors) only
+    assert {"m.layers.0.q_proj.lora_B.weight", "m.layers.1.q_proj.lora_B.weight"} <= chosen <= set(shared)
     assert "m.layers.3.q_proj.lora_B.weight" not in chosen
