@@ -8,7 +8,8 @@ TLS. Every variant runs the same rounds and local steps:
 
 ``local`` (no federation: clients share no tensors), ``fedavg``, ``fedalt`` (learned mixer starting at 0.9/0.1
 in favour of the client's own adapter, ``JobConfig.mixer_init``; factor-mean Rest-of-World), ``fedalt-exact``
-(RoW = SVD of the mean of products), ``fedalt-fixed-mix`` (mixer frozen at 0.5/0.5), ``fedalt-aligned``
+(RoW = SVD of the mean of products), ``fedalt-fixed-mix`` (mixer frozen at 0.5/0.5), ``fedalt-rff`` (the mixer
+over random Fourier features of the layer input, CA-PFL), ``fedalt-aligned``
 (factors rotated into the init's basis before they are averaged: ``loo-aligned``), ``fedalt-simgrad`` (each
 Rest-of-World weighted by relevance: ``loo-simgrad``), ``fedalt+route50`` (layerwise routing: each client sends
 half its adapter, the blocks that changed most, the rest waiting in its residual), ``fedmosaic`` (all three:
@@ -111,6 +112,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "downlink": "fp32",
     },
     "fedalt-fixed-mix": {"federation": "fedalt", "mixer": "fixed", "uplink": "fp32", "downlink": "fp32"},
+    # CA-PFL's RFF personalization: the mixer linear in random Fourier features of the layer input
+    "fedalt-rff": {"federation": "fedalt", "mixer": "rff", "uplink": "fp32", "downlink": "fp32"},
     # FedMosaic-Adaptive's data-free geometric alignment: factors rotated to the init's basis, then averaged
     "fedalt-aligned": {
         "federation": "fedalt",
@@ -857,6 +860,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "acc_fedalt": acc("fedalt"),
         "acc_fedalt_exact": acc("fedalt-exact"),
         "acc_fedalt_fixed_mix": acc("fedalt-fixed-mix"),
+        "acc_fedalt_rff": acc("fedalt-rff"),
         "acc_fedalt_aligned": acc("fedalt-aligned"),
         "acc_fedalt_simgrad": acc("fedalt-simgrad"),
         "acc_fedalt_routing": acc("fedalt+route50"),

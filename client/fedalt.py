@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -97,6 +98,39 @@ class LoraSpec:
         return self.alpha / self.rank
 
 
+RFF_FEATURES = 64  # random Fourier projections per RFF router (2 x that many features: cos and sin)
+
+
+class _RffRouter(nn.Module):
+    """CA-PFL's RFF personalization as a FedALT router: logits = W·z + c over random Fourier features of the layer
+    input, z = sqrt(2/D)·[cos(ωᵀh + b), sin(ωᵀh + b)], ω ~ N(0, 1/in) and b ~ U(0, 2π) fixed and seeded by the job
+    and the layer (the same on every restart; not state, never sent), W and c trained. A kernel machine over the
+    hidden state where the linear router is a hyperplane: it can gate by where a token lies, not only by which way.
+    ``weight``/``bias`` are the trained linear's, so the mixer's state has the linear router's keys."""
+
+    def __init__(self, in_features: int, seed: int, device: torch.device) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        omega = torch.randn(in_features, RFF_FEATURES, generator=gen) / math.sqrt(in_features)
+        phase = torch.rand(RFF_FEATURES, generator=gen) * (2 * math.pi)
+        # plain attributes, not buffers: nothing of the model's state dict or checkpoint (they are re-derived)
+        self.omega, self.phase = omega.to(device), phase.to(device)
+        self.linear = nn.Linear(2 * RFF_FEATURES, 2, bias=True, device=device, dtype=torch.float32)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.linear.weight
+
+    @property
+    def bias(self) -> nn.Parameter:
+        return self.linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x @ self.omega + self.phase
+        feats = torch.cat([torch.cos(z), torch.sin(z)], dim=-1) * math.sqrt(2.0 / RFF_FEATURES)
+        return self.linear(feats)
+
+
 class _Gate:
     """One LoRA layer's gate: computed once per layer call, applied to each adapter's rank-r code.
 
@@ -105,7 +139,7 @@ class _Gate:
     model (as for any torch training loop).
     """
 
-    def __init__(self, router: nn.Linear | None) -> None:
+    def __init__(self, router: nn.Linear | _RffRouter | None) -> None:
         self.router = router  # None: fixed 0.5/0.5 mixer
         self.value: torch.Tensor | None = None
 
@@ -160,7 +194,7 @@ def _check_args(base_model: nn.Module, mixer: str, federation: str, mixer_init: 
         raise ConfigError(f"federation must be one of {list(FEDERATIONS)}, got {federation!r}")
     if hasattr(base_model, "peft_config"):
         raise ConfigError("base model already carries peft adapters; load a fresh base model per FedALTModel")
-    if federation != "fedalt" and mixer == "learned":
+    if federation != "fedalt" and mixer != "fixed":
         log.info("mixer=%r ignored: federation=%r has a single adapter", mixer, federation)
 
 
@@ -235,10 +269,14 @@ class FedALTModel:
     def _install_gate(self) -> None:
         routers = nn.ModuleDict()
         for name, layer in self._layers.items():
-            router: nn.Linear | None = None
-            if self.mixer == "learned":
+            router: nn.Linear | _RffRouter | None = None
+            if self.mixer in ("learned", "rff"):
                 device = layer.lora_A[LOCAL].weight.device
-                router = nn.Linear(layer.in_features, 2, bias=True, device=device, dtype=torch.float32)
+                if self.mixer == "rff":
+                    seed = zlib.crc32(f"{self.init_seed}:{name}".encode())
+                    router = _RffRouter(layer.in_features, seed, device)
+                else:
+                    router = nn.Linear(layer.in_features, 2, bias=True, device=device, dtype=torch.float32)
                 nn.init.zeros_(router.weight)
                 with torch.no_grad():  # softmax((logit p, 0)) = (p, 1 - p) for every token at the start
                     router.bias.copy_(torch.tensor([math.log(self.mixer_init / (1 - self.mixer_init)), 0.0]))

@@ -131,7 +131,11 @@ class JobTerms(BaseModel):
         default="fedalt",
         description="fedalt: own LoRA + Rest-of-World + mixer; fedavg: one shared LoRA; local: no aggregation",
     )
-    mixer: Mixer = Field(default="fixed", description="FedALT mixer: a fixed 0.5/0.5 mix or a learned per-token one")
+    mixer: Mixer = Field(
+        default="fixed",
+        description="FedALT mixer: a fixed 0.5/0.5 mix, a learned per-token one (linear in the layer input) or rff "
+        "(linear in random Fourier features of it, CA-PFL)",
+    )
     mixer_init: float = Field(
         default=MIXER_INIT,
         gt=0,

@@ -15,7 +15,7 @@ Federation = Literal["fedalt", "fedavg", "local"]
 FEDERATIONS: tuple[str, ...] = get_args(Federation)
 
 # FedALT's mixer between the own adapter and the RoW: fixed weights or a learned per-token router.
-Mixer = Literal["fixed", "learned"]
+Mixer = Literal["fixed", "learned", "rff"]
 MIXERS: tuple[str, ...] = get_args(Mixer)
 
 # The learned mixer's default starting weight on the client's own adapter. 0.5 is the FedALT paper's neutral

@@ -223,3 +223,36 @@ def test_bf16_compute_keeps_lora_in_fp32(load_tiny, tok) -> None:
     out.loss.backward()
     assert all(p.grad is not None for p in fam.trainable_parameters())
     fam.model.eval()
+
+
+def test_rff_mixer_starts_at_mixer_init_and_gates_by_fourier_features(load_tiny, tok) -> None:
+    """``mixer = "rff"`` (CA-PFL's RFF personalization): the router is linear in seeded random Fourier features
+    of the layer input; it starts at mixer_init for every token like the linear one, its state has the same
+    keys (a 2 x 128 weight), its projection is the same in a rebuilt model, and training moves the gate."""
+    from fedquic.client.fedalt import RFF_FEATURES
+    from fedquic.client.trainer import TrainConfig, train_local
+
+    def build() -> FedALTModel:
+        return FedALTModel(load_tiny(gradient_checkpointing=False)[0], LoraSpec(rank=4), init_seed=SEED, mixer="rff")
+
+    fam = build()
+    fam.set_local_state(_random_state(fam, 1))
+    fam.set_row_state(_random_state(fam, 2))
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = _layer(fam)(x)
+    gate = torch.tensor([[0.9, 0.1]]).expand(3, 2)  # the default mixer_init
+    torch.testing.assert_close(y, _by_hand(fam, x, gate), rtol=1e-5, atol=1e-5)
+    mix = fam.mixer_state()
+    weights = {k: v for k, v in mix.items() if k.endswith(".router.weight")}
+    assert len(mix) == 8 and all(v.shape == (2, 2 * RFF_FEATURES) for v in weights.values())
+    assert not any("omega" in k or "phase" in k for k in fam.model.state_dict())  # re-derived, never stored
+    train_local(fam, make_examples("reverse", 16, 0), tok, TrainConfig(steps=3, batch_size=4, lr=5e-2))
+    trained = fam.mixer_state()
+    assert any(not np.array_equal(trained[k], mix[k]) for k in weights)
+    again = build()  # a restart: the same features, so the trained router means the same thing
+    again.set_local_state(fam.local_state())
+    again.set_row_state(fam.row_state())
+    again.set_mixer_state(trained)
+    with torch.no_grad():
+        torch.testing.assert_close(_layer(again)(x), _layer(fam)(x), rtol=1e-5, atol=1e-5)
