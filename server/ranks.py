@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from ..common.errors import JobError
-from .aggregation import TensorDict, _low_rank_mean, lora_pairs
+from .aggregation import TensorDict, _low_rank_mean, fedavg, lora_pairs
 
 
 def rank_of(state: Mapping[str, np.ndarray]) -> int:
@@ -61,12 +61,7 @@ def padded_mean(states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[fl
     if not states or len(states) != len(weights) or sum(weights) <= 0:
         raise JobError("a padded mean needs states and one positive-sum weight each")
     top = max(rank_of(s) for s in states)
-    padded = [pad_to_rank(s, top) for s in states]
-    w = np.asarray(weights, dtype=np.float64) / float(sum(weights))
-    return {
-        name: sum(float(c) * p[name].astype(np.float64) for c, p in zip(w, padded, strict=True)).astype(np.float32)
-        for name in padded[0]
-    }
+    return fedavg([pad_to_rank(s, top) for s in states], weights)
 
 
 def reprojected_mean(states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float], rank: int) -> TensorDict:
@@ -82,11 +77,9 @@ def reprojected_mean(states: Sequence[Mapping[str, np.ndarray]], weights: Sequen
             [s[b_name] for s in states], [s[a_name] for s in states], coeffs, rank
         )
     factors = {n for pair in pairs for n in pair}
-    for name in states[0]:
-        if name not in factors:
-            out[name] = sum(c * s[name].astype(np.float64) for c, s in zip(coeffs, states, strict=True)).astype(
-                np.float32
-            )
+    rest = [{k: v for k, v in s.items() if k not in factors} for s in states]
+    if rest[0]:
+        out.update(fedavg(rest, weights))
     return out
 
 
